@@ -1,0 +1,87 @@
+"""The data contracts of DESIGN.md as pyarrow schemas, and converters to and from them.
+
+Images are stored with pyarrow's canonical ``fixed_shape_tensor`` extension type so that
+pyarrow, pandas and DuckDB read them without Ray (DuckDB sees the storage array).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+LABELS = {"benign": 0, "malignant": 1}
+
+
+def image_type(channels: int = 3, size: int = 64) -> pa.DataType:
+    return pa.fixed_shape_tensor(pa.float32(), [channels, size, size])
+
+
+def crops_schema(channels: int = 3, size: int = 64) -> pa.Schema:
+    return pa.schema(
+        [
+            ("patient_id", pa.string()),
+            ("series_instance_uid", pa.string()),
+            ("vertebra", pa.string()),
+            ("slice_index", pa.int32()),  # sagittal slice number in the patient-frame reformat
+            ("slice_x_mm", pa.float64()),  # LPS x of that slice's centre
+            ("label", pa.int8()),  # 1 malignant, 0 benign, null unknown
+            ("image", image_type(channels, size)),
+            ("box_y_min_mm", pa.float64()),
+            ("box_y_max_mm", pa.float64()),
+            ("box_z_min_mm", pa.float64()),
+            ("box_z_max_mm", pa.float64()),
+        ]
+    )
+
+
+ERRORS_SCHEMA = pa.schema(
+    [
+        ("patient_id", pa.string()),
+        ("series_instance_uid", pa.string()),
+        ("object_key", pa.string()),
+        ("stage", pa.string()),
+        ("error_type", pa.string()),
+        ("message", pa.string()),
+    ]
+)
+
+
+def crops_table(rows: Iterable[Mapping[str, Any]], channels: int = 3, size: int = 64) -> pa.Table:
+    """Rows (dicts with an ``image`` ndarray of shape (C, S, S)) as a crops table."""
+    rows = list(rows)
+    schema = crops_schema(channels, size)
+    cols: dict[str, Any] = {}
+    for f in schema:
+        if f.name == "image":
+            continue
+        cols[f.name] = pa.array([r.get(f.name) for r in rows], type=f.type)
+    images = np.stack([np.asarray(r["image"], dtype=np.float32) for r in rows]) if rows else (
+        np.zeros((0, channels, size, size), np.float32)
+    )
+    cols["image"] = images_to_arrow(images)
+    return pa.table([cols[f.name] for f in schema], schema=schema)
+
+
+def images_to_arrow(images: np.ndarray) -> pa.ExtensionArray:
+    images = np.ascontiguousarray(images, dtype=np.float32)
+    return pa.FixedShapeTensorArray.from_numpy_ndarray(images)
+
+
+def images_from_arrow(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """(N, C, S, S) float32 from a fixed_shape_tensor column (or its list storage)."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    if isinstance(column.type, pa.FixedShapeTensorType):
+        return column.to_numpy_ndarray().astype(np.float32, copy=False)
+    raise TypeError(f"image column has type {column.type}, expected fixed_shape_tensor")
+
+
+def errors_table(rows: Iterable[Mapping[str, Any]]) -> pa.Table:
+    rows = list(rows)
+    return pa.table(
+        {f.name: pa.array([r.get(f.name) for r in rows], type=f.type) for f in ERRORS_SCHEMA},
+        schema=ERRORS_SCHEMA,
+    )

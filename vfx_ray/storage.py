@@ -1,0 +1,166 @@
+"""One place that turns a URI into a filesystem + path; every reader and writer goes through it.
+
+URIs are local paths or ``s3://bucket/prefix``. S3 settings come from the standard AWS
+variables. pyarrow's S3 filesystem ignores ``AWS_ENDPOINT_URL`` by itself, so it is read here
+and passed as ``endpoint_override``; boto3 reads it natively but gets it explicitly too.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import posixpath
+import uuid
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+S3_PREFIX = "s3://"
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith(S3_PREFIX)
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path parts onto a URI (posix separators for s3, os separators locally)."""
+    if is_s3(uri):
+        return S3_PREFIX + posixpath.join(uri[len(S3_PREFIX) :].rstrip("/"), *parts)
+    return os.path.join(uri, *parts)
+
+
+def s3_endpoint() -> str | None:
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def s3_region() -> str:
+    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+
+
+def s3_filesystem() -> pafs.S3FileSystem:
+    """pyarrow S3 filesystem from the standard AWS variables, endpoint included."""
+    kwargs: dict = {"region": s3_region(), "connect_timeout": 10, "request_timeout": 60}
+    endpoint = s3_endpoint()
+    if endpoint:
+        # S3-compatible servers (rclone, MinIO, ...) often refuse aws-chunked uploads with
+        # trailing checksums, the AWS SDK default since 2025; the SDK reads these variables.
+        os.environ.setdefault("AWS_REQUEST_CHECKSUM_CALCULATION", "WHEN_REQUIRED")
+        os.environ.setdefault("AWS_RESPONSE_CHECKSUM_VALIDATION", "WHEN_REQUIRED")
+        parsed = urlparse(endpoint)
+        kwargs["endpoint_override"] = parsed.netloc or parsed.path
+        kwargs["scheme"] = parsed.scheme or "https"
+    key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
+    if key and secret:
+        kwargs.update(access_key=key, secret_key=secret)
+        if os.environ.get("AWS_SESSION_TOKEN"):
+            kwargs["session_token"] = os.environ["AWS_SESSION_TOKEN"]
+    kwargs["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=8)
+    return pafs.S3FileSystem(**kwargs)
+
+
+def boto3_client():
+    """boto3 S3 client from the standard AWS variables (endpoint passed explicitly)."""
+    import boto3
+
+    return boto3.client("s3", endpoint_url=s3_endpoint(), region_name=s3_region())
+
+
+def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) for a local path or ``s3://bucket/key`` URI."""
+    if is_s3(uri):
+        return s3_filesystem(), uri[len(S3_PREFIX) :].rstrip("/")
+    return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    uri: str
+    size: int
+
+
+def list_files(uri: str, suffix: str | None = None) -> list[FileEntry]:
+    """Every file under a prefix, recursively, sorted by URI; any folder layout."""
+    fs, path = filesystem(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"nothing at {uri}")
+    if info.type == pafs.FileType.File:
+        infos = [info]
+    else:
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    out = []
+    for i in infos:
+        if i.type != pafs.FileType.File or (suffix and not i.path.endswith(suffix)):
+            continue
+        out.append(FileEntry(uri=(S3_PREFIX + i.path) if is_s3(uri) else i.path, size=i.size))
+    return sorted(out, key=lambda e: e.uri)
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem(uri)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def read_text(uri: str) -> str:
+    return read_bytes(uri).decode("utf-8")
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write a whole object; atomic: readers see the old content or the new, never a part.
+
+    An S3 PUT only becomes visible when complete; locally we write a temp file and rename.
+    """
+    fs, path = filesystem(uri)
+    parent = posixpath.dirname(path) if is_s3(uri) else os.path.dirname(path)
+    if is_s3(uri):
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+        return
+    fs.create_dir(parent, recursive=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    try:
+        with fs.open_output_stream(tmp) as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_text(uri: str, text: str) -> None:
+    write_bytes(uri, text.encode("utf-8"))
+
+
+def write_table(table: pa.Table, uri: str, metadata: dict[str, str] | None = None) -> None:
+    """Write one Parquet file atomically, with optional key-value metadata."""
+    if metadata:
+        merged = dict(table.schema.metadata or {})
+        merged.update({k.encode(): v.encode() for k, v in metadata.items()})
+        table = table.replace_schema_metadata(merged)
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    write_bytes(uri, buf.getvalue())
+
+
+def read_table(uri: str) -> pa.Table:
+    """A Parquet file or a folder of Parquet files as one table."""
+    fs, path = filesystem(uri)
+    return pq.read_table(path, filesystem=fs)
+
+
+def delete(uri: str) -> None:
+    fs, path = filesystem(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+    elif info.type == pafs.FileType.File:
+        fs.delete_file(path)

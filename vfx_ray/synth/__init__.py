@@ -1,0 +1,1 @@
+"""Synthetic DICOM cohort: anatomy, Table 1 feature allocation, lesions, DICOM writing."""
