@@ -67,6 +67,10 @@ def crops_table(rows: Iterable[Mapping[str, Any]], channels: int = 3, size: int 
 
 def images_to_arrow(images: np.ndarray) -> pa.ExtensionArray:
     images = np.ascontiguousarray(images, dtype=np.float32)
+    if len(images) == 0:  # pyarrow refuses an empty ndarray here
+        shape = list(images.shape[1:])
+        storage = pa.array([], pa.list_(pa.float32(), int(np.prod(shape))))
+        return pa.ExtensionArray.from_storage(pa.fixed_shape_tensor(pa.float32(), shape), storage)
     return pa.FixedShapeTensorArray.from_numpy_ndarray(images)
 
 

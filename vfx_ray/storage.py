@@ -10,7 +10,10 @@ from __future__ import annotations
 import io
 import os
 import posixpath
+import tempfile
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
@@ -110,30 +113,54 @@ def read_bytes(uri: str) -> bytes:
         return f.read()
 
 
+def read_prefix(uri: str, nbytes: int, size: int | None = None) -> bytes:
+    """The first ``nbytes`` of an object (one ranged GET on S3; no HEAD when size is known)."""
+    fs, path = filesystem(uri)
+    target = pafs.FileInfo(path, type=pafs.FileType.File, size=size) if size is not None else path
+    with fs.open_input_file(target) as f:
+        return f.read(nbytes)
+
+
 def read_text(uri: str) -> str:
     return read_bytes(uri).decode("utf-8")
 
 
-def write_bytes(uri: str, data: bytes) -> None:
-    """Write a whole object; atomic: readers see the old content or the new, never a part.
+def split_s3(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri[len(S3_PREFIX) :].partition("/")
+    return bucket, key
 
-    An S3 PUT only becomes visible when complete; locally we write a temp file and rename.
+
+@contextmanager
+def atomic_output(uri: str) -> Iterator[pa.NativeFile]:
+    """A writable stream whose content appears at ``uri`` only if the block ends cleanly.
+
+    Locally: a temporary sibling, renamed at the end. S3: a local temporary file, uploaded
+    at the end (a PUT or a multipart upload only becomes visible when complete, and boto3
+    aborts a failed multipart upload). On an exception ``uri`` keeps its old content.
     """
-    fs, path = filesystem(uri)
-    parent = posixpath.dirname(path) if is_s3(uri) else os.path.dirname(path)
     if is_s3(uri):
-        with fs.open_output_stream(path) as f:
-            f.write(data)
+        bucket, key = split_s3(uri)
+        with tempfile.NamedTemporaryFile(prefix="vfx-upload-", suffix=".part") as tmp:
+            with pa.OSFile(tmp.name, "wb") as stream:
+                yield stream
+            boto3_client().upload_file(tmp.name, bucket, key)
         return
-    fs.create_dir(parent, recursive=True)
+    path = os.path.abspath(uri)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp-{uuid.uuid4().hex}"
     try:
-        with fs.open_output_stream(tmp) as f:
-            f.write(data)
+        with pa.OSFile(tmp, "wb") as stream:
+            yield stream
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write a whole object atomically: readers see the old content or the new, never a part."""
+    with atomic_output(uri) as f:
+        f.write(data)
 
 
 def write_text(uri: str, text: str) -> None:

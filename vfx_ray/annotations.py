@@ -1,0 +1,161 @@
+"""Annotations: one row per patient (DESIGN.md), validated and joined to the series index.
+
+Pure pandas: every problem becomes an errors-table row naming the patient and the reason,
+and the patient is left out of the work list — never silently dropped.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+
+from vfx_ray import storage
+from vfx_ray.errors import VfxError
+
+ROI_COLUMNS = [f"roi_{a}_{m}_mm" for a in "xyz" for m in ("min", "max")]
+REQUIRED = ["patient_id"]
+DEFAULT_CLASSES = ("benign", "malignant")  # label 0, label 1
+CT_MODALITY = "CT"
+
+
+@dataclass(frozen=True)
+class PatientTask:
+    """One patient's work for the crops and scoring pipelines."""
+
+    patient_id: str
+    series_instance_uid: str
+    object_keys: list[str]
+    roi: tuple[float, float, float, float, float, float] | None  # x/y/z min/max, LPS mm
+    label: int | None = None
+    vertebra: str | None = None
+    roi_mask_uri: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def read_annotations(uri: str) -> pd.DataFrame:
+    """CSV or Parquet annotations, all identifier columns as strings."""
+    data = storage.read_bytes(uri)
+    if uri.endswith(".parquet"):
+        df = pd.read_parquet(io.BytesIO(data))
+    else:
+        df = pd.read_csv(
+            io.BytesIO(data),
+            dtype={"patient_id": str, "series_instance_uid": str, "label": str, "vertebra": str},
+            keep_default_na=True,
+        )
+    missing = [c for c in REQUIRED if c not in df.columns]
+    if missing:
+        raise VfxError("annotations", f"{uri} lacks the column(s) {', '.join(missing)}")
+    has_box = all(c in df.columns for c in ROI_COLUMNS)
+    if not has_box and "roi_mask_uri" not in df.columns:
+        raise VfxError(
+            "annotations",
+            f"{uri} has neither the ROI box columns ({', '.join(ROI_COLUMNS)}) nor roi_mask_uri",
+        )
+    return df
+
+
+def _text(value: Any) -> str | None:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    text = str(value).strip()
+    return text or None
+
+
+def parse_label(value: Any, classes: tuple[str, str] = DEFAULT_CLASSES) -> int | None:
+    text = _text(value)
+    if text is None:
+        return None
+    lowered = text.lower()
+    names = [c.lower() for c in classes]
+    if lowered in names:
+        return names.index(lowered)
+    raise VfxError("annotations", f"unknown label {text!r}; expected one of {', '.join(classes)} or empty", error_type="UnknownLabel")
+
+
+def parse_roi(row: pd.Series) -> tuple[float, ...] | None:
+    """The ROI box from the six columns; None when the row gives a mask instead."""
+    if not all(c in row.index for c in ROI_COLUMNS):
+        return None
+    raw = [row[c] for c in ROI_COLUMNS]
+    if all(_text(v) is None for v in raw) and _text(row.get("roi_mask_uri")):
+        return None
+    try:
+        vals = [float(v) for v in raw]
+    except (TypeError, ValueError):
+        raise VfxError("annotations", f"ROI box values are not numbers: {raw}", error_type="BadROI") from None
+    bad = [c for c, v in zip(ROI_COLUMNS, vals, strict=True) if not math.isfinite(v)]
+    if bad:
+        raise VfxError("annotations", f"ROI box has missing or non-finite values in {', '.join(bad)}", error_type="BadROI")
+    for axis, lo, hi in zip("xyz", vals[0::2], vals[1::2], strict=True):
+        if lo > hi:
+            raise VfxError("annotations", f"ROI box roi_{axis}_min_mm={lo} > roi_{axis}_max_mm={hi}", error_type="BadROI")
+    return tuple(vals)
+
+
+def plan_tasks(
+    annotations: pd.DataFrame,
+    series_index: list[dict[str, Any]],
+    classes: tuple[str, str] = DEFAULT_CLASSES,
+    require_roi: bool = True,
+) -> tuple[list[PatientTask], list[dict[str, Any]]]:
+    """Join annotations to the series index: (tasks, error rows)."""
+    by_uid = {s["series_instance_uid"]: s for s in series_index}
+    ct_by_patient: dict[str, list[dict]] = {}
+    for s in series_index:
+        localizer = "LOCALIZER" in (s.get("image_type") or "").upper()
+        if (s.get("modality") or "").upper() == CT_MODALITY and not localizer:
+            ct_by_patient.setdefault(str(s.get("patient_id")), []).append(s)
+    tasks: list[PatientTask] = []
+    errors: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    extra_cols = [c for c in annotations.columns if c not in {*ROI_COLUMNS, "patient_id", "series_instance_uid", "label", "vertebra", "roi_mask_uri"}]
+    for i, row in annotations.iterrows():
+        pid = _text(row.get("patient_id"))
+        uid = _text(row.get("series_instance_uid"))
+        try:
+            if pid is None:
+                raise VfxError("annotations", f"annotation row {i + 2} has no patient_id", error_type="MissingPatientId")
+            if pid in seen:
+                raise VfxError("annotations", f"patient {pid} is annotated more than once; keep one row per patient", error_type="DuplicatePatient")
+            seen.add(pid)
+            label = parse_label(row.get("label"), classes)
+            roi = parse_roi(row)
+            mask = _text(row.get("roi_mask_uri"))
+            if require_roi and roi is None and mask is None:
+                raise VfxError("annotations", "no ROI: give the six roi_*_mm columns or roi_mask_uri", error_type="BadROI")
+            if uid is not None:
+                series = by_uid.get(uid)
+                if series is None:
+                    raise VfxError("annotations", f"series {uid} is not in the archive", error_type="SeriesNotFound")
+                if str(series.get("patient_id")) != pid:
+                    raise VfxError("annotations", f"series {uid} belongs to patient {series.get('patient_id')}, not {pid}", error_type="PatientMismatch")
+            else:
+                candidates = ct_by_patient.get(pid, [])
+                if not candidates:
+                    raise VfxError("annotations", f"no CT series of patient {pid} in the archive", error_type="SeriesNotFound")
+                if len(candidates) > 1:
+                    uids = ", ".join(sorted(c["series_instance_uid"] for c in candidates))
+                    raise VfxError("annotations", f"patient {pid} has {len(candidates)} CT series ({uids}); name one in series_instance_uid", error_type="AmbiguousSeries")
+                series = candidates[0]
+            tasks.append(
+                PatientTask(
+                    patient_id=pid,
+                    series_instance_uid=series["series_instance_uid"],
+                    object_keys=list(series["object_keys"]),
+                    roi=roi,
+                    label=label,
+                    vertebra=_text(row.get("vertebra")),
+                    roi_mask_uri=mask,
+                    extra={c: row[c] for c in extra_cols},
+                )
+            )
+        except VfxError as exc:
+            exc.patient_id = exc.patient_id or pid
+            exc.series_instance_uid = exc.series_instance_uid or uid
+            errors.append(exc.row())
+    return tasks, errors

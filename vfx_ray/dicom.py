@@ -1,0 +1,399 @@
+"""Pure DICOM reading: headers, the series index, slice order, HU volumes and geometry checks.
+
+Bytes in, records and arrays out; no Ray and no I/O. Every user-facing failure is a
+:class:`~vfx_ray.errors.VfxError` whose ``stage`` is ``header`` (one object's header),
+``decode`` (one object's content: unreadable, not CT, no or undecodable pixel data, too big)
+or ``geometry`` (the slices of a series do not form one regular volume). PS3.x are the
+parts of the DICOM Standard.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from pydicom import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_partial
+from pydicom.pixels import apply_rescale, iter_pixels
+from pydicom.uid import UID
+
+from vfx_ray.config import CropConfig
+from vfx_ray.errors import VfxError
+
+PIXEL_DATA_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})  # Pixel, Float, Double Float
+AIR_HU = -1000.0
+MAX_MATRIX = 4096  # rows or columns above this are refused before decoding (decompression bombs)
+MAX_VOXELS = 600_000_000  # per series: 2.4 GB as float32
+MIN_SERIES_SLICES = 2  # a sagittal reformat needs at least two axial positions
+MAX_TILT_DEG = 45.0  # steeper gantry tilts are refused
+HEADER_PREFIX_BYTES = 256 * 1024  # a classic CT header almost always ends well before this
+_PLACE = {  # frame attribute: (Enhanced functional group sequence, keyword), PS3.3 C.7.6.16.2
+    "position": ("PlanePositionSequence", "ImagePositionPatient"),
+    "orientation": ("PlaneOrientationSequence", "ImageOrientationPatient"),
+    "spacing": ("PixelMeasuresSequence", "PixelSpacing"),
+    "thickness": ("PixelMeasuresSequence", "SliceThickness"),
+    "slope": ("PixelValueTransformationSequence", "RescaleSlope"),
+    "intercept": ("PixelValueTransformationSequence", "RescaleIntercept"),
+}
+_SEQ_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"  # (FFFE,E0DD), length 0: PS3.5 7.5.2
+_TEXT_FIELDS = {  # header record field: DICOM keyword
+    "patient_id": "PatientID", "study_instance_uid": "StudyInstanceUID",
+    "series_instance_uid": "SeriesInstanceUID", "sop_instance_uid": "SOPInstanceUID",
+    "sop_class_uid": "SOPClassUID", "modality": "Modality", "image_type": "ImageType",
+    "series_description": "SeriesDescription",
+}
+_SERIES_FIELDS = ("series_instance_uid", "patient_id", "study_instance_uid", "modality",
+                  "sop_class_uid", "series_description", "pixel_spacing", "slice_thickness",
+                  "rows", "columns")  # series index fields taken from its first object
+
+
+@dataclass
+class Volume:
+    """A CT series as HU voxels ``hu[k, i, j]`` (slice, row, column) in LPS mm.
+
+    Voxel ``(k, i, j)`` lies at ``origin + direction @ ((j, i, k) * spacing)``; ``direction``'s
+    columns are the row cosine, the column cosine and the unit step between slices (the normal
+    unless the gantry is tilted): ITK's convention, so ``geometry.to_sitk`` is a plain copy.
+    """
+
+    hu: np.ndarray
+    origin: np.ndarray
+    spacing: np.ndarray
+    direction: np.ndarray
+    patient_id: str
+    series_instance_uid: str
+
+
+@dataclass
+class _Frame:
+    """One 2D frame's place and rescale, known before decoding."""
+
+    key: str
+    file_index: int
+    frame_index: int
+    position: np.ndarray
+    orientation: np.ndarray
+    pixel_spacing: tuple[float, float]
+    shape: tuple[int, int]
+    slope: float
+    intercept: float
+
+
+def _error(stage: str, error_type: str, message: str, key: str | None = None,
+           uid: str | None = None) -> VfxError:
+    return VfxError(stage, message, object_key=key, series_instance_uid=uid, error_type=error_type)
+
+
+def _parse(data: bytes, key: str, stage: str, max_file_bytes: int,
+           object_size: int | None = None) -> tuple[Dataset, bool]:
+    """(dataset up to Pixel Data, has_pixel_data); ``data`` may be a prefix of ``object_size``.
+
+    The header ends where (7FE0,0010) starts (PS3.5 7.1), so a prefix reaching it is enough.
+    """
+    size = len(data) if object_size is None else object_size
+    if size > max_file_bytes:
+        raise _error(stage, "FileTooLarge", f"{key}: {size} bytes, above the {max_file_bytes}-byte "
+                     "limit; raise CropConfig.max_file_bytes if it is a genuine CT object", key)
+    seen: list[tuple[str | None, int]] = []
+
+    def stop(tag: int, vr: str | None, length: int) -> bool:
+        if tag in PIXEL_DATA_TAGS:
+            seen.append((vr, length))
+        return tag in PIXEL_DATA_TAGS
+
+    fp = io.BytesIO(data)
+    try:
+        ds = read_partial(fp, stop_when=stop)
+    except (InvalidDicomError, EOFError, struct.error, ValueError, TypeError, KeyError) as exc:
+        raise _error(stage, "NotDicom", f"{key}: not a readable DICOM Part 10 file ({exc}); check "
+                     "the object is DICOM and complete", key) from exc
+    if not seen:
+        if size > len(data):
+            raise _error(stage, "HeaderBeyondPrefix", f"{key}: the header continues past the "
+                         f"first {len(data)} bytes; read the whole object", key)
+        for tag in ds.keys():  # without pixel data, a cut inside the header must be found here
+            elem = ds.get_item(tag)
+            tell, length = getattr(elem, "value_tell", None), getattr(elem, "length", 0)
+            if tell is not None and length != 0xFFFFFFFF and tell + length > size:
+                raise _error(stage, "Truncated", f"{key}: element {tag} runs past the end of the "
+                             f"file ({size} bytes); the file is truncated, copy it again", key)
+        return ds, False
+    vr, length = seen[0]
+    start = fp.tell() + (8 if vr is None else 12)  # implicit: tag+length; explicit OB/OW: 12
+    complete = (start + length <= size) if length != 0xFFFFFFFF else (
+        size > len(data) or data.rfind(_SEQ_DELIMITER, start) != -1)
+    if not complete:
+        raise _error(stage, "Truncated", f"{key}: the pixel data is cut short (file truncated at "
+                     f"{size} bytes); copy the object again", key)
+    return ds, True
+
+
+def _floats(value: Any) -> list[float] | None:
+    return None if value is None else [float(v) for v in value]
+
+
+def _float(value: Any, default: float | None = None) -> float | None:
+    return default if value is None or value == "" else float(value)
+
+
+def _text(value: Any) -> str:
+    """A string; a multi-valued one (e.g. ImageType) joined with backslashes as DICOM does."""
+    return str(value or "") if value is None or isinstance(value, str) else "\\".join(map(str, value))
+
+
+def _is_enhanced(ds: Dataset) -> bool:
+    return "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds
+
+
+def _attr(ds: Dataset, name: str, frame: int = 0) -> Any:
+    """A frame's :data:`_PLACE` attribute: top level for classic images; for Enhanced ones the
+    frame's own functional group, else the shared group (PS3.3 C.7.6.16)."""
+    sequence, attr = _PLACE[name]
+    if not _is_enhanced(ds):
+        return ds.get(attr)
+    groups = [*ds.get("PerFrameFunctionalGroupsSequence", [])[frame:frame + 1],
+              *ds.get("SharedFunctionalGroupsSequence", [])[:1]]
+    for group in groups:
+        items = group.get(sequence)
+        if items and attr in items[0]:
+            return items[0].get(attr)
+    return None
+
+
+def read_header(data: bytes, object_key: str, *, object_size: int | None = None,
+                max_file_bytes: int = CropConfig.max_file_bytes) -> dict[str, Any]:
+    """The flat header record of one DICOM object, without decoding pixel data.
+
+    ``data`` is the whole object or its first bytes (``object_size`` = the full size, see
+    :data:`HEADER_PREFIX_BYTES`); a prefix ending inside the header raises HeaderBeyondPrefix.
+    """
+    ds, has_pixels = _parse(data, object_key, "header", max_file_bytes, object_size)
+    missing = [n for n in ("SeriesInstanceUID", "SOPInstanceUID") if not ds.get(n)]
+    if missing:
+        raise _error("header", "MissingTag", f"{object_key}: required tag(s) {', '.join(missing)} "
+                     "missing or empty; the object cannot be placed in a series", object_key)
+    ts = getattr(ds, "file_meta", Dataset()).get("TransferSyntaxUID")
+    return {
+        "object_key": object_key,
+        "size": len(data) if object_size is None else object_size,
+        **{name: _text(ds.get(tag)) for name, tag in _TEXT_FIELDS.items()},
+        "transfer_syntax_uid": str(ts) if ts else None,
+        "rows": int(ds.Rows) if "Rows" in ds else None,
+        "columns": int(ds.Columns) if "Columns" in ds else None,
+        "number_of_frames": int(ds.get("NumberOfFrames") or 1),
+        "image_orientation": _floats(_attr(ds, "orientation")),
+        "image_position": None if _is_enhanced(ds) else _floats(_attr(ds, "position")),
+        "pixel_spacing": _floats(_attr(ds, "spacing")),
+        "slice_thickness": _float(_attr(ds, "thickness")),
+        "has_pixel_data": has_pixels,
+    }
+
+
+def series_record(headers: list[dict[str, Any]]) -> dict[str, Any]:
+    """One series-index row from one series' headers (descriptions from the first by key)."""
+    rows = sorted(headers, key=lambda h: h["object_key"])
+    return {
+        **{name: rows[0][name] for name in _SERIES_FIELDS},
+        "orientation": rows[0]["image_orientation"],
+        "transfer_syntax_uid": "\\".join(sorted({h["transfer_syntax_uid"] or "" for h in rows})),
+        "object_keys": [h["object_key"] for h in rows],
+        "instance_count": len(rows),
+        "n_frames": int(sum(h["number_of_frames"] for h in rows)),
+        "total_bytes": int(sum(h["size"] for h in rows)),
+        "all_have_pixel_data": all(h["has_pixel_data"] for h in rows),
+    }
+
+
+def group_series(headers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The series index: one :func:`series_record` per SeriesInstanceUID (never by folder)."""
+    by_uid: dict[str, list[dict[str, Any]]] = {}
+    for h in headers:
+        by_uid.setdefault(h["series_instance_uid"], []).append(h)
+    return [series_record(hs) for _, hs in sorted(by_uid.items())]
+
+
+def _frames(ds: Dataset, key: str, has_pixels: bool, file_index: int, budget: int
+            ) -> list[_Frame]:
+    """Place and rescale of every frame of a grayscale CT image (PS3.3 C.7.6.2 or C.7.6.16).
+
+    ``budget`` caps the declared voxels before decoding (decompression bombs)."""
+    modality = _text(ds.get("Modality"))
+    if modality != "CT":
+        raise _error("decode", "NotCT", f"{key}: Modality is {modality or 'missing'!r}, not 'CT'; "
+                     "choose the CT series in the annotations", key)
+    if not has_pixels or "Rows" not in ds or "Columns" not in ds:
+        raise _error("decode", "NoPixelData", f"{key}: no pixel data (or no Rows/Columns); the "
+                     "object is not an image, was stripped, or is truncated", key)
+    if int(ds.get("SamplesPerPixel", 1)) != 1:
+        raise _error("decode", "NotGrayscale", f"{key}: {ds.SamplesPerPixel} samples per pixel; "
+                     "CT must be grayscale (derived colour images are not supported)", key)
+    rows, cols, n = int(ds.Rows), int(ds.Columns), int(ds.get("NumberOfFrames") or 1)
+    if max(rows, cols) > MAX_MATRIX or rows * cols * n > budget:
+        raise _error("decode", "TooManyVoxels", f"{key}: declares {n} frame(s) of {rows}x{cols}, "
+                     f"beyond {MAX_MATRIX} per side or load_volume's max_voxels per series", key)
+    frames = []
+    for f in range(n):
+        pos, iop, sp, slope, icpt = (_attr(ds, name, f) for name in (
+            "position", "orientation", "spacing", "slope", "intercept"))
+        if pos is None or iop is None or sp is None:
+            raise _error("decode", "MissingTag", f"{key}: frame {f} lacks ImagePositionPatient, "
+                         "ImageOrientationPatient or PixelSpacing; it cannot be placed", key)
+        frames.append(_Frame(key, file_index, f, np.asarray(_floats(pos)), np.asarray(_floats(iop)),
+                             (float(sp[0]), float(sp[1])), (rows, cols), _float(slope, 1.0),
+                             _float(icpt, 0.0)))
+    return frames
+
+
+def _same(values: list[Any], what: str, fix: str, error_type: str, uid: str) -> None:
+    """Raise when a per-slice value differs from the first slice's (beyond 1e-3)."""
+    ref = np.asarray(values[0], float)
+    odd = [v for v in values if np.abs(np.asarray(v, float) - ref).max() > 1e-3]
+    if odd:
+        show = [np.round(np.asarray(v, float), 4).tolist() for v in (values[0], odd[0])]
+        raise _error("geometry", error_type, f"series {uid}: mixed {what} ({show[0]} in "
+                     f"{len(values) - len(odd)} slices, {show[1]} in {len(odd)}); {fix}", uid=uid)
+
+
+def _axes(iop: np.ndarray, uid: str) -> np.ndarray:
+    """Columns row cosine, column cosine, normal; they must be orthonormal (PS3.3 C.7.6.2.1.1)."""
+    row, col = iop[:3], iop[3:]
+    if (abs(np.linalg.norm(row) - 1) > 1e-3 or abs(np.linalg.norm(col) - 1) > 1e-3
+            or abs(row @ col) > 1e-3):
+        raise _error("geometry", "NonOrthonormal", f"series {uid}: ImageOrientationPatient "
+                     f"{iop.tolist()} is not two orthonormal cosines (corrupt header)", uid=uid)
+    row, col = row / np.linalg.norm(row), col / np.linalg.norm(col)
+    return np.stack([row, col, np.cross(row, col)], axis=1)
+
+
+def _slice_order(frames: list[_Frame], cfg: CropConfig, uid: str
+                 ) -> tuple[list[_Frame], np.ndarray, np.ndarray]:
+    """Frames sorted along the slice normal, their positions on it and the step per mm
+    between slices (the normal itself unless the gantry is tilted)."""
+    _same([f.orientation for f in frames], "ImageOrientationPatient", "export one orientation "
+          "per series (localizers belong in their own series)", "MixedOrientation", uid)
+    _same([f.pixel_spacing for f in frames], "PixelSpacing",
+          "all slices of a volume need one in-plane spacing", "MixedSpacing", uid)
+    _same([f.shape for f in frames], "matrix (Rows, Columns)",
+          "all slices of a volume need one matrix", "MixedMatrix", uid)
+    if len(frames) < MIN_SERIES_SLICES:
+        raise _error("geometry", "TooFewSlices", f"series {uid}: {len(frames)} slice(s); a sagittal "
+                     f"reformat needs {MIN_SERIES_SLICES} or more, pick the volume series", uid=uid)
+    normal = _axes(frames[0].orientation, uid)[:, 2]
+    t = np.array([f.position @ normal for f in frames])
+    order = np.argsort(t, kind="stable")
+    frames, t = [frames[i] for i in order], t[order]
+    steps = np.diff(t)
+    for i in np.flatnonzero(steps < 1e-2):
+        raise _error("geometry", "DuplicatePosition", f"series {uid}: {frames[i].key} and "
+                     f"{frames[i + 1].key} are at the same position ({t[i]:.2f} mm along the "
+                     "normal); remove duplicate or overlapping copies", uid=uid)
+    median = float(np.median(steps))
+    for i in np.flatnonzero(steps > cfg.max_gap_factor * median):
+        raise _error("geometry", "SliceGap", f"series {uid}: gap of {steps[i]:.2f} mm between "
+                     f"slices at {t[i]:.2f} and {t[i + 1]:.2f} mm, over {cfg.max_gap_factor} x the "
+                     f"median {median:.2f} mm; slices are missing, re-export the series", uid=uid)
+    pos = np.stack([f.position for f in frames])
+    step = np.linalg.lstsq(np.c_[np.ones_like(t), t - t[0]], pos, rcond=None)[0][1]
+    off = np.abs(pos - (pos[0] + np.outer(t - t[0], step))).max()
+    tilt = np.degrees(np.arccos(min(1.0, 1 / np.linalg.norm(step))))
+    if off > 0.5 or tilt > MAX_TILT_DEG:
+        raise _error("geometry", "NonCollinear", f"series {uid}: slice positions do not lie on "
+                     f"one line (off by {off:.2f} mm, tilt {tilt:.1f} deg); not one volume", uid=uid)
+    return frames, t, step
+
+
+def _resample_uniform(hu: np.ndarray, t: np.ndarray, step: float) -> np.ndarray:
+    """Slices ``step`` apart, linear along the normal: ITK and the crops need a regular grid."""
+    grid = t[0] + step * np.arange(int(round((t[-1] - t[0]) / step)) + 1)
+    upper = np.clip(np.searchsorted(t, grid, side="right"), 1, len(t) - 1)
+    w = ((grid - t[upper - 1]) / (t[upper] - t[upper - 1])).astype(np.float32)
+    out = np.empty((len(grid), *hu.shape[1:]), np.float32)
+    for n, (u, wn) in enumerate(zip(upper, w, strict=True)):  # a slice at a time: low memory
+        out[n] = (1 - wn) * hu[u - 1] + wn * hu[u]
+    return out
+
+
+def _hu_frame(stored: np.ndarray, ds: Dataset, frame: _Frame) -> np.ndarray:
+    """HU = stored x RescaleSlope + RescaleIntercept (PS3.3 C.11.1.1.2), via pydicom's
+    apply_rescale for classic images and the frame's Pixel Value Transformation (C.7.6.16.2.9)
+    for Enhanced ones; Pixel Padding Value (range) pixels (C.7.5.1.1.2) become air."""
+    if _is_enhanced(ds):
+        hu = stored.astype(np.float32) * np.float32(frame.slope) + np.float32(frame.intercept)
+    else:
+        hu = np.asarray(apply_rescale(stored, ds), dtype=np.float32)
+    if (pad := ds.get("PixelPaddingValue")) is not None:
+        lo, hi = sorted((pad, ds.get("PixelPaddingRangeLimit", pad)))
+        hu[(stored >= lo) & (stored <= hi)] = AIR_HU
+    return hu
+
+
+def _decode_file(data: bytes, ds: Dataset, frames: list[_Frame], slots: dict[int, int],
+                 out: np.ndarray) -> None:
+    """Decode one object frame by frame (iter_pixels); ``slots``: frame number -> slice."""
+    key = frames[slots[0]].key
+    count = 0
+    try:
+        for count, stored in enumerate(iter_pixels(io.BytesIO(data)), start=1):
+            if stored.shape != (frame := frames[slots[count - 1]]).shape:
+                raise ValueError(f"decoded shape {stored.shape} != (Rows, Columns) {frame.shape}")
+            out[slots[count - 1]] = _hu_frame(stored, ds, frame)
+        if count != len(slots):
+            raise ValueError(f"{count} frames decoded, {len(slots)} declared")
+    except Exception as exc:  # pydicom raises several types for missing plugins / bad streams
+        name = UID(str(getattr(ds, "file_meta", Dataset()).get("TransferSyntaxUID", "?"))).name
+        raise _error("decode", "DecodeFailed", f"{key}: cannot decode pixel data ({name}): {exc}. "
+                     "Check the file and the pylibjpeg-*/pyjpegls plugins", key) from exc
+
+
+def load_volume(files: list[tuple[str, bytes]], cfg: CropConfig | None = None, *,
+                max_voxels: int = MAX_VOXELS) -> Volume:
+    """Decode one series (classic slices or Enhanced multi-frame) to an HU :class:`Volume`.
+
+    Slices are ordered by ImagePositionPatient projected on the normal of
+    ImageOrientationPatient, never by name or InstanceNumber (PS3.3 C.7.6.2.1.1).
+    """
+    cfg = cfg or CropConfig()
+    if not files:
+        raise _error("decode", "EmptySeries", "no files given for the series")
+    parsed = [_parse(data, key, "decode", cfg.max_file_bytes) for key, data in files]
+    uids = sorted({_text(ds.get("SeriesInstanceUID")) for ds, _ in parsed})
+    patient = _text(parsed[0][0].get("PatientID"))
+    try:
+        if len(uids) > 1:
+            raise _error("geometry", "MixedSeries", f"files of {len(uids)} series were given "
+                         f"together: {', '.join(uids)}; group files by SeriesInstanceUID first")
+        return _assemble(files, parsed, cfg, max_voxels, uids[0], patient)
+    except VfxError as err:
+        err.patient_id = err.patient_id or patient
+        err.series_instance_uid = err.series_instance_uid or uids[0]
+        raise
+
+
+def _assemble(files: list[tuple[str, bytes]], parsed: list[tuple[Dataset, bool]],
+              cfg: CropConfig, max_voxels: int, uid: str, patient: str) -> Volume:
+    """Check every object, sort and check the slices, then decode into one HU array."""
+    frames: list[_Frame] = []
+    for i, ((key, _), (ds, has_pixels)) in enumerate(zip(files, parsed, strict=True)):
+        used = sum(f.shape[0] * f.shape[1] for f in frames[-1:]) * len(frames)  # one matrix
+        frames += _frames(ds, key, has_pixels, i, max_voxels - used)
+    frames, t, step = _slice_order(frames, cfg, uid)
+    axes = _axes(frames[0].orientation, uid)
+    hu = np.empty((len(frames), *frames[0].shape), np.float32)
+    slots: list[dict[int, int]] = [{} for _ in files]  # object -> its frame number -> slice
+    for k, f in enumerate(frames):
+        slots[f.file_index][f.frame_index] = k
+    for i, (_, data) in enumerate(files):
+        _decode_file(data, parsed[i][0], frames, slots[i], hu)
+    median = float(np.median(np.diff(t)))
+    regular = (t[-1] - t[0]) / round((t[-1] - t[0]) / median)  # nearest step tiling the extent
+    if np.abs(np.diff(t) - regular).max() > 0.01 * regular:
+        hu = _resample_uniform(hu, t, regular)
+    axes[:, 2] = step / np.linalg.norm(step)
+    row_sp, col_sp = frames[0].pixel_spacing
+    return Volume(hu=hu, origin=frames[0].position.copy(),
+                  spacing=np.array([col_sp, row_sp, regular * np.linalg.norm(step)]),
+                  direction=axes, patient_id=patient, series_instance_uid=uid)

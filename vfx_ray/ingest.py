@@ -1,0 +1,242 @@
+"""The paper's preprocessing as Ray Data pipelines: archive index, then per-patient crops.
+
+Ray does the parallel work (header reads, decode, reformat, crops); the driver only plans
+(lists the archive, joins annotations) and streams the results into Parquet. Rows cross the
+pipeline in a small "wire" form (JSON metadata + raw image bytes) so that every block has
+the same schema whatever a patient produced — crops or an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import posixpath
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from vfx_ray import annotations as ann_mod
+from vfx_ray import contracts, dicom, geometry, storage
+from vfx_ray.config import CropConfig
+from vfx_ray.errors import VfxError, error_row
+
+WIRE_SCHEMA = pa.schema(
+    [("patient_id", pa.string()), ("kind", pa.string()), ("meta", pa.string()), ("image", pa.binary())]
+)
+HEADER_WIRE = pa.schema([("object_key", pa.string()), ("header", pa.string()), ("error", pa.string())])
+
+
+# ---------------------------------------------------------------- listing (driver)
+def escapes_prefix(archive_uri: str, uri: str) -> bool:
+    """Whether an object key lies outside the archive prefix once normalised.
+
+    S3 keys may contain ``..`` segments that a later reader would resolve; a local archive
+    may hold symbolic links to files elsewhere. Neither is read.
+    """
+    if not storage.is_s3(archive_uri):
+        root = os.path.realpath(archive_uri)
+        return os.path.commonpath([root, os.path.realpath(uri)]) != root
+    base = archive_uri.rstrip("/")
+    if not uri.startswith(base + "/"):
+        return True
+    rel = uri[len(base) + 1 :]
+    return ".." in rel.split("/") or posixpath.normpath(rel).startswith("..")
+
+
+def list_archive(archive_uri: str, cfg: CropConfig) -> tuple[list[storage.FileEntry], list[dict]]:
+    """Every object under the archive prefix, minus those refused before reading."""
+    entries, errors = [], []
+    for e in storage.list_files(archive_uri):
+        if escapes_prefix(archive_uri, e.uri):
+            errors.append(VfxError("list", f"object key {e.uri} escapes the archive prefix {archive_uri}; it is not read", object_key=e.uri, error_type="KeyEscapesPrefix").row())
+        elif e.size > cfg.max_file_bytes:
+            errors.append(VfxError("list", f"{e.size} bytes is above the limit of {cfg.max_file_bytes} (CropConfig.max_file_bytes); not read", object_key=e.uri, error_type="FileTooLarge").row())
+        else:
+            entries.append(e)
+    return entries, errors
+
+
+# ---------------------------------------------------------------- headers (Ray tasks)
+def read_one_header(uri: str, size: int, cfg: CropConfig) -> dict[str, Any]:
+    """Header of one object from a ranged read of its first bytes (whole object if needed)."""
+    if size > dicom.HEADER_PREFIX_BYTES:
+        data = storage.read_prefix(uri, dicom.HEADER_PREFIX_BYTES, size)
+        try:
+            return dicom.read_header(data, uri, object_size=size, max_file_bytes=cfg.max_file_bytes)
+        except VfxError as exc:
+            if exc.error_type != "HeaderBeyondPrefix":
+                raise
+    return dicom.read_header(storage.read_bytes(uri), uri, max_file_bytes=cfg.max_file_bytes)
+
+
+def read_headers_batch(batch: pa.Table, cfg: CropConfig) -> pa.Table:
+    out = {"object_key": [], "header": [], "error": []}
+    for uri, size in zip(batch["uri"].to_pylist(), batch["size"].to_pylist(), strict=True):
+        out["object_key"].append(uri)
+        try:
+            out["header"].append(json.dumps(read_one_header(uri, size, cfg)))
+            out["error"].append(None)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes an error row
+            out["header"].append(None)
+            out["error"].append(json.dumps(error_row(exc, "header", object_key=uri)))
+    return pa.table(out, schema=HEADER_WIRE)
+
+
+def build_index(entries: list[storage.FileEntry], cfg: CropConfig) -> tuple[list[dict], list[dict]]:
+    """(series index, header error rows): headers read in parallel by Ray Data."""
+    import ray
+
+    if not entries:
+        return [], []
+    items = [{"uri": e.uri, "size": e.size} for e in entries]
+    blocks = max(1, min(len(items) // 64, 400))
+    ds = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
+        read_headers_batch, fn_kwargs={"cfg": cfg}, batch_format="pyarrow", batch_size=64, num_cpus=0.5
+    )
+    headers, errors = [], []
+    for row in ds.iter_rows():
+        if row["error"] is not None:
+            errors.append(json.loads(row["error"]))
+        else:
+            headers.append(json.loads(row["header"]))
+    return dicom.group_series(headers), errors
+
+
+# ---------------------------------------------------------------- crops (Ray tasks)
+def task_to_item(task: ann_mod.PatientTask) -> dict[str, str]:
+    return {"task": json.dumps(dataclasses.asdict(task), default=str)}
+
+
+def crop_patient(task: dict[str, Any], cfg: CropConfig) -> list[dict[str, Any]]:
+    """The crops of one patient, or its error rows; never raises."""
+    pid, uid = task["patient_id"], task["series_instance_uid"]
+    stage = "read"
+    try:
+        files = [(key, storage.read_bytes(key)) for key in task["object_keys"]]
+        stage = "decode"
+        volume = dicom.load_volume(files, cfg)
+        del files
+        stage = "crop"
+        roi = geometry.RoiBox(*task["roi"])
+        crops = geometry.crop_samples(volume, roi, cfg)
+    except Exception as exc:  # noqa: BLE001 - one bad study never stops the batch
+        row = error_row(exc, stage, patient_id=pid, series_instance_uid=uid)
+        return [{"patient_id": pid, "kind": "error", "meta": json.dumps(row), "image": b""}]
+    rows = []
+    for c in crops:
+        meta = {k: v for k, v in c.items() if k != "image"}
+        meta.update(patient_id=pid, series_instance_uid=uid, vertebra=task.get("vertebra"), label=task.get("label"))
+        image = np.ascontiguousarray(c["image"], dtype=np.float32)
+        rows.append({"patient_id": pid, "kind": "crop", "meta": json.dumps(meta, default=float), "image": image.tobytes()})
+    return rows
+
+
+def crop_batch(batch: pa.Table, cfg: CropConfig) -> pa.Table:
+    rows: list[dict[str, Any]] = []
+    for item in batch["task"].to_pylist():
+        rows += crop_patient(json.loads(item), cfg)
+    return pa.Table.from_pylist(rows, schema=WIRE_SCHEMA)
+
+
+def crops_dataset(tasks: list[ann_mod.PatientTask], cfg: CropConfig):
+    """A Ray Dataset of wire rows (one block per patient, so patients decode in parallel)."""
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # same archive, same output file
+    ctx.max_errored_blocks = -1  # a lost task is reported per patient below, not a failed job
+    items = [task_to_item(t) for t in tasks]
+    return ray.data.from_items(items, override_num_blocks=max(1, len(items))).map_batches(
+        crop_batch, fn_kwargs={"cfg": cfg}, batch_format="pyarrow", batch_size=1, num_cpus=1
+    )
+
+
+def wire_to_crops(batch: pa.Table, cfg: CropConfig) -> tuple[pa.Table, list[dict]]:
+    """Split a wire batch into a contract crops table and error rows."""
+    crops, errors = [], []
+    shape = (cfg.channels, cfg.crop_size, cfg.crop_size)
+    for kind, meta, image in zip(batch["kind"].to_pylist(), batch["meta"].to_pylist(), batch["image"].to_pylist(), strict=True):
+        row = json.loads(meta)
+        if kind == "error":
+            errors.append(row)
+        else:
+            row["image"] = np.frombuffer(image, dtype=np.float32).reshape(shape)
+            crops.append(row)
+    return contracts.crops_table(crops, cfg.channels, cfg.crop_size), errors
+
+
+# ---------------------------------------------------------------- the job
+def plan(archive_uri: str, annotations_uri: str, cfg: CropConfig, require_roi: bool = True):
+    """List, index and join: (tasks, series index, error rows so far)."""
+    entries, errors = list_archive(archive_uri, cfg)
+    index, header_errors = build_index(entries, cfg)
+    errors += header_errors
+    annotations = ann_mod.read_annotations(annotations_uri)
+    tasks, plan_errors = ann_mod.plan_tasks(annotations, index, require_roi=require_roi)
+    return tasks, index, errors + plan_errors
+
+
+def index_table(index: list[dict]) -> pa.Table:
+    return pa.Table.from_pylist(index) if index else pa.table({"series_instance_uid": pa.array([], pa.string())})
+
+
+def stream_crops(ds, tasks: list[ann_mod.PatientTask], cfg: CropConfig, progress: bool) -> Iterator[tuple[pa.Table, list[dict]]]:
+    bar = tqdm(total=len(tasks), desc="crops: patients", unit="patient", disable=not progress)
+    seen: set[str] = set()
+    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        table, errors = wire_to_crops(batch, cfg)
+        new = set(batch["patient_id"].to_pylist()) - seen
+        seen |= new
+        bar.update(len(new))
+        yield table, errors
+    bar.close()
+    lost = [t for t in tasks if t.patient_id not in seen]
+    yield contracts.crops_table([], cfg.channels, cfg.crop_size), [
+        VfxError("crop", "the task processing this patient was lost (worker crash or out of memory) after Ray's retries", patient_id=t.patient_id, series_instance_uid=t.series_instance_uid, error_type="TaskLost").row()
+        for t in lost
+    ]
+
+
+def run_crops(archive_uri: str, annotations_uri: str, out_uri: str, cfg: CropConfig | None = None, *, progress: bool = True) -> dict[str, Any]:
+    """The crops job: writes crops.parquet, errors.parquet, series_index.parquet, manifest.json."""
+    from vfx_ray.raysession import ensure_ray
+
+    cfg = cfg or CropConfig()
+    ensure_ray()
+    t0 = time.monotonic()
+    tasks, index, errors = plan(archive_uri, annotations_uri, cfg)
+    storage.write_table(index_table(index), storage.join(out_uri, "series_index.parquet"))
+    n_crops = 0
+    patients_with_crops: set[str] = set()
+    schema = contracts.crops_schema(cfg.channels, cfg.crop_size)
+    metadata = {"vfx_ray.crop_config": json.dumps(dataclasses.asdict(cfg)), "vfx_ray.archive": archive_uri}
+    schema = schema.with_metadata(metadata)
+    with storage.atomic_output(storage.join(out_uri, "crops.parquet")) as sink:
+        with pq.ParquetWriter(sink, schema) as writer:
+            if tasks:
+                for table, errs in stream_crops(crops_dataset(tasks, cfg), tasks, cfg, progress):
+                    errors += errs
+                    if table.num_rows:
+                        writer.write_table(table.replace_schema_metadata(metadata))
+                        n_crops += table.num_rows
+                        patients_with_crops |= set(table["patient_id"].to_pylist())
+    storage.write_table(contracts.errors_table(errors), storage.join(out_uri, "errors.parquet"))
+    summary = {
+        "archive": archive_uri,
+        "annotations": annotations_uri,
+        "patients_planned": len(tasks),
+        "patients_with_crops": len(patients_with_crops),
+        "crops": n_crops,
+        "errors": len(errors),
+        "series": len(index),
+        "seconds": round(time.monotonic() - t0, 1),
+        "config": dataclasses.asdict(cfg),
+    }
+    storage.write_text(storage.join(out_uri, "manifest.json"), json.dumps(summary, indent=2))
+    return summary
