@@ -29,6 +29,9 @@ from vfx_ray.errors import VfxError, error_row
 WIRE_SCHEMA = pa.schema(
     [("patient_id", pa.string()), ("kind", pa.string()), ("meta", pa.string()), ("image", pa.binary())]
 )
+# Headers are read from a ranged GET of the first bytes: a CT header is a few KiB, the pixel
+# data that follows is 128 KiB (256²) to 512 KiB (512²). A longer header is retried whole.
+HEADER_READ_BYTES = 16 * 1024
 HEADER_WIRE = pa.schema([("object_key", pa.string()), ("header", pa.string()), ("error", pa.string())])
 
 
@@ -63,24 +66,28 @@ def list_archive(archive_uri: str, cfg: CropConfig) -> tuple[list[storage.FileEn
 
 
 # ---------------------------------------------------------------- headers (Ray tasks)
-def read_one_header(uri: str, size: int, cfg: CropConfig) -> dict[str, Any]:
-    """Header of one object from a ranged read of its first bytes (whole object if needed)."""
-    if size > dicom.HEADER_PREFIX_BYTES:
-        data = storage.read_prefix(uri, dicom.HEADER_PREFIX_BYTES, size)
+def read_one_header(uri: str, size: int, prefix: bytes | BaseException, cfg: CropConfig) -> dict[str, Any]:
+    """Header of one object from its first bytes; the whole object when the header is longer."""
+    if isinstance(prefix, BaseException):
+        raise prefix
+    if len(prefix) < size:
         try:
-            return dicom.read_header(data, uri, object_size=size, max_file_bytes=cfg.max_file_bytes)
+            return dicom.read_header(prefix, uri, object_size=size, max_file_bytes=cfg.max_file_bytes)
         except VfxError as exc:
             if exc.error_type != "HeaderBeyondPrefix":
                 raise
-    return dicom.read_header(storage.read_bytes(uri), uri, max_file_bytes=cfg.max_file_bytes)
+        prefix = storage.read_bytes(uri)
+    return dicom.read_header(prefix, uri, max_file_bytes=cfg.max_file_bytes)
 
 
 def read_headers_batch(batch: pa.Table, cfg: CropConfig) -> pa.Table:
-    out = {"object_key": [], "header": [], "error": []}
-    for uri, size in zip(batch["uri"].to_pylist(), batch["size"].to_pylist(), strict=True):
+    uris, sizes = batch["uri"].to_pylist(), batch["size"].to_pylist()
+    prefixes = storage.read_many(uris, nbytes=HEADER_READ_BYTES)
+    out: dict[str, list] = {"object_key": [], "header": [], "error": []}
+    for uri, size, prefix in zip(uris, sizes, prefixes, strict=True):
         out["object_key"].append(uri)
         try:
-            out["header"].append(json.dumps(read_one_header(uri, size, cfg)))
+            out["header"].append(json.dumps(read_one_header(uri, size, prefix, cfg)))
             out["error"].append(None)
         except Exception as exc:  # noqa: BLE001 - every failure becomes an error row
             out["header"].append(None)
@@ -95,9 +102,10 @@ def build_index(entries: list[storage.FileEntry], cfg: CropConfig) -> tuple[list
     if not entries:
         return [], []
     items = [{"uri": e.uri, "size": e.size} for e in entries]
-    blocks = max(1, min(len(items) // 64, 400))
+    batch = 256
+    blocks = max(1, min(-(-len(items) // batch), 1000))
     ds = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
-        read_headers_batch, fn_kwargs={"cfg": cfg}, batch_format="pyarrow", batch_size=64, num_cpus=0.5
+        read_headers_batch, fn_kwargs={"cfg": cfg}, batch_format="pyarrow", batch_size=batch, num_cpus=1
     )
     headers, errors = [], []
     for row in ds.iter_rows():
@@ -118,7 +126,12 @@ def crop_patient(task: dict[str, Any], cfg: CropConfig) -> list[dict[str, Any]]:
     pid, uid = task["patient_id"], task["series_instance_uid"]
     stage = "read"
     try:
-        files = [(key, storage.read_bytes(key)) for key in task["object_keys"]]
+        keys = task["object_keys"]
+        files = []
+        for key, data in zip(keys, storage.read_many(keys), strict=True):
+            if isinstance(data, BaseException):
+                raise VfxError("read", f"{key}: {data}", object_key=key, error_type=type(data).__name__)
+            files.append((key, data))
         stage = "decode"
         volume = dicom.load_volume(files, cfg)
         del files
