@@ -117,8 +117,8 @@ def add_synth(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--transfer-syntax",
         default="explicit",
-        choices=["explicit", "implicit", "big_endian", "jpeg2000", "jpegls", "rle"],
-        help="pixel encoding (lossless variants round-trip exactly)",
+        choices=["explicit", "implicit", "big_endian", "jpeg2000", "jpegls", "rle", "mixed"],
+        help="pixel encoding (lossless variants round-trip exactly; mixed: one per patient)",
     )
     p.add_argument("--enhanced", action="store_true", help="one multi-frame Enhanced CT file per series")
     p.add_argument("--patient-position", default="HFS", choices=["HFS", "FFS", "mixed"])

@@ -182,6 +182,8 @@ def _check(hu: np.ndarray, geometry: SeriesGeometry, transfer_syntax: str) -> No
     if transfer_syntax not in TRANSFER_SYNTAXES:
         raise ValueError(f"unknown transfer_syntax {transfer_syntax!r}; "
                          f"choose one of {', '.join(TRANSFER_SYNTAXES)}")
+    if transfer_syntax == "jpeg2000" and min(hu.shape[1:]) < 32:
+        raise ValueError("jpeg2000 needs rows and columns >= 32 (openjpeg encodes 6 DWT levels)")
     r, c = np.asarray(geometry.row_cosine, float), np.asarray(geometry.col_cosine, float)
     if not (np.isclose(r @ r, 1, atol=1e-6) and np.isclose(c @ c, 1, atol=1e-6)
             and abs(r @ c) < 1e-6):
