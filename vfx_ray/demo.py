@@ -21,6 +21,7 @@ def banner(text: str) -> None:
 
 def run_demo(workdir: str | Path, *, patients: int | None = None, seed: int = 0) -> dict[str, str]:
     """Run every stage on the demo profile; returns the output URIs by stage."""
+    from vfx_ray.ingest import run_crops
     from vfx_ray.synth.cohort import generate_cohort
 
     workdir = Path(workdir).absolute()
@@ -33,11 +34,14 @@ def run_demo(workdir: str | Path, *, patients: int | None = None, seed: int = 0)
     store.export()
     print(f"endpoint {store.endpoint}; bucket s3://{BUCKET} is the folder {workdir / 's3' / BUCKET}")
     base = f"s3://{BUCKET}/demo"
-    outputs = {"cohort": f"{base}/cohort"}
+    outputs = {"cohort": f"{base}/cohort", "crops": f"{base}/crops"}
     try:
         banner(f"synth: {synth_cfg.patients} patients -> {outputs['cohort']}")
         ann = generate_cohort(outputs["cohort"], synth_cfg, progress=True)
         print(f"{len(ann)} patients, {int((ann['label'] == 'malignant').sum())} malignant")
+        banner(f"crops (Ray Data): {outputs['cohort']}/dicom -> {outputs['crops']}")
+        summary = run_crops(f"{outputs['cohort']}/dicom", f"{outputs['cohort']}/annotations.csv", outputs["crops"], cfg.crops)
+        print(f"{summary['crops']} crops of {summary['patients_with_crops']} patients, {summary['errors']} error rows")
     finally:
         store.stop()
     banner(f"done in {time.monotonic() - t0:.0f} s; outputs (S3 URI -> local folder):")
