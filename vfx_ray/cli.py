@@ -191,6 +191,55 @@ def add_crops(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_crops)
 
 
+# ---------------------------------------------------------------- score
+def cmd_score(args: argparse.Namespace) -> int:
+    from vfx_ray.score import run_score
+
+    cfg = config_mod.profile(args.profile).crops
+    summary = run_score(
+        args.archive, args.annotations, args.model, args.out, cfg,
+        threshold=args.threshold, features=args.features, batch_size=args.batch_size,
+        commit_every=args.commit_every, progress=not args.quiet,
+    )
+    line = (
+        f"{summary['rows']} patients scored ({summary['scored_now']} now, "
+        f"{summary['skipped_already_scored']} already done) with model {summary['model_id']} "
+        f"({summary['n_models']} models); {summary['errors']} error rows -> {args.out}/scores.parquet"
+    )
+    if "metrics" in summary:
+        pp = summary["metrics"]["per_patient"]
+        line += f"; per patient: sensitivity {pp['sensitivity']}, specificity {pp['specificity']}, AUC {pp['auc']}"
+    print(line)
+    return 0
+
+
+def add_score(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "score",
+        help="score a DICOM archive with a trained model -> per-patient Parquet",
+        description=(
+            "One Ray Data pipeline: index, decode and crop as `crops` does, then model actors "
+            "(GPU when the cluster has them) give per-slice probabilities; the patient's "
+            "probability is the max over its slices. --model takes a train-cv run (the fold "
+            "models as an ensemble, mean probability) or one model.pt. Writes OUT/scores.parquet "
+            "(one row per patient), OUT/errors.parquet and, when the annotations carry labels, "
+            "OUT/metrics.json. Re-running with the same --out and model scores only patients "
+            "not yet committed."
+        ),
+    )
+    p.add_argument("--archive", required=True, help="URI of the DICOM archive prefix")
+    p.add_argument("--annotations", required=True, help="URI of annotations (labels optional)")
+    p.add_argument("--model", required=True, help="train-cv run URI or a model.pt URI")
+    p.add_argument("--out", required=True, help="output URI")
+    p.add_argument("--threshold", type=float, default=0.5, help="malignant when probability >= this")
+    p.add_argument("--features", action="store_true", help="also write 2048-d pooled embeddings (features.parquet)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="crops per model call (default 64)")
+    p.add_argument("--commit-every", type=positive_int, default=25, help="patients per committed part (resume granularity)")
+    p.add_argument("--profile", default="paper", choices=config_mod.PROFILES)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_score)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from vfx_ray.demo import run_demo
 
@@ -215,6 +264,7 @@ ADDERS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_objectstore,
     add_synth,
     add_crops,
+    add_score,
     add_demo,
 ]
 

@@ -1,0 +1,136 @@
+"""Batch scoring: per-patient max of the model's slice probabilities, resumable, readable."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import duckdb
+import duckdb_ext
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from vfx_ray import dicom, geometry, score, storage
+from vfx_ray.config import CropConfig, SynthConfig
+from vfx_ray.model import build_model, load_model, predict_proba, save_model
+from vfx_ray.synth.cohort import generate_cohort
+
+CFG = CropConfig()
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("score"))
+    ann = generate_cohort(root, SynthConfig(patients=6, matrix=128, seed=11), workers=1, progress=False)
+    torch.manual_seed(0)
+    net = build_model("resnet18", pretrained="none")
+    model_uri = os.path.join(root, "model.pt")
+    mid = save_model(net, model_uri, "resnet18")
+    unlabelled = ann.assign(label=None)
+    unlabelled.to_csv(os.path.join(root, "unlabelled.csv"), index=False)
+    return {"root": root, "ann": ann, "model": model_uri, "model_id": mid}
+
+
+def pure_slice_probabilities(cohort, pid):
+    """What the pipeline must reproduce: pure crops + eager predict_proba."""
+    row = cohort["ann"].set_index("patient_id").loc[pid]
+    files = [(e.uri, storage.read_bytes(e.uri)) for e in storage.list_files(os.path.join(cohort["root"], "dicom", pid))]
+    crops = geometry.crop_samples(dicom.load_volume(files, CFG), geometry.RoiBox.from_record(row), CFG)
+    net, _ = load_model(cohort["model"])
+    return predict_proba(net, np.stack([c["image"] for c in crops]))
+
+
+def duckdb_connect():
+    con = duckdb.connect()
+    ext = glob.glob(os.path.join(next(iter(duckdb_ext.__path__)), "extensions", "*", "*", "httpfs.duckdb_extension"))[0]
+    con.execute(f"LOAD '{ext}'")
+    return con
+
+
+@pytest.fixture(scope="module")
+def scored(cohort, ray_session):
+    out = os.path.join(cohort["root"], "scores_unlabelled")
+    summary = score.run_score(f"{cohort['root']}/dicom", f"{cohort['root']}/unlabelled.csv", cohort["model"], out, CFG, features=True, progress=False)
+    return out, summary
+
+
+def test_scores_are_the_max_of_the_models_slice_probabilities(cohort, scored):
+    out, summary = scored
+    table = storage.read_table(f"{out}/scores.parquet")
+    df = table.to_pandas()
+    assert sorted(df["patient_id"]) == sorted(cohort["ann"]["patient_id"])
+    assert summary["errors"] == 0 and "metrics" not in summary  # no labels, no metrics
+    for _, r in df.iterrows():
+        want = pure_slice_probabilities(cohort, r["patient_id"])
+        np.testing.assert_allclose(r["slice_probabilities"], want, atol=1e-5)
+        assert r["probability"] == max(r["slice_probabilities"]) and r["n_slices"] == len(want)
+        assert r["prediction"] == ("malignant" if r["probability"] >= 0.5 else "benign")
+    assert set(df["model_id"]) == {cohort["model_id"]} and set(df["n_models"]) == {1}
+    assert df["label"].isna().all()
+    config = json.loads(table.schema.metadata[b"vfx_ray.config"])
+    assert config["model"]["model_id"] == cohort["model_id"] and config["threshold"] == 0.5
+    feats = storage.read_table(f"{out}/features.parquet")
+    assert feats.num_rows == int(df["n_slices"].sum())
+    assert feats.schema.field("embedding").type.list_size == 512  # resnet18; 2048 for resnet50
+
+
+def test_duckdb_and_pandas_read_the_scores_locally(scored):
+    out, _ = scored
+    n, pmax = duckdb.sql(f"select count(*), max(probability) from '{out}/scores.parquet'").fetchone()
+    assert n == 6 and 0 < pmax < 1
+    assert pd.read_parquet(f"{out}/scores.parquet")["n_slices"].between(3, 5).all()
+
+
+def test_rerun_skips_scored_patients(cohort, scored, ray_session):
+    out, _ = scored
+    summary = score.run_score(f"{cohort['root']}/dicom", f"{cohort['root']}/unlabelled.csv", cohort["model"], out, CFG, progress=False)
+    assert summary["scored_now"] == 0 and summary["skipped_already_scored"] == 6 and summary["rows"] == 6
+
+
+def test_labels_give_metrics_and_s3_output_reads_in_duckdb_and_pandas(cohort, ray_session, objectstore_server):
+    out = f"s3://vfx/{uuid.uuid4().hex}/scores"
+    summary = score.run_score(f"{cohort['root']}/dicom", f"{cohort['root']}/annotations.csv", cohort["model"], out, CFG, progress=False)
+    m = json.loads(storage.read_text(f"{out}/metrics.json"))
+    assert m["per_patient"]["confusion_matrix"] == summary["metrics"]["per_patient"]["confusion_matrix"]
+    assert sum(map(sum, m["per_patient"]["confusion_matrix"])) == 6
+    con = duckdb_connect()
+    env = objectstore_server.env()
+    con.execute(
+        "CREATE SECRET s (TYPE s3, KEY_ID ?, SECRET ?, ENDPOINT ?, URL_STYLE 'path', USE_SSL false, REGION 'us-east-1')",
+        [env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"], env["AWS_ENDPOINT_URL"].removeprefix("http://")],
+    )
+    labels = dict(con.execute(f"select patient_id, label from read_parquet('{out}/scores.parquet')").fetchall())
+    assert labels == dict(zip(cohort["ann"]["patient_id"], cohort["ann"]["label"], strict=True))
+    fs, path = storage.filesystem(f"{out}/scores.parquet")
+    assert len(pd.read_parquet(path, filesystem=fs)) == 6
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_with_one_row_per_patient(cohort, tmp_path):
+    out = str(tmp_path / "killed")
+    cmd = [sys.executable, "-m", "vfx_ray.cli", "score", "--archive", f"{cohort['root']}/dicom", "--annotations", f"{cohort['root']}/unlabelled.csv", "--model", cohort["model"], "--out", out, "--commit-every", "1", "--batch-size", "2", "--quiet"]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if glob.glob(f"{out}/_parts/*.parquet"):
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not os.path.exists(f"{out}/scores.parquet")
+    parts = len(glob.glob(f"{out}/_parts/*.parquet"))
+    assert 1 <= parts < 6
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    df = pd.read_parquet(f"{out}/scores.parquet")
+    assert sorted(df["patient_id"]) == sorted(cohort["ann"]["patient_id"])  # exactly one row each
+    assert f"{6 - parts} now, {parts} already done" in res.stdout

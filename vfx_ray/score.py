@@ -1,0 +1,334 @@
+"""Batch scoring of a DICOM archive: ingestion streams into model actors, per-patient max.
+
+One Ray Data pipeline: the crops stages of ``ingest`` feed ``map_batches`` on an actor pool
+that loads the model(s) once per actor (a GPU each when the cluster has GPUs). The driver
+groups slice probabilities per patient and commits Parquet parts as it goes, so a killed run
+re-run with the same ``--out`` and model scores only the patients not yet committed; the
+final ``scores.parquet`` holds exactly one row per patient.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+from tqdm import tqdm
+
+from vfx_ray import contracts, ingest, metrics, storage
+from vfx_ray.annotations import DEFAULT_CLASSES
+from vfx_ray.config import CropConfig
+from vfx_ray.errors import VfxError
+
+PARTS = "_parts"
+SLICE_WIRE = pa.schema(
+    [
+        ("patient_id", pa.string()),
+        ("kind", pa.string()),
+        ("meta", pa.string()),
+        ("probability", pa.float64()),
+        ("embedding", pa.binary()),
+    ]
+)
+
+
+def scores_schema() -> pa.Schema:
+    return pa.schema(
+        [
+            ("patient_id", pa.string()),
+            ("series_instance_uid", pa.string()),
+            ("vertebra", pa.string()),
+            ("n_slices", pa.int32()),
+            ("slice_indices", pa.list_(pa.int32())),
+            ("slice_probabilities", pa.list_(pa.float64())),
+            ("probability", pa.float64()),
+            ("prediction", pa.string()),
+            ("threshold", pa.float64()),
+            ("label", pa.string()),
+            ("model_id", pa.string()),
+            ("n_models", pa.int32()),
+            ("scored_at", pa.timestamp("us", tz="UTC")),
+        ]
+    )
+
+
+# ---------------------------------------------------------------- models
+def model_files(model_uri: str) -> list[str]:
+    """One checkpoint, or every ``fold_*/model.pt`` of a train-cv run (the fold ensemble)."""
+    if model_uri.endswith(".pt"):
+        if not storage.exists(model_uri):
+            raise FileNotFoundError(f"no model file at {model_uri}")
+        return [model_uri]
+    found = [e.uri for e in storage.list_files(model_uri) if e.uri.endswith("/model.pt") and "/fold_" in e.uri]
+    if not found:
+        raise VfxError("score", f"{model_uri} holds no fold_*/model.pt: give a train-cv run or a model.pt file")
+    return sorted(found)
+
+
+def ensemble_id(ids: list[str]) -> str:
+    """A single model's id, or a content hash of the sorted member ids for an ensemble."""
+    if len(ids) == 1:
+        return ids[0]
+    return hashlib.sha256(",".join(sorted(ids)).encode()).hexdigest()[:16]
+
+
+class SliceScorer:
+    """Ray Data actor: the model(s) loaded once; wire crop rows in, probabilities out."""
+
+    def __init__(self, files: list[str], cfg: CropConfig, features: bool, use_gpu: bool) -> None:
+        import torch
+
+        from vfx_ray.model import load_model
+
+        self.torch = torch
+        if not use_gpu:
+            torch.set_num_threads(1)  # one actor per core
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.models = []
+        for f in files:
+            net, _ = load_model(f)
+            self.models.append(net.to(self.device, memory_format=torch.channels_last).eval())
+        self.shape = (cfg.channels, cfg.crop_size, cfg.crop_size)
+        self.features = features
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        torch = self.torch
+        kinds = batch["kind"].to_pylist()
+        crop_rows = [i for i, k in enumerate(kinds) if k == "crop"]
+        prob = np.full(len(kinds), np.nan)
+        emb: list[bytes | None] = [None] * len(kinds)
+        if crop_rows:
+            images = batch["image"].take(crop_rows).to_pylist()
+            x = torch.from_numpy(np.stack([np.frombuffer(b, np.float32).reshape(self.shape) for b in images]))
+            x = x.to(self.device).contiguous(memory_format=torch.channels_last)
+            with torch.inference_mode():
+                p = torch.stack([torch.sigmoid(m(x)).flatten() for m in self.models]).mean(0)
+                prob[crop_rows] = p.double().cpu().numpy()
+                if self.features:
+                    pooled = self.embed(self.models[0], x).float().cpu().numpy()
+                    for j, i in enumerate(crop_rows):
+                        emb[i] = pooled[j].tobytes()
+        return pa.table(
+            {
+                "patient_id": batch["patient_id"],
+                "kind": batch["kind"],
+                "meta": batch["meta"],
+                "probability": pa.array(prob, pa.float64(), mask=np.isnan(prob)),
+                "embedding": pa.array(emb, pa.binary()),
+            },
+            schema=SLICE_WIRE,
+        )
+
+    def embed(self, net, x):
+        """The pooled ResNet features (input of the final fc layer)."""
+        body = self.torch.nn.Sequential(*list(net.children())[:-1])
+        return body(x).flatten(1)
+
+
+# ---------------------------------------------------------------- per patient
+def patient_row(pid: str, slices: list[dict], model: dict, threshold: float, classes: tuple[str, str]) -> dict:
+    slices = sorted(slices, key=lambda s: s["slice_index"])
+    probs = [float(s["probability"]) for s in slices]
+    p = max(probs)
+    label = slices[0].get("label")
+    return {
+        "patient_id": pid,
+        "series_instance_uid": slices[0]["series_instance_uid"],
+        "vertebra": slices[0].get("vertebra"),
+        "n_slices": len(slices),
+        "slice_indices": [int(s["slice_index"]) for s in slices],
+        "slice_probabilities": probs,
+        "probability": p,
+        "prediction": classes[1] if p >= threshold else classes[0],
+        "threshold": threshold,
+        "label": None if label is None else classes[int(label)],
+        "model_id": model["model_id"],
+        "n_models": model["n_models"],
+        "scored_at": datetime.now(UTC),
+    }
+
+
+def committed(out_uri: str, model_id: str) -> pa.Table | None:
+    """Rows already committed for this model (final file and parts), one per patient."""
+    tables = []
+    final = storage.join(out_uri, "scores.parquet")
+    if storage.exists(final):
+        tables.append(storage.read_table(final))
+    parts = storage.join(out_uri, PARTS)
+    if storage.exists(parts):
+        found = storage.list_files(parts, suffix=".parquet")
+        tables += [storage.read_table(e.uri) for e in found if "/features/" not in e.uri.replace("\\", "/")]
+    tables = [t.select(scores_schema().names).cast(scores_schema()) for t in tables if t.num_rows]
+    if not tables:
+        return None
+    table = pa.concat_tables(tables)
+    table = table.filter(pc.equal(table["model_id"], model_id))
+    _, first = np.unique(np.array(table["patient_id"].to_pylist(), dtype=object), return_index=True)
+    return table.take(sorted(first))
+
+
+class PartWriter:
+    """Commits finished patients as numbered Parquet parts (atomic each)."""
+
+    def __init__(self, out_uri: str, every: int = 25, seconds: float = 60.0) -> None:
+        self.dir = storage.join(out_uri, PARTS)
+        self.rows: list[dict] = []
+        self.features: list[pa.Table] = []
+        self.every, self.seconds, self.last = every, seconds, time.monotonic()
+        self.stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
+        self.n = 0
+
+    def add(self, row: dict, features: pa.Table | None) -> None:
+        self.rows.append(row)
+        if features is not None:
+            self.features.append(features)
+        if len(self.rows) >= self.every or time.monotonic() - self.last > self.seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.rows:
+            return
+        name = f"part-{self.stamp}-{self.n:05d}"
+        if self.features:  # features first: a committed score part implies its features
+            storage.write_table(pa.concat_tables(self.features), storage.join(self.dir, "features", name + ".parquet"))
+        storage.write_table(pa.Table.from_pylist(self.rows, schema=scores_schema()), storage.join(self.dir, name + ".parquet"))
+        self.rows, self.features, self.n, self.last = [], [], self.n + 1, time.monotonic()
+
+
+def features_table(pid: str, slices: list[dict]) -> pa.Table:
+    emb = np.stack([np.frombuffer(s["embedding"], np.float32) for s in slices])
+    return pa.table(
+        {
+            "patient_id": [pid] * len(slices),
+            "slice_index": pa.array([int(s["slice_index"]) for s in slices], pa.int32()),
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel()), emb.shape[1]),
+        }
+    )
+
+
+def run_score(
+    archive_uri: str,
+    annotations_uri: str,
+    model_uri: str,
+    out_uri: str,
+    cfg: CropConfig | None = None,
+    *,
+    threshold: float = 0.5,
+    features: bool = False,
+    batch_size: int = 64,
+    classes: tuple[str, str] = DEFAULT_CLASSES,
+    commit_every: int = 25,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Score every annotated patient of an archive; write scores.parquet + errors.parquet.
+
+    Finished patients are committed every ``commit_every`` patients (or minute): that much
+    work at most is redone after a crash.
+    """
+    import ray
+
+    from vfx_ray.model import load_model
+    from vfx_ray.raysession import ensure_ray
+
+    cfg = cfg or CropConfig()
+    files = model_files(model_uri)
+    ids = [load_model(f)[1]["model_id"] for f in files]
+    model = {"model_id": ensemble_id(ids), "n_models": len(files), "members": ids, "files": files}
+    ensure_ray()
+    t0 = time.monotonic()
+    tasks, index, errors = ingest.plan(archive_uri, annotations_uri, cfg)
+    done = committed(out_uri, model["model_id"])
+    done_ids = set(done["patient_id"].to_pylist()) if done is not None else set()
+    todo = [t for t in tasks if t.patient_id not in done_ids]
+    resources = ray.cluster_resources()
+    gpus, cpus = int(resources.get("GPU", 0)), max(1, int(resources.get("CPU", 1)))
+    writer = PartWriter(out_uri, every=commit_every)
+    slices: dict[str, list[dict]] = {}
+    scored = 0
+    if todo:
+        # GPU: CPU tasks decode and crop, one actor per GPU scores. CPU only: Ray fuses the
+        # crop step into the actors (same resources), one per core, each decode-then-score.
+        pool = ray.data.ActorPoolStrategy(size=gpus) if gpus else ray.data.ActorPoolStrategy(min_size=1, max_size=cpus)
+        ds = ingest.crops_dataset(todo, cfg).map_batches(
+            SliceScorer,
+            fn_constructor_kwargs={"files": files, "cfg": cfg, "features": features, "use_gpu": gpus > 0},
+            batch_size=batch_size,
+            batch_format="pyarrow",
+            compute=pool,
+            num_gpus=1 if gpus else 0,
+            num_cpus=1,
+        )
+        bar = tqdm(total=len(todo), desc="score: patients", unit="patient", disable=not progress)
+        order = [t.patient_id for t in todo]
+        position = {pid: i for i, pid in enumerate(order)}
+        next_open = 0
+        seen: set[str] = set()
+
+        def finish(pid: str) -> None:
+            nonlocal scored
+            rows = slices.pop(pid, [])
+            if rows:
+                writer.add(patient_row(pid, rows, model, threshold, classes), features_table(pid, rows) if features else None)
+                scored += 1
+            bar.update(1)
+
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            for pid, kind, meta, prob, emb in zip(*(batch[c].to_pylist() for c in SLICE_WIRE.names), strict=True):
+                seen.add(pid)
+                row = json.loads(meta)
+                if kind == "error":
+                    errors.append(row)
+                else:
+                    slices.setdefault(pid, []).append({**row, "probability": prob, "embedding": emb})
+                # rows arrive in task order (preserve_order): earlier patients are complete
+                while next_open < position[pid]:
+                    finish(order[next_open])
+                    next_open += 1
+        while next_open < len(order):
+            finish(order[next_open])
+            next_open += 1
+        bar.close()
+        errors += [
+            VfxError("score", "the task scoring this patient was lost after Ray's retries", patient_id=t.patient_id, series_instance_uid=t.series_instance_uid, error_type="TaskLost").row()
+            for t in todo if t.patient_id not in seen
+        ]
+    writer.flush()
+    return finalize(out_uri, model, errors, cfg, threshold=threshold, features=features, classes=classes, archive_uri=archive_uri, planned=len(tasks), scored=scored, skipped=len(done_ids), seconds=time.monotonic() - t0)
+
+
+def finalize(out_uri, model, errors, cfg, *, threshold, features, classes, archive_uri, planned, scored, skipped, seconds) -> dict[str, Any]:
+    table = committed(out_uri, model["model_id"])
+    table = table.sort_by("patient_id") if table is not None else pa.Table.from_pylist([], schema=scores_schema())
+    run_config = {"crops": dataclasses.asdict(cfg), "threshold": threshold, "classes": list(classes), "model": model, "archive": archive_uri}
+    meta = {"vfx_ray.config": json.dumps(run_config), "vfx_ray.model_id": model["model_id"]}
+    storage.write_table(table, storage.join(out_uri, "scores.parquet"), metadata=meta)
+    if features:
+        fdir = storage.join(out_uri, PARTS, "features")
+        parts = [storage.read_table(e.uri) for e in storage.list_files(fdir, suffix=".parquet")] if storage.exists(fdir) else []
+        feats = pa.concat_tables(parts) if parts else pa.table({"patient_id": pa.array([], pa.string())})
+        storage.write_table(feats, storage.join(out_uri, "features.parquet"), metadata={**meta, "vfx_ray.features": "pooled ResNet features of the first ensemble member"})
+    scored_ids = set(table["patient_id"].to_pylist())
+    errors = [e for e in errors if e.get("patient_id") not in scored_ids]  # a re-run healed them
+    storage.write_table(contracts.errors_table(errors), storage.join(out_uri, "errors.parquet"))
+    summary = {"patients_planned": planned, "scored_now": scored, "skipped_already_scored": skipped, "rows": table.num_rows, "errors": len(errors), "model_id": model["model_id"], "n_models": model["n_models"], "seconds": round(seconds, 1)}
+    labelled = table.filter(pc.is_valid(table["label"]))
+    if labelled.num_rows:
+        summary["metrics"] = label_metrics(labelled, threshold, classes)
+        storage.write_text(storage.join(out_uri, "metrics.json"), json.dumps(summary["metrics"], indent=2))
+    return summary
+
+
+def label_metrics(table: pa.Table, threshold: float, classes: tuple[str, str]) -> dict[str, Any]:
+    """The paper's per-slice and per-patient metrics when the annotations carry labels."""
+    rows = []
+    for pid, label, probs in zip(table["patient_id"].to_pylist(), table["label"].to_pylist(), table["slice_probabilities"].to_pylist(), strict=True):
+        y = classes.index(label)
+        rows += [{"patient_id": pid, "label": y, "probability": p} for p in probs]
+    return {"threshold": threshold, **metrics.level_metrics(pd.DataFrame(rows), threshold)}
