@@ -12,60 +12,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections import defaultdict
-from pathlib import Path
 
-import psutil
-
-
-def plain_loop(archive: str, annotations_uri: str) -> int:
-    """The baseline: one process, each object read once, same grouping and crops."""
-    from vfx_ray import annotations, dicom, geometry, storage
-    from vfx_ray.config import CropConfig
-
-    cfg = CropConfig()
-    files_by_series: dict[str, list] = defaultdict(list)
-    headers = []
-    for entry in storage.list_files(archive):
-        data = storage.read_bytes(entry.uri)
-        h = dicom.read_header(data, entry.uri)
-        headers.append(h)
-        files_by_series[h["series_instance_uid"]].append((entry.uri, data))
-    tasks, _ = annotations.plan_tasks(annotations.read_annotations(annotations_uri), dicom.group_series(headers))
-    n = 0
-    for t in tasks:
-        volume = dicom.load_volume(files_by_series[t.series_instance_uid], cfg)
-        n += len(geometry.crop_samples(volume, geometry.RoiBox(*t.roi), cfg))
-    return n
-
-
-def tree_rss(proc: psutil.Process) -> int:
-    total = 0
-    for p in [proc, *proc.children(recursive=True)]:
-        try:
-            total += p.memory_info().rss
-        except psutil.Error:
-            pass
-    return total
+from common import cohorts_in_s3, peak_rss_of, plain_patients
 
 
 def measure_memory(archive: str, annotations_uri: str) -> int:
     """Peak RSS of a fresh `vfx-ray crops` process tree (driver, raylet, workers)."""
     out = tempfile.mkdtemp(prefix="bench-crops-")
-    cmd = [sys.executable, "-m", "vfx_ray.cli", "crops", "--archive", archive, "--annotations", annotations_uri, "--out", out, "--quiet"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ps, peak = psutil.Process(proc.pid), 0
-    while proc.poll() is None:
-        peak = max(peak, tree_rss(ps))
-        time.sleep(0.2)
-    if proc.returncode != 0:
-        raise SystemExit(f"crops failed: {cmd}")
-    return peak
+    return peak_rss_of([sys.executable, "-m", "vfx_ray.cli", "crops", "--archive", archive, "--annotations", annotations_uri, "--out", out, "--quiet"])
 
 
 def main() -> None:
@@ -77,22 +34,10 @@ def main() -> None:
 
     import ray
 
-    from vfx_ray import objectstore
-    from vfx_ray.config import SynthConfig
     from vfx_ray.ingest import run_crops
-    from vfx_ray.synth.cohort import generate_cohort
 
-    work = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
-    store = objectstore.start(work / "s3", buckets=("vfx",))
-    store.export()
     sizes = sorted({args.patients, *[int(s) for s in args.memory_sizes.split(",") if s]})
-    try:
-        cohorts = {}
-        for n in sizes:
-            cohorts[n] = f"s3://vfx/cohort{n}"
-            t = time.perf_counter()
-            generate_cohort(cohorts[n], SynthConfig(patients=n, matrix=args.matrix, seed=n), workers=2, progress=False)
-            print(f"synth {n} patients: {time.perf_counter() - t:.0f} s", flush=True)
+    with cohorts_in_s3(sizes, args.matrix) as cohorts:
         base = cohorts[args.patients]
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         run_crops(f"{cohorts[sizes[0]]}/dicom", f"{cohorts[sizes[0]]}/annotations.csv", "s3://vfx/warmup", progress=False)
@@ -101,7 +46,7 @@ def main() -> None:
         ray_s = time.perf_counter() - t
         ray.shutdown()
         t = time.perf_counter()
-        n_loop = plain_loop(f"{base}/dicom", f"{base}/annotations.csv")
+        n_loop = sum(len(crops) for _, crops in plain_patients(f"{base}/dicom", f"{base}/annotations.csv"))
         loop_s = time.perf_counter() - t
         assert n_loop == summary["crops"], (n_loop, summary["crops"])
         result = {
@@ -121,10 +66,7 @@ def main() -> None:
                 f"peak_rss_mb_{large}": round(peaks[large] / 2**20),
                 "rss_ratio_large_vs_small": round(peaks[large] / peaks[small], 2),
             }), flush=True)
-    finally:
-        store.stop()
 
 
 if __name__ == "__main__":
-    threading.excepthook = lambda a: None
     main()

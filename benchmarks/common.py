@@ -1,0 +1,79 @@
+"""Shared set-up for the benchmarks: an embedded S3 store holding synthetic cohorts."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import psutil
+
+
+@contextmanager
+def cohorts_in_s3(sizes: list[int], matrix: int):
+    """Start the embedded store, write one cohort per size; yields {size: s3 uri}."""
+    from vfx_ray import objectstore
+    from vfx_ray.config import SynthConfig
+    from vfx_ray.synth.cohort import generate_cohort
+
+    work = Path(tempfile.mkdtemp(prefix="bench-"))
+    store = objectstore.start(work / "s3", buckets=("vfx",))
+    store.export()
+    try:
+        uris = {}
+        for n in sorted(set(sizes)):
+            uris[n] = f"s3://vfx/cohort{n}"
+            t = time.perf_counter()
+            generate_cohort(uris[n], SynthConfig(patients=n, matrix=matrix, seed=n), workers=2, progress=False)
+            print(f"synth {n} patients: {time.perf_counter() - t:.0f} s", flush=True)
+        yield uris
+    finally:
+        store.stop()
+
+
+def plain_patients(archive: str, annotations_uri: str):
+    """The single-process baseline: each object read once (pydicom), grouped by series UID,
+    decoded and cropped by the same pure functions; yields (task, crops) per patient."""
+    from collections import defaultdict
+
+    from vfx_ray import annotations, dicom, geometry, storage
+    from vfx_ray.config import CropConfig
+
+    cfg = CropConfig()
+    files_by_series: dict[str, list] = defaultdict(list)
+    headers = []
+    for entry in storage.list_files(archive):
+        data = storage.read_bytes(entry.uri)
+        h = dicom.read_header(data, entry.uri)
+        headers.append(h)
+        files_by_series[h["series_instance_uid"]].append((entry.uri, data))
+    tasks, _ = annotations.plan_tasks(annotations.read_annotations(annotations_uri), dicom.group_series(headers))
+    for t in tasks:
+        volume = dicom.load_volume(files_by_series[t.series_instance_uid], cfg)
+        yield t, geometry.crop_samples(volume, geometry.RoiBox(*t.roi), cfg)
+
+
+def tree_rss(proc: psutil.Process) -> int:
+    """RSS of a process and all its descendants (a driver with its local Ray cluster)."""
+    total = 0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+def peak_rss_of(cmd: list[str]) -> int:
+    """Run a command to completion, sampling its process tree's RSS every 0.2 s."""
+    import subprocess
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ps, peak = psutil.Process(proc.pid), 0
+    while proc.poll() is None:
+        peak = max(peak, tree_rss(ps))
+        time.sleep(0.2)
+    if proc.returncode != 0:
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}")
+    return peak
