@@ -191,6 +191,99 @@ def add_crops(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_crops)
 
 
+# ---------------------------------------------------------------- train-cv
+def train_config_from_args(args: argparse.Namespace) -> config_mod.TrainConfig:
+    """The profile's TrainConfig with the flags that were given."""
+    return config_mod.replace(
+        config_mod.profile(args.profile).train,
+        arch=args.arch,
+        pretrained=args.pretrained,
+        pretrained_path=args.pretrained_path,
+        max_epochs=args.epochs,
+        n_folds=args.folds,
+        augment_factor=args.augment_factor,
+        num_workers=args.workers,
+        use_gpu=True if args.gpu else None,
+        seed=args.seed,
+    )
+
+
+def read_params(uri: str | None) -> dict | None:
+    """A flat JSON object of TrainConfig fields, e.g. Tune's best_params.json."""
+    if not uri:
+        return None
+    import json
+
+    from vfx_ray import storage
+
+    try:
+        params = json.loads(storage.read_text(uri))
+    except json.JSONDecodeError as exc:
+        raise CliError(f"--params {uri} is not JSON: {exc}") from None
+    if not isinstance(params, dict):
+        raise CliError(f"--params {uri} must hold a JSON object such as {{\"lr\": 1e-4, \"l2\": 1e-4}}")
+    return params
+
+
+def metrics_line(m: dict) -> str:
+    def f(key: str, digits: int = 2) -> str:
+        return "n/a" if m.get(key) is None else f"{m[key]:.{digits}f}"
+
+    return (
+        f"sensitivity {f('sensitivity')}  specificity {f('specificity')}  accuracy {f('accuracy')}  "
+        f"AUC {f('auc', 3)} [{f('auc_ci_low', 3)}, {f('auc_ci_high', 3)}]"
+    )
+
+
+def cmd_train_cv(args: argparse.Namespace) -> int:
+    from vfx_ray.cv import run_train_cv
+
+    cfg = train_config_from_args(args)
+    result = run_train_cv(
+        args.crops, args.out, cfg, params=read_params(args.params),
+        max_failures=args.max_failures, keep_checkpoints=args.keep_checkpoints,
+    )
+    for level in ("per_slice", "per_patient"):
+        print(f"{level:11s} {metrics_line(result['pooled'][level])}")
+    print(f"run folder: {args.out} (metrics.json, oof_predictions.parquet, fold_k/model.pt)")
+    return 0
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    """Training flags shared by train-cv and tune (unset: the profile's value)."""
+    p.add_argument("--profile", default="paper", choices=config_mod.PROFILES, help="paper (default) or demo (2 CPU cores)")
+    p.add_argument("--arch", choices=["resnet18", "resnet34", "resnet50"], help="default resnet50 (paper)")
+    p.add_argument("--pretrained", choices=["imagenet", "none"], help="ImageNet initialisation (paper) or none")
+    p.add_argument("--pretrained-path", help="ImageNet weights file when not in the torchvision cache")
+    p.add_argument("--epochs", type=positive_int, help="most epochs per fold (paper 100; early stopping)")
+    p.add_argument("--folds", type=positive_int, help="cross-validation folds (paper 10)")
+    p.add_argument("--augment-factor", type=positive_int, help="augmented views per crop and epoch (paper 20)")
+    p.add_argument("--workers", type=positive_int, help="Ray Train workers per fold")
+    p.add_argument("--gpu", action="store_true", help="one GPU per worker")
+    p.add_argument("--seed", type=int, help="folds and initialisation seed")
+
+
+def add_train_cv(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train-cv",
+        help="the paper's ResNet recipe, patient-level k-fold CV on Ray Train",
+        description=(
+            "Cross-validate the classifier on a crops dataset: stratified patient folds (written "
+            "once as splits.json), each fold a Ray Train TorchTrainer run (side by side when the "
+            "cluster has room), early stopping on validation patients from the training folds, "
+            "out-of-fold predictions and the paper's metrics per slice and per patient (max over "
+            "slices). Re-running with the same --out skips finished folds and resumes the others."
+        ),
+    )
+    p.add_argument("--crops", required=True, help="crops.parquet (file or folder) from `vfx-ray crops`")
+    p.add_argument("--out", required=True, help="run folder URI")
+    p.add_argument("--params", help="JSON of TrainConfig fields, e.g. best_params.json from `vfx-ray tune`")
+    add_train_args(p)
+    p.add_argument("--max-failures", type=int, default=2, help="worker-group restarts per fold")
+    p.add_argument("--keep-checkpoints", action="store_true", help="keep Ray Train checkpoints of finished folds")
+    p.set_defaults(func=cmd_train_cv)
+
+
 # ---------------------------------------------------------------- score
 def cmd_score(args: argparse.Namespace) -> int:
     from vfx_ray.score import run_score
@@ -206,10 +299,10 @@ def cmd_score(args: argparse.Namespace) -> int:
         f"{summary['skipped_already_scored']} already done) with model {summary['model_id']} "
         f"({summary['n_models']} models); {summary['errors']} error rows -> {args.out}/scores.parquet"
     )
-    if "metrics" in summary:
-        pp = summary["metrics"]["per_patient"]
-        line += f"; per patient: sensitivity {pp['sensitivity']}, specificity {pp['specificity']}, AUC {pp['auc']}"
     print(line)
+    if "metrics" in summary:
+        for level in ("per_slice", "per_patient"):
+            print(f"{level:11s} {metrics_line(summary['metrics'][level])}")
     return 0
 
 
@@ -264,6 +357,7 @@ ADDERS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_objectstore,
     add_synth,
     add_crops,
+    add_train_cv,
     add_score,
     add_demo,
 ]

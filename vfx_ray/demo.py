@@ -21,7 +21,9 @@ def banner(text: str) -> None:
 
 def run_demo(workdir: str | Path, *, patients: int | None = None, seed: int = 0) -> dict[str, str]:
     """Run every stage on the demo profile; returns the output URIs by stage."""
+    from vfx_ray.cv import run_train_cv
     from vfx_ray.ingest import run_crops
+    from vfx_ray.score import run_score
     from vfx_ray.synth.cohort import generate_cohort
 
     workdir = Path(workdir).absolute()
@@ -34,7 +36,7 @@ def run_demo(workdir: str | Path, *, patients: int | None = None, seed: int = 0)
     store.export()
     print(f"endpoint {store.endpoint}; bucket s3://{BUCKET} is the folder {workdir / 's3' / BUCKET}")
     base = f"s3://{BUCKET}/demo"
-    outputs = {"cohort": f"{base}/cohort", "crops": f"{base}/crops"}
+    outputs = {"cohort": f"{base}/cohort", "crops": f"{base}/crops", "run": f"{base}/run", "scores": f"{base}/scores"}
     try:
         banner(f"synth: {synth_cfg.patients} patients -> {outputs['cohort']}")
         ann = generate_cohort(outputs["cohort"], synth_cfg, progress=True)
@@ -42,6 +44,14 @@ def run_demo(workdir: str | Path, *, patients: int | None = None, seed: int = 0)
         banner(f"crops (Ray Data): {outputs['cohort']}/dicom -> {outputs['crops']}")
         summary = run_crops(f"{outputs['cohort']}/dicom", f"{outputs['cohort']}/annotations.csv", outputs["crops"], cfg.crops)
         print(f"{summary['crops']} crops of {summary['patients_with_crops']} patients, {summary['errors']} error rows")
+        banner(f"train-cv (Ray Train, demo profile: {cfg.train.arch}, {cfg.train.n_folds} folds) -> {outputs['run']}")
+        result = run_train_cv(f"{outputs['crops']}/crops.parquet", outputs["run"], cfg.train)
+        for level in ("per_slice", "per_patient"):
+            m = result["pooled"][level]
+            print(f"{level}: sensitivity {m['sensitivity']}, specificity {m['specificity']}, accuracy {m['accuracy']}, AUC {m['auc']}")
+        banner(f"score (Ray Data + model actors, {cfg.train.n_folds}-fold ensemble) -> {outputs['scores']}")
+        scored = run_score(f"{outputs['cohort']}/dicom", f"{outputs['cohort']}/annotations.csv", outputs["run"], outputs["scores"], cfg.crops)
+        print(f"{scored['rows']} patients scored, {scored['errors']} error rows, model {scored['model_id']}")
     finally:
         store.stop()
     banner(f"done in {time.monotonic() - t0:.0f} s; outputs (S3 URI -> local folder):")

@@ -11,6 +11,7 @@ import functools
 import io
 import os
 import posixpath
+import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -232,10 +233,95 @@ def read_table(uri: str) -> pa.Table:
     return pq.read_table(path, filesystem=fs)
 
 
-def delete(uri: str) -> None:
+class NoDirMarkers(pafs.FileSystemHandler):
+    """S3 for Ray Train's checkpoint storage without directory marker objects.
+
+    S3 has no directories; pyarrow still PUTs empty ``key/`` markers on create_dir and after
+    deletes (to keep the parent "directory"), which the embedded ``rclone serve s3`` refuses
+    and then lists the prefix wrongly. Ray Train only needs the objects: ``create_dir`` does
+    nothing and deletes go through boto3 (no parent marker); the rest is passed through.
+    """
+
+    def __init__(self, fs: pafs.FileSystem) -> None:
+        self.fs = fs
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, NoDirMarkers) and self.fs.equals(other.fs)
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
+    def get_type_name(self) -> str:
+        return "vfx-s3-no-dir-markers"
+
+    def normalize_path(self, path: str) -> str:
+        return self.fs.normalize_path(path)
+
+    def get_file_info(self, paths: list[str]) -> list[pafs.FileInfo]:
+        return self.fs.get_file_info(paths)
+
+    def get_file_info_selector(self, selector: pafs.FileSelector) -> list[pafs.FileInfo]:
+        return self.fs.get_file_info(selector)
+
+    def create_dir(self, path: str, recursive: bool) -> None:
+        return None
+
+    def delete_dir(self, path: str) -> None:
+        _s3_delete(path, prefix=True)
+
+    def delete_dir_contents(self, path: str, missing_dir_ok: bool = False) -> None:
+        _s3_delete(path, prefix=True)
+
+    def delete_root_dir_contents(self) -> None:
+        raise OSError("refusing to empty the whole S3 account")
+
+    def delete_file(self, path: str) -> None:
+        _s3_delete(path, prefix=False)
+
+    def move(self, src: str, dest: str) -> None:
+        self.fs.move(src, dest)
+
+    def copy_file(self, src: str, dest: str) -> None:
+        self.fs.copy_file(src, dest)
+
+    def open_input_stream(self, path: str) -> pa.NativeFile:
+        return self.fs.open_input_stream(path)
+
+    def open_input_file(self, path: str) -> pa.NativeFile:
+        return self.fs.open_input_file(path)
+
+    def open_output_stream(self, path: str, metadata: dict | None) -> pa.NativeFile:
+        return self.fs.open_output_stream(path, metadata=metadata)
+
+    def open_append_stream(self, path: str, metadata: dict | None) -> pa.NativeFile:
+        return self.fs.open_append_stream(path, metadata=metadata)
+
+
+def _s3_delete(path: str, prefix: bool) -> None:
+    """Delete ``bucket/key`` (or every object under ``bucket/key/``) with boto3."""
+    client = boto3_client()
+    bucket, _, key = path.partition("/")
+    if not prefix:
+        client.delete_object(Bucket=bucket, Key=key)
+        return
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key.rstrip("/") + "/"):
+        keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+        if keys:
+            client.delete_objects(Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
+
+
+def delete_tree(uri: str) -> None:
+    """Remove a folder (local) or every object under a prefix (s3://), if there is one."""
+    if is_s3(uri):
+        _s3_delete(filesystem(uri)[1], prefix=True)
+    else:
+        shutil.rmtree(uri, ignore_errors=True)
+
+
+def marker_free_filesystem(uri: str) -> tuple[str, pafs.FileSystem | None]:
+    """(path, filesystem) for libraries that write folders through pyarrow (Ray Train's
+    RunConfig storage): S3 without directory markers, None (their default) for local paths."""
     fs, path = filesystem(uri)
-    info = fs.get_file_info(path)
-    if info.type == pafs.FileType.Directory:
-        fs.delete_dir(path)
-    elif info.type == pafs.FileType.File:
-        fs.delete_file(path)
+    if is_s3(uri):
+        return path, pafs.PyFileSystem(NoDirMarkers(fs))
+    return path, None

@@ -1,0 +1,240 @@
+"""10-fold patient cross-validation as Ray Train runs: folds side by side, resumable, scored.
+
+Run folder (local path or s3://)::
+
+    config.json               resolved TrainConfig + inputs (written once)
+    splits.json               patient folds (written once, reused: see folds.py)
+    fold_k/model.pt           best weights of fold k (model_id inside and in done.json)
+    fold_k/predictions.parquet  the fold's test slices
+    fold_k/history.json       per-epoch metrics
+    fold_k/done.json          written last: a fold with it is skipped on re-runs
+    ray_train/fold_k/         Ray Train run (checkpoints) while the fold is unfinished
+    oof_predictions.parquet   one row per test slice over all folds
+    metrics.json              per slice / per patient, per fold and pooled (metrics.py)
+
+Re-running with the same ``out_uri`` skips finished folds and resumes unfinished ones from
+their latest checkpoint. Each fold is a TorchTrainer run launched from a driver thread; as
+many folds run at once as the cluster has room for (see :func:`max_parallel_folds`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from vfx_ray import contracts, folds, metrics, storage
+from vfx_ray import model as vmodel
+from vfx_ray import train as vtrain
+from vfx_ray.config import TrainConfig
+from vfx_ray.errors import VfxError
+from vfx_ray.raysession import ensure_ray
+
+logger = logging.getLogger(__name__)
+# fields that may change between a run and its resumption (where it runs, not what it learns)
+RUNTIME_FIELDS = ("num_workers", "use_gpu")
+PREDICTION_COLUMNS = ("patient_id", "fold", "slice_index", "probability", "label")
+
+
+def _log(msg: str) -> None:
+    print(f"[vfx_ray.cv] {msg}", file=sys.stderr, flush=True)
+
+
+def resolve_config(cfg: TrainConfig, params: dict[str, Any] | None) -> TrainConfig:
+    """``cfg`` with ``params`` (a flat dict of TrainConfig fields, e.g. Tune's best) applied."""
+    if not params:
+        return cfg
+    return vtrain.config_from_dict({**dataclasses.asdict(cfg), **params})
+
+
+def max_parallel_folds(cfg: TrainConfig, resources: dict[str, float], n_pending: int) -> int:
+    """How many folds fit on the cluster at once (at least 1).
+
+    A fold needs its workers (1 CPU each, or 1 GPU each and no CPU with ``use_gpu``, Ray's
+    defaults) plus one CPU for Ray Data and test scoring, so a 2-CPU machine runs one fold.
+    """
+    cpu_per_fold = (0 if cfg.use_gpu else cfg.num_workers) + 1
+    limit = int(resources.get("CPU", 0) // cpu_per_fold)
+    if cfg.use_gpu:
+        limit = min(limit, int(resources.get("GPU", 0) // max(cfg.num_workers, 1)))
+    return max(1, min(n_pending, limit))
+
+
+def _check_config(out_uri: str, record: dict[str, Any]) -> None:
+    """Write config.json once; refuse to continue a run folder made with another recipe."""
+    uri = storage.join(out_uri, "config.json")
+    if not storage.exists(uri):
+        storage.write_text(uri, json.dumps(record, indent=2, sort_keys=True))
+        return
+    old = json.loads(storage.read_text(uri))
+    a = {k: v for k, v in old.get("train", {}).items() if k not in RUNTIME_FIELDS}
+    b = {k: v for k, v in json.loads(json.dumps(record["train"])).items() if k not in RUNTIME_FIELDS}
+    if a != b:
+        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        raise VfxError("train", f"{out_uri} holds a run with different settings ({', '.join(diff)}); use a new --out")
+
+
+def load_or_make_splits(out_uri: str, patients: pd.DataFrame, cfg: TrainConfig) -> dict[str, Any]:
+    """``splits.json`` of the run folder, made (and written) only when it is not there yet."""
+    uri = storage.join(out_uri, "splits.json")
+    if storage.exists(uri):
+        splits = folds.splits_from_json(storage.read_text(uri))
+        same = (splits["n_folds"], splits["val_fraction"], splits["seed"]) == (cfg.n_folds, cfg.val_fraction, cfg.seed)
+        if not (same and folds.same_cohort(splits, patients)):
+            raise VfxError("train", f"{uri} was made for other patients or settings; use a new --out")
+        return splits
+    splits = folds.make_splits(patients, cfg.n_folds, cfg.val_fraction, cfg.seed)
+    storage.write_text(uri, folds.splits_to_json(splits))
+    return splits
+
+
+def _subset(crops: pa.Table, patient_ids: list[str]) -> pa.Table:
+    return crops.filter(pc.is_in(crops["patient_id"], value_set=pa.array(patient_ids, pa.string())))
+
+
+def _fold_dir(out_uri: str, k: int) -> str:
+    return storage.join(out_uri, f"fold_{k}")
+
+
+def run_fold(
+    k: int,
+    crops: pa.Table,
+    splits: dict[str, Any],
+    cfg: TrainConfig,
+    out_uri: str,
+    *,
+    max_failures: int = 2,
+    keep_checkpoints: bool = False,
+) -> dict[str, Any]:
+    """Train fold k, keep its best weights, score its test patients; done.json comes last."""
+    part = splits["folds"][k]
+    t0 = time.time()
+    _log(f"fold {k}: training on {len(part['train'])} patients, {len(part['val'])} validation, {len(part['test'])} test")
+    ray_path, ray_fs = storage.marker_free_filesystem(storage.join(out_uri, "ray_train"))
+    fit = vtrain.fit_fold(
+        _subset(crops, part["train"]),
+        _subset(crops, part["val"]),
+        cfg,
+        fold=k,
+        storage_path=ray_path,
+        storage_filesystem=ray_fs,
+        name=f"fold_{k}",
+        max_failures=max_failures,
+    )
+    d = _fold_dir(out_uri, k)
+    summary = {key: v for key, v in fit.summary.items() if key != "history"}
+    mid = vmodel.save_model(fit.best_state, storage.join(d, "model.pt"), cfg.arch, meta={"fold": k, **summary})
+    net = vmodel.build_model(cfg.arch, pretrained="none")
+    net.load_state_dict(fit.best_state)
+    test = _subset(crops, part["test"]).sort_by([("patient_id", "ascending"), ("slice_index", "ascending")])
+    prob = vmodel.predict_proba(net, contracts.images_from_arrow(test["image"]))
+    preds = pa.table(
+        {
+            "patient_id": test["patient_id"],
+            "fold": pa.array(np.full(test.num_rows, k), pa.int32()),
+            "slice_index": test["slice_index"],
+            "probability": pa.array(prob.astype(np.float64)),
+            "label": test["label"],
+            "series_instance_uid": test["series_instance_uid"],
+            "vertebra": test["vertebra"],
+            "model_id": pa.array([mid] * test.num_rows, pa.string()),
+        }
+    )
+    storage.write_table(preds, storage.join(d, "predictions.parquet"))
+    storage.write_text(storage.join(d, "history.json"), json.dumps(fit.summary.get("history", []), indent=1))
+    done = {"fold": k, "model_id": mid, **summary, "n_test_slices": test.num_rows, "seconds": time.time() - t0}
+    storage.write_text(storage.join(d, "done.json"), json.dumps(done, indent=2))
+    if not keep_checkpoints:
+        storage.delete_tree(storage.join(out_uri, "ray_train", f"fold_{k}"))
+    _log(f"fold {k}: done in {done['seconds']:.0f} s, {summary.get('epochs')} epochs, best {summary.get('best_epoch')}, model_id {mid}")
+    return done
+
+
+def _read_crops(crops_uri: str) -> tuple[pa.Table, list[str]]:
+    """Labelled crops and the ids of patients left out for having no label."""
+    crops = storage.read_table(crops_uri)
+    missing = [c for c in ("patient_id", "slice_index", "label", "image") if c not in crops.column_names]
+    if missing:
+        raise VfxError("train", f"{crops_uri} is not a crops dataset (missing columns {missing})")
+    unlabelled = pc.is_null(crops["label"])
+    dropped = sorted(set(crops.filter(unlabelled)["patient_id"].to_pylist()))
+    if dropped:
+        _log(f"{len(dropped)} patients without a label are left out of training (listed in metrics.json)")
+    return crops.filter(pc.invert(unlabelled)), dropped
+
+
+def run_train_cv(
+    crops_uri: str,
+    out_uri: str,
+    cfg: TrainConfig,
+    *,
+    params: dict[str, Any] | None = None,
+    max_failures: int = 2,
+    keep_checkpoints: bool = False,
+) -> dict[str, Any]:
+    """Cross-validate the model on a crops dataset; write the run folder; return metrics.json.
+
+    ``params`` overrides TrainConfig fields (flat dict, e.g. ``{"lr": 3e-4, "l2": 1e-5}``).
+    Uses the connected Ray cluster, or starts a local one (``RAY_ADDRESS`` is honoured).
+    """
+    import ray
+
+    cfg = resolve_config(cfg, params)
+    if cfg.pretrained == "imagenet":
+        vmodel.find_imagenet_weights(cfg.arch, cfg.pretrained_path)  # fail fast, before Ray
+    crops, unlabelled = _read_crops(crops_uri)
+    patients = folds.patient_labels(crops.select(["patient_id", "label"]).to_pandas())
+    record = {"train": dataclasses.asdict(cfg), "crops_uri": crops_uri, "params": params or {},
+              "versions": {"ray": ray.__version__, "torch": torch.__version__}}
+    _check_config(out_uri, record)
+    splits = load_or_make_splits(out_uri, patients, cfg)
+    pending = [k for k in range(cfg.n_folds) if not storage.exists(storage.join(_fold_dir(out_uri, k), "done.json"))]
+    if pending:
+        ensure_ray()
+        parallel = max_parallel_folds(cfg, ray.cluster_resources(), len(pending))
+        _log(f"{len(pending)} of {cfg.n_folds} folds to train, {parallel} at a time")
+        errors: dict[int, BaseException] = {}
+        with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="fold") as pool:
+            futures = {
+                k: pool.submit(run_fold, k, crops, splits, cfg, out_uri,
+                               max_failures=max_failures, keep_checkpoints=keep_checkpoints)
+                for k in pending
+            }
+            for k, fut in futures.items():
+                try:
+                    fut.result()
+                except Exception as e:  # keep the other folds going; report all failures
+                    logger.exception("fold %d failed", k)
+                    errors[k] = e
+        if errors:
+            detail = "; ".join(f"fold {k}: {type(e).__name__}: {e}" for k, e in sorted(errors.items()))
+            raise VfxError("train", f"{len(errors)} folds failed (re-run the same command to resume): {detail}")
+    return finalize(out_uri, cfg, unlabelled)
+
+
+def finalize(out_uri: str, cfg: TrainConfig, unlabelled: list[str] | None = None) -> dict[str, Any]:
+    """oof_predictions.parquet and metrics.json from the finished folds' predictions."""
+    parts = [storage.read_table(storage.join(_fold_dir(out_uri, k), "predictions.parquet")) for k in range(cfg.n_folds)]
+    oof = pa.concat_tables(parts)
+    storage.write_table(oof, storage.join(out_uri, "oof_predictions.parquet"))
+    result = metrics.summarize(oof.select(list(PREDICTION_COLUMNS)).to_pandas(), cfg.threshold)
+    done = [json.loads(storage.read_text(storage.join(_fold_dir(out_uri, k), "done.json"))) for k in range(cfg.n_folds)]
+    result["fold_runs"] = [
+        {key: d.get(key) for key in ("fold", "model_id", "epochs", "best_epoch", "best_val_loss", "resumed_from")}
+        for d in done
+    ]
+    result["unlabelled_patients_excluded"] = unlabelled or []
+    result["paper"] = {"per_slice": {"sensitivity": 0.90, "specificity": 0.79, "accuracy": 0.85},
+                       "per_patient": {"sensitivity": 0.95, "specificity": 0.80, "accuracy": 0.88}}
+    storage.write_text(storage.join(out_uri, "metrics.json"), json.dumps(result, indent=2))
+    return result
