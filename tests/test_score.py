@@ -134,3 +134,30 @@ def test_killed_run_resumes_with_one_row_per_patient(cohort, tmp_path):
     df = pd.read_parquet(f"{out}/scores.parquet")
     assert sorted(df["patient_id"]) == sorted(cohort["ann"]["patient_id"])  # exactly one row each
     assert f"{6 - parts} now, {parts} already done" in res.stdout
+
+
+@pytest.mark.slow
+def test_fold_checkpoint_reproduces_its_out_of_fold_probabilities(tmp_path, ray_session):
+    """crops -> train-cv -> score with fold 0's model.pt: the fold's test slices agree to 1e-5."""
+    from vfx_ray.config import TrainConfig
+    from vfx_ray.cv import run_train_cv
+    from vfx_ray.ingest import run_crops
+
+    root = str(tmp_path)
+    generate_cohort(root, SynthConfig(patients=12, matrix=128, seed=5), workers=1, progress=False)
+    run_crops(f"{root}/dicom", f"{root}/annotations.csv", f"{root}/crops", CFG, progress=False)
+    cfg = TrainConfig(arch="resnet18", pretrained="none", max_epochs=1, n_folds=2, augment_factor=1, batch_size=16)
+    run_train_cv(f"{root}/crops/crops.parquet", f"{root}/run", cfg)
+    out = f"{root}/scores"
+    summary = score.run_score(f"{root}/dicom", f"{root}/annotations.csv", f"{root}/run/fold_0/model.pt", out, CFG, progress=False)
+    assert summary["n_models"] == 1
+    oof = pd.read_parquet(f"{root}/run/oof_predictions.parquet")
+    fold0 = oof[oof["fold"] == 0].sort_values(["patient_id", "slice_index"])
+    scores = pd.read_parquet(f"{out}/scores.parquet").set_index("patient_id")
+    assert len(fold0) > 0
+    for pid, part in fold0.groupby("patient_id"):
+        assert scores.loc[pid, "slice_indices"].tolist() == part["slice_index"].tolist()
+        np.testing.assert_allclose(scores.loc[pid, "slice_probabilities"], part["probability"], atol=1e-5)
+    # the ensemble of both folds is a different model with its own id
+    ens = score.run_score(f"{root}/dicom", f"{root}/annotations.csv", f"{root}/run", f"{root}/scores_ens", CFG, progress=False)
+    assert ens["n_models"] == 2 and ens["model_id"] != summary["model_id"]

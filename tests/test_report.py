@@ -1,0 +1,220 @@
+"""The report: every section and figure, Table 1 statistics by hand, missing inputs, scores
+folders, s3:// runs, a real browser, and (slow) a report of a real tiny train-cv run."""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import re
+import shutil
+import subprocess
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+from scipy.stats import t as student_t
+
+from vfx_ray import score, storage
+from vfx_ray.report import (
+    SECTION_IDS,
+    cohort_table,
+    load_run,
+    net_benefit,
+    pick_examples,
+    render_report,
+    write_example_run,
+)
+from vfx_ray.report.example_run import example_slices
+
+IMG = '<img src="data:image/png;base64,'
+N_FIGURES = 4 + 4 * 2  # ROC, confusion, calibration, decision curve + 2 examples of TP/FP/TN/FN
+CHROMIUM = shutil.which("chromium")
+CONSOLE_ERRORS = re.compile(r"CONSOLE|Uncaught|Not allowed to load local resource|net::ERR_")
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory) -> tuple[str, dict]:
+    root = tmp_path_factory.mktemp("report")
+    run = write_example_run(str(root / "in"))
+    return run, render_report(run, str(root / "out"))
+
+
+def test_report_has_every_section_table_and_figure(rendered):
+    run, out = rendered
+    page = Path(out["html"]).read_text()
+    for sid in SECTION_IDS:
+        assert f'<section id="{sid}">' in page, sid
+    assert page.count(IMG) == N_FIGURES == len(out["figures"])
+    for b64 in re.findall(r'data:image/png;base64,([A-Za-z0-9+/=]+)"', page):
+        assert base64.b64decode(b64).startswith(b"\x89PNG\r\n\x1a\n")
+    # self-contained: nothing fetched from anywhere, no scripts
+    assert not re.search(r'<script|<link|src="(?!data:)|url\(', page)
+    assert out["notes"] == []
+    # the paper's figures beside ours, numbers as in metrics.json
+    m = json.loads(storage.read_text(storage.join(run, "metrics.json")))
+    pooled = m["pooled"]["per_patient"]
+    assert f"{pooled['sensitivity']:.3f} ({pooled['tp']}/{pooled['n_malignant']})" in page
+    assert f"{pooled['auc']:.3f} ({pooled['auc_ci_low']:.3f}–{pooled['auc_ci_high']:.3f})" in page
+    assert "<td>0.95</td>" in page and "<td>0.79</td>" in page  # paper per patient sens., per slice spec.
+    for fold in range(3):
+        assert f"<td>{fold}</td>" in page
+    assert "Bone destruction" in page and "Paravertebral soft tissue mass" in page
+    for outcome in ("TP", "FP", "TN", "FN"):
+        assert page.count(f'id="fig-slices_{outcome}_') == 2
+    md = Path(out["markdown"]).read_text()
+    links = re.findall(r"!\[[^]]*\]\((figures/[^)]+\.png)\)", md)
+    assert len(links) == N_FIGURES and all((Path(out["markdown"]).parent / link).is_file() for link in links)
+    for sid in SECTION_IDS:
+        assert f'<a id="{sid}"></a>' in md
+    assert "| Per patient | Sensitivity | 0.95 |" in md
+
+
+def test_examples_are_the_most_confident_of_each_outcome(rendered):
+    run = load_run(rendered[0])
+    patients = run.patients.set_index("patient_id")
+    picked = pick_examples(run, per_outcome=2)
+    fn = patients[(patients.label == 1) & (patients.probability < 0.5)].probability
+    assert picked["FN"] == fn.sort_values().index[:2].tolist()
+    assert [patients.probability[p] for p in picked["TP"]] == sorted(
+        patients[(patients.label == 1) & (patients.probability >= 0.5)].probability, reverse=True)[:2]
+
+
+def test_table1_p_values_equal_a_hand_computation():
+    # 4 malignant (3 with the feature, 3 male), 4 benign (1 with it, 1 male): the 2×2 table
+    # [[3, 1], [1, 3]] gives χ² = n(ad − bc)² / (row and column sums) = 8·64/256 = 2 with
+    # 1 df, so p = P(χ²₁ > 2) = erfc(√(2/2)) = erfc(1).
+    cohort = pd.DataFrame({
+        "label": [1, 1, 1, 1, 0, 0, 0, 0],
+        "compression": [1, 1, 1, 0, 1, 0, 0, 0],
+        "bone_destruction": [0] * 8,  # absent everywhere: χ² undefined
+        "sex": ["M", "male", "M", "F", "M", "F", "female", "F"],
+        "age": [50, 60, 55, 45, 70, 80, 75, 65],
+    })
+    table = cohort_table(cohort).set_index("Parameter")
+    assert table.loc["Vertebral compression", "p"] == pytest.approx(math.erfc(1.0), rel=1e-12)
+    assert table.loc["Vertebral compression", "Malignant (N = 4)"] == "3 (75.0%)"
+    assert table.loc["Gender (male/female)", "p"] == pytest.approx(math.erfc(1.0), rel=1e-12)
+    assert table.loc["Gender (male/female)", "Benign (N = 4)"] == "1/3"
+    assert table.loc["Bone destruction", "p value"] == "n/a"
+    # Welch: t = (52.5 − 72.5) / √(s₁²/4 + s₂²/4), s² = 41.67 for both; df by Welch–Satterthwaite = 6
+    s2 = np.var([50, 60, 55, 45], ddof=1)
+    t_stat = (52.5 - 72.5) / math.sqrt(2 * s2 / 4)
+    assert table.loc["Age (years)", "p"] == pytest.approx(2 * student_t.sf(abs(t_stat), 6), rel=1e-9)
+    assert table.loc["Age (years)", "Malignant (N = 4)"] == "52.5 ± 6.5"
+    # the same tests on the paper's published counts give the paper's published p values
+    assert table["Paper p"].to_dict() == {
+        "Age (years)": "0.001", "Gender (male/female)": "< 0.001", "Vertebral compression": "< 0.001",
+        "Bone destruction": "< 0.001"}
+    assert cohort_table(cohort.drop(columns=["compression", "bone_destruction", "sex", "age"])) is None
+
+
+def test_net_benefit_matches_its_definition():
+    y, p = np.array([1, 1, 0, 0, 1]), np.array([0.9, 0.4, 0.6, 0.1, 0.7])
+    nb = net_benefit(y, p, np.array([0.5, 0.2]))
+    assert nb[0] == pytest.approx(2 / 5 - 1 / 5 * 1.0)  # TP 0.9, 0.7; FP 0.6
+    assert nb[1] == pytest.approx(3 / 5 - 1 / 5 * 0.25)
+
+
+def test_missing_crops_and_annotations_are_said_not_fatal(tmp_path):
+    run = write_example_run(str(tmp_path / "in"), n_patients=24, crops=False)
+    out = render_report(run, str(tmp_path / "out"))
+    page = Path(out["html"]).read_text()
+    assert page.count(IMG) == N_FIGURES  # the Fig. 3 plots are drawn without their crops
+    assert any("Crops are not shown" in n and "crops.parquet" in n for n in out["notes"])
+    assert any("No annotations known" in n for n in out["notes"])
+    assert "Crops are not shown" in page and "No annotations known" in page
+    again = render_report(run, str(tmp_path / "out2"), annotations_uri=str(tmp_path / "in" / "annotations.csv"))
+    assert "Bone cortex interruption" in Path(again["html"]).read_text()
+    assert not any("annotations" in n.lower() for n in again["notes"])
+
+
+def test_scores_folder_with_labels(tmp_path):
+    oof, _ = example_slices(n_patients=20, seed=3)
+    classes = ("benign", "malignant")
+    model = {"model_id": "abc123", "n_models": 3}
+    rows = [score.patient_row(pid, [{**r, "series_instance_uid": "1.2.3", "vertebra": "L1"} for r in g.to_dict("records")],
+                              model, 0.5, classes) for pid, g in oof.groupby("patient_id")]
+    rows[0]["label"] = None  # an unlabelled patient is scored but not evaluated
+    table = pa.Table.from_pylist(rows, schema=score.scores_schema())
+    folder = str(tmp_path / "scores")
+    storage.write_table(table, storage.join(folder, "scores.parquet"),
+                        metadata={"vfx_ray.config": json.dumps({"threshold": 0.5, "classes": list(classes)})})
+    labelled = table.filter(pc.is_valid(table["label"]))
+    storage.write_text(storage.join(folder, "metrics.json"), json.dumps(score.label_metrics(labelled, 0.5, classes)))
+    run = load_run(folder)
+    assert run.kind == "scores" and run.folds == [] and run.patients["patient_id"].nunique() == 19
+    out = render_report(folder, str(tmp_path / "out"))
+    page = Path(out["html"]).read_text()
+    for sid in SECTION_IDS:
+        assert f'<section id="{sid}">' in page
+    assert page.count(IMG) == len(out["figures"]) >= 4 + 4
+    assert "fold mean" not in page and any("no label" in n for n in out["notes"])
+
+
+def test_report_of_a_run_on_s3(objectstore_server, tmp_path):
+    root = f"s3://test/report-{uuid.uuid4().hex[:8]}"
+    run = write_example_run(root, n_patients=24)
+    out = render_report(run, str(tmp_path / "out"))
+    assert out["notes"] == []  # crops (filtered Parquet read), manifest and annotations all from S3
+    page = Path(out["html"]).read_text()
+    assert page.count(IMG) == N_FIGURES and f"{root}/crops/crops.parquet" in page
+
+
+def _chromium(tmp_path: Path, url: str, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0", *extra, url],
+        capture_output=True, text=True, timeout=120, check=False)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (Debian: apt-get install -y chromium)")
+def test_a_real_browser_opens_the_page_without_errors(rendered, tmp_path):
+    url = Path(rendered[1]["html"]).as_uri()
+    dom = _chromium(tmp_path, url, "--dump-dom")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert not CONSOLE_ERRORS.search(dom.stderr), CONSOLE_ERRORS.search(dom.stderr)
+    for sid in SECTION_IDS:
+        assert f'<section id="{sid}">' in dom.stdout
+    assert dom.stdout.count(IMG) == N_FIGURES
+    shot = tmp_path / "page.png"
+    res = _chromium(tmp_path, url, "--hide-scrollbars", "--window-size=1200,3000", f"--screenshot={shot}")
+    assert res.returncode == 0 and shot.stat().st_size > 50_000  # text, tables and the first figures drawn
+    # the console check can fail: a page with a script error is caught
+    bad = tmp_path / "bad.html"
+    bad.write_text("<!DOCTYPE html><html><body><script>not_defined_anywhere();</script></body></html>")
+    assert CONSOLE_ERRORS.search(_chromium(tmp_path, bad.as_uri(), "--dump-dom").stderr)
+
+
+@pytest.mark.slow
+def test_report_of_a_real_tiny_train_cv_run(ray_session, tmp_path):
+    import pyarrow.parquet as pq
+    from crops_fixture import make_crops
+
+    from vfx_ray import cv
+    from vfx_ray.config import TrainConfig
+
+    crops_dir = tmp_path / "crops"
+    crops_dir.mkdir()
+    crops = make_crops(n_patients=16, slices=3, size=64)
+    pq.write_table(crops, crops_dir / "crops.parquet")
+    labels = pd.DataFrame({"patient_id": crops["patient_id"].to_pylist(), "label": crops["label"].to_pylist()}).drop_duplicates()
+    ann = labels.assign(label=labels["label"].map({0: "benign", 1: "malignant"}), age=np.arange(len(labels)) + 50,
+                        sex=["M", "F"] * (len(labels) // 2), soft_tissue_mass=labels["label"], bone_destruction=labels["label"])
+    ann.to_csv(tmp_path / "annotations.csv", index=False)
+    (crops_dir / "manifest.json").write_text(json.dumps({"annotations": str(tmp_path / "annotations.csv")}))
+    cfg = TrainConfig(arch="resnet18", pretrained="none", n_folds=2, max_epochs=1, augment_factor=1, batch_size=16)
+    run = str(tmp_path / "run")
+    cv.run_train_cv(str(crops_dir / "crops.parquet"), run, cfg)
+    out = render_report(run, str(tmp_path / "out"))
+    page = Path(out["html"]).read_text()
+    for sid in SECTION_IDS:
+        assert f'<section id="{sid}">' in page
+    assert page.count(IMG) == len(out["figures"]) >= 4 + 1
+    assert not any("Crops are not shown" in n or "annotations" in n.lower() for n in out["notes"])
+    assert "Paravertebral soft tissue mass" in page

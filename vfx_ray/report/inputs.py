@@ -1,0 +1,185 @@
+"""What a report is made of: a run's slice predictions and metrics, its crops and annotations.
+
+Two kinds of run folder are understood (local path or s3://, always read through
+:mod:`vfx_ray.storage`): a train-cv run (``oof_predictions.parquet`` + ``metrics.json``, see
+:mod:`vfx_ray.cv`) and a scores folder (``scores.parquet``, see :mod:`vfx_ray.score`) whose
+patients carry labels. Both become one table of slice predictions with integer labels, so
+every table and figure is drawn the same way. Missing crops or annotations are noted for the
+report, never fatal: they only decorate the results.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import posixpath
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from vfx_ray import contracts, metrics, storage
+from vfx_ray.annotations import DEFAULT_CLASSES
+from vfx_ray.errors import VfxError
+
+# Li et al. 2021, Results; train-cv runs carry the same figures in metrics.json["paper"].
+PAPER = {
+    "per_slice": {"sensitivity": 0.90, "specificity": 0.79, "accuracy": 0.85},
+    "per_patient": {"sensitivity": 0.95, "specificity": 0.80, "accuracy": 0.88},
+}
+TRAIN_CV, SCORES = "train-cv", "scores"
+
+
+@dataclass
+class RunData:
+    """A run's predictions in one shape: one row per slice, label 1 = malignant."""
+
+    uri: str
+    kind: str  # train-cv | scores
+    slices: pd.DataFrame  # patient_id, fold (train-cv only), slice_index, probability, label
+    metrics: dict[str, Any]  # {"pooled": level_metrics, "folds": [...], "fold_mean": ... | None}
+    paper: dict[str, Any]
+    threshold: float
+    classes: tuple[str, str]
+    config: dict[str, Any]
+    crops_uri: str | None = None
+    annotations_uri: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def patients(self) -> pd.DataFrame:
+        """One row per patient: probability = max over slices (the paper's rule)."""
+        return metrics.per_patient(self.slices)
+
+    @property
+    def folds(self) -> list[int]:
+        return sorted(int(k) for k in self.slices["fold"].unique()) if "fold" in self.slices else []
+
+
+def parent(uri: str) -> str:
+    """The folder holding ``uri`` (posix for s3://, the OS's rules locally)."""
+    if storage.is_s3(uri):
+        return storage.S3_PREFIX + posixpath.dirname(uri[len(storage.S3_PREFIX):].rstrip("/"))
+    return os.path.dirname(os.path.abspath(uri))
+
+
+def _json(uri: str) -> dict[str, Any] | None:
+    return json.loads(storage.read_text(uri)) if storage.exists(uri) else None
+
+
+def run_kind(run_uri: str) -> str:
+    """``train-cv`` or ``scores``, from the files in the folder; a clear error otherwise."""
+    if storage.exists(storage.join(run_uri, "oof_predictions.parquet")):
+        return TRAIN_CV
+    if storage.exists(storage.join(run_uri, "scores.parquet")):
+        return SCORES
+    if storage.exists(storage.join(run_uri, "config.json")):
+        raise VfxError("report", f"{run_uri} is a train-cv run without oof_predictions.parquet: "
+                       "it has not finished; re-run the same train-cv command to complete it")
+    raise VfxError("report", f"{run_uri} holds neither oof_predictions.parquet (a train-cv run) "
+                   "nor scores.parquet (a scores folder); give one of those folders")
+
+
+def _load_train_cv(run_uri: str) -> RunData:
+    cols = ["patient_id", "fold", "slice_index", "probability", "label"]
+    slices = storage.read_table(storage.join(run_uri, "oof_predictions.parquet")).select(cols).to_pandas()
+    config = _json(storage.join(run_uri, "config.json")) or {}
+    found = _json(storage.join(run_uri, "metrics.json"))
+    threshold = float((found or {}).get("threshold", config.get("train", {}).get("threshold", 0.5)))
+    slices = slices.astype({"label": int, "fold": int})
+    summary = found if found is not None else metrics.summarize(slices, threshold)
+    notes = [] if found is not None else ["metrics.json is missing: metrics were computed from oof_predictions.parquet."]
+    return RunData(run_uri, TRAIN_CV, slices, summary, summary.get("paper") or PAPER, threshold,
+                   DEFAULT_CLASSES, config, crops_uri=config.get("crops_uri"), notes=notes)
+
+
+def _load_scores(run_uri: str) -> RunData:
+    table = storage.read_table(storage.join(run_uri, "scores.parquet"))
+    meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+    config = json.loads(meta.get("vfx_ray.config", "{}"))
+    classes = tuple(config.get("classes") or DEFAULT_CLASSES)
+    labelled = table.filter(pc.is_valid(table["label"]))
+    if labelled.num_rows == 0:
+        raise VfxError("report", f"{run_uri}/scores.parquet has no labelled patients: the report "
+                       "compares predictions with labels; score annotations that carry a label")
+    rows = []
+    for pid, label, idx, probs in zip(*(labelled[c].to_pylist() for c in
+                                        ("patient_id", "label", "slice_indices", "slice_probabilities")), strict=True):
+        if label not in classes:
+            raise VfxError("report", f"patient {pid} has label {label!r}, not one of {classes}")
+        rows += [{"patient_id": pid, "slice_index": int(i), "probability": float(p),
+                  "label": classes.index(label)} for i, p in zip(idx, probs, strict=True)]
+    slices = pd.DataFrame(rows, columns=["patient_id", "slice_index", "probability", "label"])
+    threshold = float(config.get("threshold", labelled["threshold"][0].as_py() if "threshold" in labelled.column_names else 0.5))
+    found = _json(storage.join(run_uri, "metrics.json"))
+    pooled = {k: found[k] for k in ("per_slice", "per_patient")} if found else metrics.level_metrics(slices, threshold)
+    notes = []
+    if labelled.num_rows < table.num_rows:
+        notes.append(f"{table.num_rows - labelled.num_rows} scored patients have no label and are left out.")
+    return RunData(run_uri, SCORES, slices, {"pooled": pooled, "folds": [], "fold_mean": None}, PAPER,
+                   threshold, classes, config, notes=notes)
+
+
+def resolve_crops_file(crops_uri: str) -> str:
+    """A crops Parquet file from a file URI or a crops job's output folder."""
+    if crops_uri.endswith(".parquet"):
+        return crops_uri
+    inside = storage.join(crops_uri, "crops.parquet")
+    return inside if storage.exists(inside) else crops_uri
+
+
+def annotations_from_crops(crops_uri: str) -> str | None:
+    """The annotations URI recorded in the crops job's manifest.json, if there is one."""
+    folder = crops_uri if not crops_uri.endswith(".parquet") else parent(crops_uri)
+    manifest = _json(storage.join(folder, "manifest.json"))
+    return (manifest or {}).get("annotations") or None
+
+
+def load_run(run_uri: str, crops_uri: str | None = None, annotations_uri: str | None = None) -> RunData:
+    """A train-cv run or a labelled scores folder, with where its crops and annotations are.
+
+    ``crops_uri`` / ``annotations_uri`` override what the run records (config.json's
+    ``crops_uri``, then the crops job's manifest.json ``annotations``).
+    """
+    run = _load_train_cv(run_uri) if run_kind(run_uri) == TRAIN_CV else _load_scores(run_uri)
+    run.crops_uri = crops_uri or run.crops_uri
+    if annotations_uri:
+        run.annotations_uri = annotations_uri
+    elif run.crops_uri:
+        try:
+            run.annotations_uri = annotations_from_crops(run.crops_uri)
+        except (OSError, ValueError) as exc:
+            run.notes.append(f"Cannot read the crops job's manifest.json: {exc}")
+    return run
+
+
+def read_crops(crops_uri: str, patient_ids: list[str]) -> dict[tuple[str, int], np.ndarray]:
+    """(patient_id, slice_index) -> middle channel (64x64) of the crop, only for the patients asked.
+
+    Reads just those rows (a Parquet filter), so a large crops dataset costs little.
+    """
+    fs, path = storage.filesystem(resolve_crops_file(crops_uri))
+    table = pq.read_table(path, filesystem=fs, columns=["patient_id", "slice_index", "image"],
+                          filters=[("patient_id", "in", list(patient_ids))])
+    if table.num_rows == 0:
+        return {}
+    images = contracts.images_from_arrow(table["image"])
+    middle = images.shape[1] // 2  # channel 1 of 3: the slice itself, between its neighbours
+    keys = zip(table["patient_id"].to_pylist(), table["slice_index"].to_pylist(), strict=True)
+    return {(pid, int(k)): images[i, middle] for i, (pid, k) in enumerate(keys)}
+
+
+def read_annotations(uri: str) -> pd.DataFrame:
+    """Annotations (CSV or Parquet) as they are: the report needs only some optional columns."""
+    data = storage.read_bytes(uri)
+    if uri.endswith(".parquet"):
+        frame = pd.read_parquet(io.BytesIO(data))
+    else:
+        frame = pd.read_csv(io.BytesIO(data), dtype={"patient_id": str, "label": str, "sex": str})
+    if "patient_id" not in frame.columns:
+        raise VfxError("report", f"{uri} has no patient_id column")
+    return frame.assign(patient_id=frame["patient_id"].astype(str))
