@@ -1,0 +1,100 @@
+"""Real Ray clusters for tests: `ray start --head` plus worker nodes on this machine.
+
+Each node runs `ray start --block` in its own process session and temp dir, with token
+authentication on (RAY_AUTH_MODE=token and a random RAY_AUTH_TOKEN, so nothing depends on
+~/.ray). Nodes are stopped by terminating those processes — never `ray stop`, which would
+end every Ray instance on the machine.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Cluster:
+    gcs_address: str
+    dashboard: str
+    env: dict[str, str]
+    procs: list[subprocess.Popen] = field(default_factory=list)
+    temp_dirs: list[str] = field(default_factory=list)
+
+    def ray(self, *args: str, **kwargs) -> subprocess.CompletedProcess:
+        return subprocess.run([str(BIN / "ray"), *args], env=self.env, capture_output=True, text=True, **kwargs)
+
+
+def _node(args: list[str], env: dict, log: Path, temp_dir: str) -> subprocess.Popen:
+    cmd = [str(BIN / "ray"), "start", "--block", f"--temp-dir={temp_dir}", "--disable-usage-stats", *args]
+    return subprocess.Popen(cmd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+@contextmanager
+def local_cluster(log_dir: Path, head_cpus: int = 2, worker_cpus: list[int] | None = None, timeout: float = 120):
+    """A head node with the dashboard, plus one worker node per entry of ``worker_cpus``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(PATH=f"{BIN}{os.pathsep}{env['PATH']}", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+    port, dash = free_port(), free_port()
+    cluster = Cluster(gcs_address=f"127.0.0.1:{port}", dashboard=f"http://127.0.0.1:{dash}", env=env)
+    try:
+        head_tmp = tempfile.mkdtemp(prefix="vrh", dir="/tmp")  # short: Ray's socket paths live in it
+        cluster.temp_dirs.append(head_tmp)
+        cluster.procs.append(_node(
+            ["--head", f"--port={port}", f"--num-cpus={head_cpus}", "--include-dashboard=true",
+             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--ray-client-server-port={free_port()}",
+             f"--dashboard-agent-listen-port={free_port()}"],
+            env, log_dir / "head.log", head_tmp))  # fmt: skip
+        deadline = time.time() + timeout
+        while cluster.ray("job", "list", "--address", cluster.dashboard).returncode != 0:
+            assert time.time() < deadline and cluster.procs[0].poll() is None, (log_dir / "head.log").read_text()[-3000:]
+            time.sleep(2)
+        for i, cpus in enumerate(worker_cpus or []):
+            # each node of a cluster shares the head's session dir; the worker gets its own ports
+            cluster.procs.append(_node(
+                [f"--address={cluster.gcs_address}", f"--num-cpus={cpus}",
+                 f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}"],
+                env, log_dir / f"worker{i}.log", head_tmp))  # fmt: skip
+        expected = 1 + len(worker_cpus or [])
+        while alive_nodes(cluster) < expected:
+            assert time.time() < deadline, f"only {alive_nodes(cluster)} of {expected} nodes came up"
+            time.sleep(2)
+        yield cluster
+    finally:
+        for p in reversed(cluster.procs):
+            p.terminate()
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+        for d in cluster.temp_dirs:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def alive_nodes(cluster: Cluster) -> int:
+    res = cluster.ray("list", "nodes", "--address", cluster.gcs_address, "--filter", "state=ALIVE", "--format", "json")
+    if res.returncode != 0:
+        return 0
+    import json
+
+    try:
+        return len(json.loads(res.stdout))
+    except json.JSONDecodeError:
+        return 0
