@@ -85,6 +85,8 @@ def test_store_stops_cleanly_in_process(tmp_path):
 
     store = objectstore.start(tmp_path / "root")
     assert store.running()
+    with open(f"/proc/{store.pid}/cmdline", "rb") as f:
+        assert store.secret_key.encode() not in f.read()  # `ps` shows every user the command line
     store.stop()
     assert not store.running()
 

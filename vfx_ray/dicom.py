@@ -10,21 +10,28 @@ parts of the DICOM Standard.
 from __future__ import annotations
 
 import io
-import struct
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from pydicom import Dataset
-from pydicom.errors import InvalidDicomError
-from pydicom.filereader import read_partial
 from pydicom.pixels import apply_rescale, iter_pixels
 from pydicom.uid import UID
 
 from vfx_ray.config import CropConfig
+from vfx_ray.dicom_limits import (
+    MIN_SPACING_MM,
+    bad_values,
+    check_codestreams,
+    is_decoder_failure,
+    items,
+    parse,
+    vector,
+)
+from vfx_ray.dicom_limits import PIXEL_DATA_TAGS as PIXEL_DATA_TAGS  # re-exported
+from vfx_ray.dicom_limits import error as _error
 from vfx_ray.errors import VfxError
 
-PIXEL_DATA_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})  # Pixel, Float, Double Float
 AIR_HU = -1000.0
 MAX_MATRIX = 4096  # rows or columns above this are refused before decoding (decompression bombs)
 MAX_VOXELS = 600_000_000  # per series: 2.4 GB as float32
@@ -39,7 +46,6 @@ _PLACE = {  # frame attribute: (Enhanced functional group sequence, keyword), PS
     "slope": ("PixelValueTransformationSequence", "RescaleSlope"),
     "intercept": ("PixelValueTransformationSequence", "RescaleIntercept"),
 }
-_SEQ_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"  # (FFFE,E0DD), length 0: PS3.5 7.5.2
 _TEXT_FIELDS = {  # header record field: DICOM keyword
     "patient_id": "PatientID", "study_instance_uid": "StudyInstanceUID",
     "series_instance_uid": "SeriesInstanceUID", "sop_instance_uid": "SOPInstanceUID",
@@ -83,55 +89,6 @@ class _Frame:
     intercept: float
 
 
-def _error(stage: str, error_type: str, message: str, key: str | None = None,
-           uid: str | None = None) -> VfxError:
-    return VfxError(stage, message, object_key=key, series_instance_uid=uid, error_type=error_type)
-
-
-def _parse(data: bytes, key: str, stage: str, max_file_bytes: int,
-           object_size: int | None = None) -> tuple[Dataset, bool]:
-    """(dataset up to Pixel Data, has_pixel_data); ``data`` may be a prefix of ``object_size``.
-
-    The header ends where (7FE0,0010) starts (PS3.5 7.1), so a prefix reaching it is enough.
-    """
-    size = len(data) if object_size is None else object_size
-    if size > max_file_bytes:
-        raise _error(stage, "FileTooLarge", f"{key}: {size} bytes, above the {max_file_bytes}-byte "
-                     "limit; raise CropConfig.max_file_bytes if it is a genuine CT object", key)
-    seen: list[tuple[str | None, int]] = []
-
-    def stop(tag: int, vr: str | None, length: int) -> bool:
-        if tag in PIXEL_DATA_TAGS:
-            seen.append((vr, length))
-        return tag in PIXEL_DATA_TAGS
-
-    fp = io.BytesIO(data)
-    try:
-        ds = read_partial(fp, stop_when=stop)
-    except (InvalidDicomError, EOFError, struct.error, ValueError, TypeError, KeyError) as exc:
-        raise _error(stage, "NotDicom", f"{key}: not a readable DICOM Part 10 file ({exc}); check "
-                     "the object is DICOM and complete", key) from exc
-    if not seen:
-        if size > len(data):
-            raise _error(stage, "HeaderBeyondPrefix", f"{key}: the header continues past the "
-                         f"first {len(data)} bytes; read the whole object", key)
-        for tag in ds.keys():  # without pixel data, a cut inside the header must be found here
-            elem = ds.get_item(tag)
-            tell, length = getattr(elem, "value_tell", None), getattr(elem, "length", 0)
-            if tell is not None and length != 0xFFFFFFFF and tell + length > size:
-                raise _error(stage, "Truncated", f"{key}: element {tag} runs past the end of the "
-                             f"file ({size} bytes); the file is truncated, copy it again", key)
-        return ds, False
-    vr, length = seen[0]
-    start = fp.tell() + (8 if vr is None else 12)  # implicit: tag+length; explicit OB/OW: 12
-    complete = (start + length <= size) if length != 0xFFFFFFFF else (
-        size > len(data) or data.rfind(_SEQ_DELIMITER, start) != -1)
-    if not complete:
-        raise _error(stage, "Truncated", f"{key}: the pixel data is cut short (file truncated at "
-                     f"{size} bytes); copy the object again", key)
-    return ds, True
-
-
 def _floats(value: Any) -> list[float] | None:
     return None if value is None else [float(v) for v in value]
 
@@ -155,12 +112,11 @@ def _attr(ds: Dataset, name: str, frame: int = 0) -> Any:
     sequence, attr = _PLACE[name]
     if not _is_enhanced(ds):
         return ds.get(attr)
-    groups = [*ds.get("PerFrameFunctionalGroupsSequence", [])[frame:frame + 1],
-              *ds.get("SharedFunctionalGroupsSequence", [])[:1]]
+    groups = [*items(ds, "PerFrameFunctionalGroupsSequence")[frame:frame + 1],
+              *items(ds, "SharedFunctionalGroupsSequence")[:1]]
     for group in groups:
-        items = group.get(sequence)
-        if items and attr in items[0]:
-            return items[0].get(attr)
+        if (found := items(group, sequence)) and attr in found[0]:
+            return found[0].get(attr)
     return None
 
 
@@ -171,7 +127,13 @@ def read_header(data: bytes, object_key: str, *, object_size: int | None = None,
     ``data`` is the whole object or its first bytes (``object_size`` = the full size, see
     :data:`HEADER_PREFIX_BYTES`); a prefix ending inside the header raises HeaderBeyondPrefix.
     """
-    ds, has_pixels = _parse(data, object_key, "header", max_file_bytes, object_size)
+    ds, has_pixels, _ = parse(data, object_key, "header", max_file_bytes, object_size)
+    with bad_values("header", object_key):
+        return _header_record(ds, has_pixels, object_key,
+                              len(data) if object_size is None else object_size)
+
+
+def _header_record(ds: Dataset, has_pixels: bool, object_key: str, size: int) -> dict[str, Any]:
     missing = [n for n in ("SeriesInstanceUID", "SOPInstanceUID") if not ds.get(n)]
     if missing:
         raise _error("header", "MissingTag", f"{object_key}: required tag(s) {', '.join(missing)} "
@@ -179,7 +141,7 @@ def read_header(data: bytes, object_key: str, *, object_size: int | None = None,
     ts = getattr(ds, "file_meta", Dataset()).get("TransferSyntaxUID")
     return {
         "object_key": object_key,
-        "size": len(data) if object_size is None else object_size,
+        "size": size,
         **{name: _text(ds.get(tag)) for name, tag in _TEXT_FIELDS.items()},
         "transfer_syntax_uid": str(ts) if ts else None,
         "rows": int(ds.Rows) if "Rows" in ds else None,
@@ -232,6 +194,9 @@ def _frames(ds: Dataset, key: str, has_pixels: bool, file_index: int, budget: in
         raise _error("decode", "NotGrayscale", f"{key}: {ds.SamplesPerPixel} samples per pixel; "
                      "CT must be grayscale (derived colour images are not supported)", key)
     rows, cols, n = int(ds.Rows), int(ds.Columns), int(ds.get("NumberOfFrames") or 1)
+    if min(rows, cols, n) < 1:
+        raise _error("decode", "BadValue", f"{key}: declares {n} frame(s) of {rows}x{cols}; the "
+                     "header is corrupt", key)
     if max(rows, cols) > MAX_MATRIX or rows * cols * n > budget:
         raise _error("decode", "TooManyVoxels", f"{key}: declares {n} frame(s) of {rows}x{cols}, "
                      f"beyond {MAX_MATRIX} per side or load_volume's max_voxels per series", key)
@@ -242,9 +207,11 @@ def _frames(ds: Dataset, key: str, has_pixels: bool, file_index: int, budget: in
         if pos is None or iop is None or sp is None:
             raise _error("decode", "MissingTag", f"{key}: frame {f} lacks ImagePositionPatient, "
                          "ImageOrientationPatient or PixelSpacing; it cannot be placed", key)
-        frames.append(_Frame(key, file_index, f, np.asarray(_floats(pos)), np.asarray(_floats(iop)),
-                             (float(sp[0]), float(sp[1])), (rows, cols), _float(slope, 1.0),
-                             _float(icpt, 0.0)))
+        rescale = vector([_float(slope, 1.0), _float(icpt, 0.0)], 2, "rescale", key)
+        frames.append(_Frame(key, file_index, f, vector(pos, 3, "ImagePositionPatient", key),
+                             vector(iop, 6, "ImageOrientationPatient", key),
+                             tuple(vector(sp, 2, "PixelSpacing", key, MIN_SPACING_MM)),
+                             (rows, cols), *rescale))
     return frames
 
 
@@ -337,13 +304,18 @@ def _decode_file(data: bytes, ds: Dataset, frames: list[_Frame], slots: dict[int
     key = frames[slots[0]].key
     count = 0
     try:
+        check_codestreams(data, ds, key, len(slots))
         for count, stored in enumerate(iter_pixels(io.BytesIO(data)), start=1):
             if stored.shape != (frame := frames[slots[count - 1]]).shape:
                 raise ValueError(f"decoded shape {stored.shape} != (Rows, Columns) {frame.shape}")
             out[slots[count - 1]] = _hu_frame(stored, ds, frame)
         if count != len(slots):
             raise ValueError(f"{count} frames decoded, {len(slots)} declared")
-    except Exception as exc:  # pydicom raises several types for missing plugins / bad streams
+    except VfxError:
+        raise
+    except BaseException as exc:  # pydicom raises many types; Rust decoders panic
+        if not is_decoder_failure(exc):
+            raise
         name = UID(str(getattr(ds, "file_meta", Dataset()).get("TransferSyntaxUID", "?"))).name
         raise _error("decode", "DecodeFailed", f"{key}: cannot decode pixel data ({name}): {exc}. "
                      "Check the file and the pylibjpeg-*/pyjpegls plugins", key) from exc
@@ -359,9 +331,12 @@ def load_volume(files: list[tuple[str, bytes]], cfg: CropConfig | None = None, *
     cfg = cfg or CropConfig()
     if not files:
         raise _error("decode", "EmptySeries", "no files given for the series")
-    parsed = [_parse(data, key, "decode", cfg.max_file_bytes) for key, data in files]
-    uids = sorted({_text(ds.get("SeriesInstanceUID")) for ds, _ in parsed})
-    patient = _text(parsed[0][0].get("PatientID"))
+    parsed = [parse(data, key, "decode", cfg.max_file_bytes) for key, data in files]
+    ids = []
+    for (key, _), (ds, _, _) in zip(files, parsed, strict=True):
+        with bad_values("decode", key):
+            ids.append((_text(ds.get("SeriesInstanceUID")), _text(ds.get("PatientID"))))
+    uids, patient = sorted({uid for uid, _ in ids}), ids[0][1]
     try:
         if len(uids) > 1:
             raise _error("geometry", "MixedSeries", f"files of {len(uids)} series were given "
@@ -373,21 +348,28 @@ def load_volume(files: list[tuple[str, bytes]], cfg: CropConfig | None = None, *
         raise
 
 
-def _assemble(files: list[tuple[str, bytes]], parsed: list[tuple[Dataset, bool]],
+def _assemble(files: list[tuple[str, bytes]], parsed: list[tuple[Dataset, bool, bytes]],
               cfg: CropConfig, max_voxels: int, uid: str, patient: str) -> Volume:
-    """Check every object, sort and check the slices, then decode into one HU array."""
+    """Check every object's header and declared size, then place and decode its frames."""
     frames: list[_Frame] = []
-    for i, ((key, _), (ds, has_pixels)) in enumerate(zip(files, parsed, strict=True)):
+    for i, ((key, _), (ds, has_pixels, _)) in enumerate(zip(files, parsed, strict=True)):
         used = sum(f.shape[0] * f.shape[1] for f in frames[-1:]) * len(frames)  # one matrix
-        frames += _frames(ds, key, has_pixels, i, max_voxels - used)
+        with bad_values("decode", key):
+            frames += _frames(ds, key, has_pixels, i, max_voxels - used)
+    with bad_values("geometry", uid=uid):  # backstop: values were checked by _frames
+        return _place(parsed, frames, cfg, uid, patient)
+
+
+def _place(parsed: list[tuple[Dataset, bool, bytes]], frames: list[_Frame], cfg: CropConfig, uid: str, patient: str) -> Volume:
+    """Sort and check the slices, then decode every object into one HU array."""
     frames, t, step = _slice_order(frames, cfg, uid)
     axes = _axes(frames[0].orientation, uid)
     hu = np.empty((len(frames), *frames[0].shape), np.float32)
-    slots: list[dict[int, int]] = [{} for _ in files]  # object -> its frame number -> slice
+    slots: list[dict[int, int]] = [{} for _ in parsed]  # object -> its frame number -> slice
     for k, f in enumerate(frames):
         slots[f.file_index][f.frame_index] = k
-    for i, (_, data) in enumerate(files):
-        _decode_file(data, parsed[i][0], frames, slots[i], hu)
+    for i, (ds, _, data) in enumerate(parsed):
+        _decode_file(data, ds, frames, slots[i], hu)
     median = float(np.median(np.diff(t)))
     regular = (t[-1] - t[0]) / round((t[-1] - t[0]) / median)  # nearest step tiling the extent
     if np.abs(np.diff(t) - regular).max() > 0.01 * regular:

@@ -142,8 +142,6 @@ def start(
         root,
         "--addr",
         f"127.0.0.1:{store.port}",
-        "--auth-key",
-        f"{store.access_key},{store.secret_key}",
         "--force-path-style=true",
         "--vfs-cache-mode",
         "off",
@@ -151,8 +149,12 @@ def start(
         "/dev/null",
     ]
     log = open(log_file, "ab") if log_file else subprocess.DEVNULL  # noqa: SIM115
+    # the key pair goes in through the environment: a command line is readable by any local user
+    # (rclone parses the variable as CSV: the pair is quoted to stay one value)
+    env = {**os.environ, "RCLONE_AUTH_KEY": f'"{store.access_key},{store.secret_key}"'}
     proc = subprocess.Popen(
         cmd,
+        env=env,
         stdout=log,
         stderr=log,
         stdin=subprocess.DEVNULL,

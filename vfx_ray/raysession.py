@@ -6,14 +6,13 @@ import os
 
 import ray
 
-# Variables the Ray workers need to reach the object store. Local workers inherit the
-# driver's environment; they are passed explicitly so a remote cluster's workers get them too.
+# Where the object store is, for the workers of an existing cluster (local workers inherit
+# the driver's environment). Never credentials: Ray writes a job's runtime_env in plain text
+# to its logs and shows it in the dashboard. Workers take credentials from their own
+# environment (instance profile, or the variables `ray start` was given).
 FORWARDED_ENV = (
     "AWS_ENDPOINT_URL",
     "AWS_ENDPOINT_URL_S3",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
     "AWS_REGION",
     "AWS_DEFAULT_REGION",
     "AWS_REQUEST_CHECKSUM_CALCULATION",
@@ -29,8 +28,7 @@ def ensure_ray() -> None:
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     kwargs: dict = {"log_to_driver": True, "configure_logging": False}
     if env and os.environ.get("RAY_ADDRESS") and os.environ.get("AWS_ENDPOINT_URL"):
-        # An existing cluster's workers do not inherit this shell; a custom endpoint (the
-        # embedded store) is in no default credential chain. Production S3 uses instance
-        # profiles and needs none of this. Local instances inherit os.environ.
+        # An existing cluster's workers do not inherit this shell, and a custom endpoint
+        # (the embedded store) is in no default configuration.
         kwargs["runtime_env"] = {"env_vars": env}
     ray.init(**kwargs)
