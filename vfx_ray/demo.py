@@ -10,9 +10,11 @@ import time
 from pathlib import Path
 
 from vfx_ray import config as config_mod
-from vfx_ray import objectstore
+from vfx_ray import objectstore, storage
+from vfx_ray.errors import VfxError
 
 BUCKET = "vfx"
+MIN_DEMO_AUC = 0.85  # issue 4: the demo cohort must be learnable
 
 
 def banner(text: str) -> None:
@@ -23,8 +25,10 @@ def run_demo(workdir: str | Path, *, patients: int | None = None, seed: int = 0)
     """Run every stage on the demo profile; returns the output URIs by stage."""
     from vfx_ray.cv import run_train_cv
     from vfx_ray.ingest import run_crops
+    from vfx_ray.report import render_report
     from vfx_ray.score import run_score
     from vfx_ray.synth.cohort import generate_cohort
+    from vfx_ray.tune import run_tune
 
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -36,7 +40,8 @@ def run_demo(workdir: str | Path, *, patients: int | None = None, seed: int = 0)
     store.export()
     print(f"endpoint {store.endpoint}; bucket s3://{BUCKET} is the folder {workdir / 's3' / BUCKET}")
     base = f"s3://{BUCKET}/demo"
-    outputs = {"cohort": f"{base}/cohort", "crops": f"{base}/crops", "run": f"{base}/run", "scores": f"{base}/scores"}
+    storage.delete_tree(base)  # each demo is a whole fresh run
+    outputs = {"cohort": f"{base}/cohort", "crops": f"{base}/crops", "tune": f"{base}/tune", "run": f"{base}/run", "scores": f"{base}/scores"}
     try:
         banner(f"synth: {synth_cfg.patients} patients -> {outputs['cohort']}")
         ann = generate_cohort(outputs["cohort"], synth_cfg, progress=True)
@@ -44,17 +49,28 @@ def run_demo(workdir: str | Path, *, patients: int | None = None, seed: int = 0)
         banner(f"crops (Ray Data): {outputs['cohort']}/dicom -> {outputs['crops']}")
         summary = run_crops(f"{outputs['cohort']}/dicom", f"{outputs['cohort']}/annotations.csv", outputs["crops"], cfg.crops)
         print(f"{summary['crops']} crops of {summary['patients_with_crops']} patients, {summary['errors']} error rows")
-        banner(f"train-cv (Ray Train, demo profile: {cfg.train.arch}, {cfg.train.n_folds} folds) -> {outputs['run']}")
-        result = run_train_cv(f"{outputs['crops']}/crops.parquet", outputs["run"], cfg.train)
+        banner(f"tune (Ray Tune, ASHA, {cfg.tune.num_samples} trials of lr x L2) -> {outputs['tune']}")
+        searched = run_tune(f"{outputs['crops']}/crops.parquet", outputs["tune"], cfg)
+        best = searched["best_params"]
+        print(f"{searched['trials']} trials, {searched['stopped_early']} stopped early; best {best}")
+        banner(f"train-cv (Ray Train, demo profile: {cfg.train.arch}, {cfg.train.n_folds} folds, tuned lr/l2) -> {outputs['run']}")
+        result = run_train_cv(f"{outputs['crops']}/crops.parquet", outputs["run"], cfg.train, params=best)
         for level in ("per_slice", "per_patient"):
             m = result["pooled"][level]
             print(f"{level}: sensitivity {m['sensitivity']}, specificity {m['specificity']}, accuracy {m['accuracy']}, AUC {m['auc']}")
+        auc = result["pooled"]["per_patient"]["auc"]
+        if auc is None or auc < MIN_DEMO_AUC:
+            raise VfxError("demo", f"the demo model did not learn (per-patient AUC {auc} < {MIN_DEMO_AUC}): "
+                           "the synthetic lesions are strong, so something upstream is broken")
         banner(f"score (Ray Data + model actors, {cfg.train.n_folds}-fold ensemble) -> {outputs['scores']}")
         scored = run_score(f"{outputs['cohort']}/dicom", f"{outputs['cohort']}/annotations.csv", outputs["run"], outputs["scores"], cfg.crops)
         print(f"{scored['rows']} patients scored, {scored['errors']} error rows, model {scored['model_id']}")
+        banner(f"report -> {workdir / 'report'}")
+        report = render_report(outputs["run"], str(workdir / "report"))
     finally:
         store.stop()
     banner(f"done in {time.monotonic() - t0:.0f} s; outputs (S3 URI -> local folder):")
     for stage, uri in outputs.items():
         print(f"  {stage:8s} {uri}  ->  {workdir / 's3' / uri[len('s3://'):]}")
+    print(f"\nreport: {report['html']}")
     return outputs

@@ -282,6 +282,7 @@ def fit_fold(
     storage_filesystem: pafs.FileSystem | None = None,
     max_failures: int = 2,
     resources_per_worker: dict[str, float] | None = None,
+    callbacks: list | None = None,
 ) -> FoldFit:
     """Train one fold as a TorchTrainer run ``name`` under ``storage_path`` (a local folder,
     or a path in ``storage_filesystem``: see ``storage.marker_free_filesystem`` for s3:// URIs).
@@ -319,6 +320,7 @@ def fit_fold(
             storage_filesystem=storage_filesystem,
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+            callbacks=callbacks,  # e.g. Tune's report callback when the fold runs as a trial
         ),
         datasets=datasets,
     )

@@ -1,0 +1,398 @@
+"""Ray Tune search of the learning rate and L2 weight, ASHA on validation loss, feeding train-cv.
+
+Protocol (no test-fold leakage). The search makes the outer folds exactly as train-cv does
+(``folds.make_splits`` with the same ``n_folds``, ``val_fraction`` and ``seed``, written to
+``splits.json``) and tunes inside one of them, outer fold ``fold`` (default 0): trials train on
+that fold's training patients and are judged - by ASHA and for the best parameters - only on its
+validation patients, which are drawn (stratified) from the training part. The fold's test
+patients are never read. Train-cv's fold 0 is therefore an untouched estimate. The other folds'
+test patients did take part in tuning, which leaves a small optimistic bias on them; fully
+nested CV would tune once per outer fold (``fold=k``), at K times the cost.
+
+Each trial is a Train V2 driver (``Tuner(driver_fn)``; ``Tuner(trainer)`` is deprecated): one
+``train.fit_fold`` TorchTrainer whose ``TuneReportCallback`` passes every epoch's report to
+Tune, so ASHA (``time_attr="epoch"``) can stop it. As many trials run at once as folds would
+(``cv.max_parallel_folds``). The profile's own lr/l2 is the first trial.
+
+Search folder (local path or s3://)::
+
+    search.json        settings and protocol (written once; --resume must match)
+    splits.json        the outer folds, identical to train-cv's for the same settings
+    trials.parquet     trial_id, lr, l2, best_val_loss, best_epoch, epochs, status, stopped_early
+    best_params.json   {"lr": ..., "l2": ...}: ``train-cv --params`` / ``run_train_cv(params=)``
+    tensorboard/<trial_id>/events.out.tfevents.*   per-epoch metrics and hparams
+    ray_tune/<trial_id>/   Tune's experiment state (``Tuner.restore`` on ``resume=True``)
+    ray_train/<trial_id>/  Train checkpoints of unfinished trials (deleted when a trial ends)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+import ray.tune
+from ray._raylet import PlacementGroupID
+from ray.train.v2._internal.execution.callback import WorkerGroupCallback
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.logger import TBXLoggerCallback
+from ray.util.placement_group import PlacementGroup
+
+from vfx_ray import storage
+from vfx_ray.config import Config, TrainConfig, TuneConfig
+from vfx_ray.errors import VfxError
+from vfx_ray.raysession import ensure_ray
+
+# vfx_ray's torch-heavy modules are imported where used: Train controllers unpickle this
+# module's callbacks, and importing torch there would add seconds to every trial.
+REDUCTION_FACTOR = 4  # ASHA keeps the best quarter at each rung (Ray's default)
+METRIC = "val_loss"
+EXPERIMENT = "ray_tune"
+# A trial only drives its TorchTrainer, whose workers hold the real resources; Tune refuses an
+# empty request, so the driver asks for a sliver of a CPU (as Ray's Train-in-Tune guide does).
+TRIAL_CPU = 0.01
+PG_FILE = "placement_group.json"
+SCALARS = ("val_loss", "train_loss", "train_bce", "best_val_loss", "images_per_s", "epoch_seconds")
+
+
+def _log(msg: str) -> None:
+    print(f"[vfx_ray.tune] {msg}", file=sys.stderr, flush=True)
+
+
+def tune_split(splits: dict[str, Any], fold: int) -> tuple[list[str], list[str]]:
+    """(train, val) patients of outer fold ``fold``; its test patients are left out entirely."""
+    part = splits["folds"][fold]
+    if not part["val"]:
+        raise VfxError("tune", "tuning needs validation patients: set val_fraction > 0")
+    assert not set(part["test"]) & (set(part["train"]) | set(part["val"]))
+    return part["train"], part["val"]
+
+
+def trial_dirname(trial: Any) -> str:
+    """One name per trial everywhere: ray_tune/<id>, ray_train/<id>, tensorboard/<id>."""
+    return trial.trial_id
+
+
+class _RecordPlacementGroup(WorkerGroupCallback):
+    """In the Train controller: write where ``ReleaseFinishedTrials`` finds the workers'
+    placement group (a file, so it is known before the first report and on any cluster)."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+
+    def after_worker_group_start(self, worker_group: Any) -> None:
+        pg = worker_group.get_worker_group_state().placement_group_handle.placement_group
+        record = {"placement_group": pg.id.hex(), "controller": ray.get_runtime_context().get_actor_id()}
+        storage.write_text(self.uri, json.dumps(record))
+
+
+def tune_trial(config: dict[str, Any], *, train: pa.Table, val: pa.Table, base: dict[str, Any],
+               fold: int, out_uri: str) -> None:
+    """One trial: a TorchTrainer fit whose epoch reports reach Tune (and ASHA).
+
+    Named by the trial id, its Train run resumes from its last checkpoint when a restored
+    search restarts the trial.
+    """
+    from vfx_ray import train as vtrain
+
+    cfg = vtrain.config_from_dict({**base, "lr": float(config["lr"]), "l2": float(config["l2"])})
+    trial_id = ray.tune.get_context().get_trial_id()
+    path, fs = storage.marker_free_filesystem(storage.join(out_uri, "ray_train"))
+    pg_file = _RecordPlacementGroup(storage.join(out_uri, "ray_train", trial_id, PG_FILE))
+    vtrain.fit_fold(train, val, cfg, fold=fold, storage_path=path, storage_filesystem=fs, name=trial_id,
+                    callbacks=[TuneReportCallback(), pg_file])
+
+
+class ReleaseFinishedTrials(ray.tune.Callback):
+    """Free what a finished trial holds: its Train checkpoints (~0.4 GB for ResNet50; only
+    unfinished and failed trials need theirs, to resume) and its workers' placement group.
+
+    A trial stopped by ASHA (or by an interrupted search) is a killed Train driver; its
+    controller dies with it and its placement group - created by the controller, so scoped to
+    the whole job - would hold the workers' CPUs/GPUs until the job ends. Ray's own
+    PlacementGroupCleaner frees it through the State API, which needs the dashboard and one
+    Ray instance per machine; without them the next trial waits forever. So the driver frees
+    it too, once the controller is dead.
+    """
+
+    def __init__(self, out_uri: str) -> None:
+        self.out_uri = out_uri
+        self._pending: dict[str, str] = {}  # placement group -> its controller
+        self._next_check = 0.0
+
+    def _watch(self, trial: Any) -> None:
+        uri = storage.join(self.out_uri, "ray_train", trial.trial_id, PG_FILE)
+        if storage.exists(uri):
+            record = json.loads(storage.read_text(uri))
+            self._pending[record["placement_group"]] = record["controller"]
+
+    def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self._watch(trial)
+
+    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self._watch(trial)
+        storage.delete_tree(storage.join(self.out_uri, "ray_train", trial.trial_id))
+
+    def on_step_begin(self, iteration: int, trials: list[Any], **info: Any) -> None:
+        if not self._pending or time.monotonic() < self._next_check:
+            return
+        self._next_check = time.monotonic() + 1.0
+        for pg_hex, controller in list(self._pending.items()):
+            pg = PlacementGroup(PlacementGroupID.from_hex(pg_hex))
+            if ray.util.placement_group_table(pg).get("state") in ("REMOVED", None):
+                del self._pending[pg_hex]  # its run ended cleanly
+            elif ray._private.state.actors(actor_id=controller).get("State") in ("DEAD", None):
+                ray.util.remove_placement_group(pg)  # never from under a live controller
+                del self._pending[pg_hex]
+
+    def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
+        """Tune has stopped any trial still running (an interrupted search): free theirs too."""
+        for trial in trials:
+            self._watch(trial)
+        deadline = time.monotonic() + 30
+        while self._pending and time.monotonic() < deadline:
+            self._next_check = 0.0
+            self.on_step_begin(0, trials)
+            time.sleep(0.5)
+
+
+class TensorBoardCallback(TBXLoggerCallback):
+    """Event files in <out>/tensorboard/<trial_id>/ (tag = metric, step = epoch), hparams at the end.
+
+    A TBXLoggerCallback so Tune adds no second copy of the events to its trial folders. On
+    s3 the files are written to a local folder and uploaded when the trial ends (or the search
+    is interrupted). Only ``out_uri`` is pickled (into tuner.pkl), so a restored search gets
+    fresh writers.
+    """
+
+    def __init__(self, out_uri: str) -> None:
+        self.out_uri = out_uri
+        self._writers: dict[str, Any] = {}
+        self._last: dict[str, dict[str, Any]] = {}
+        self._staging: str | None = None
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.out_uri,))
+
+    def _dir(self, trial_id: str) -> str:
+        if not storage.is_s3(self.out_uri):
+            return storage.join(self.out_uri, "tensorboard", trial_id)
+        self._staging = self._staging or tempfile.mkdtemp(prefix="vfx-tb-")
+        return os.path.join(self._staging, trial_id)
+
+    def log_trial_start(self, trial: Any) -> None:
+        from tensorboardX import SummaryWriter
+
+        if trial.trial_id not in self._writers:
+            self._writers[trial.trial_id] = SummaryWriter(self._dir(trial.trial_id), flush_secs=10)
+
+    def log_trial_result(self, iteration: int, trial: Any, result: dict[str, Any]) -> None:
+        self.log_trial_start(trial)
+        writer, step = self._writers[trial.trial_id], int(result.get("epoch") or iteration)
+        for key in SCALARS:
+            value = result.get(key)
+            if isinstance(value, int | float) and math.isfinite(value):
+                writer.add_scalar(key, value, global_step=step)
+        writer.flush()
+        self._last[trial.trial_id] = result
+
+    def log_trial_end(self, trial: Any, failed: bool = False) -> None:
+        writer = self._writers.pop(trial.trial_id, None)
+        if writer is None:
+            return
+        last = self._last.pop(trial.trial_id, {})
+        if last.get("best_val_loss") is not None:  # the HParams tab: lr, l2 -> best val loss
+            from tensorboardX.summary import hparams
+
+            best = {"hparam/best_val_loss": float(last["best_val_loss"])}
+            for summary in hparams({k: float(trial.config[k]) for k in ("lr", "l2")}, best):
+                writer.file_writer.add_summary(summary)
+            writer.add_scalar("hparam/best_val_loss", best["hparam/best_val_loss"], int(last.get("epoch", 0)))
+        writer.close()
+        if storage.is_s3(self.out_uri):
+            local = self._dir(trial.trial_id)
+            for name in sorted(os.listdir(local)):
+                with open(os.path.join(local, name), "rb") as f:
+                    storage.write_bytes(storage.join(self.out_uri, "tensorboard", trial.trial_id, name), f.read())
+
+    def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
+        for trial in trials:  # an interrupted search: keep what the running trials wrote
+            self.log_trial_end(trial)
+
+
+def search_space(tc: TuneConfig) -> dict[str, Any]:
+    """lr and L2 weight, both log-uniform over the configured ranges."""
+    return {"lr": ray.tune.loguniform(*tc.lr_range), "l2": ray.tune.loguniform(*tc.l2_range)}
+
+
+def _baseline(cfg: TrainConfig, tc: TuneConfig) -> list[dict[str, float]]:
+    """The recipe's own lr/l2 as the first trial, when inside the search ranges."""
+    inside = tc.lr_range[0] <= cfg.lr <= tc.lr_range[1] and tc.l2_range[0] <= cfg.l2 <= tc.l2_range[1]
+    return [{"lr": cfg.lr, "l2": cfg.l2}] if inside else []
+
+
+TRIALS_SCHEMA = pa.schema([
+    ("trial_id", pa.string()), ("lr", pa.float64()), ("l2", pa.float64()),
+    ("best_val_loss", pa.float64()), ("best_epoch", pa.int32()), ("epochs", pa.int32()),
+    ("status", pa.string()), ("stopped_early", pa.bool_()), ("error", pa.string()),
+])  # fmt: skip
+
+
+def trials_table(trials: list[Any], cfg: TrainConfig) -> pa.Table:
+    """One row per Tune trial. ``status``: terminated, error, or unfinished (an interrupted
+    search). ``stopped_early``: ended by ASHA, i.e. before max_epochs and not by patience."""
+    rows = []
+    for t in trials:
+        m = t.last_result or {}
+        status = {"TERMINATED": "terminated", "ERROR": "error"}.get(t.status, "unfinished")
+        epochs, patience_stop = int(m.get("epoch") or 0), (m.get("epochs_without_improvement") or 0) >= cfg.patience
+        rows.append({
+            "trial_id": t.trial_id, "lr": float(t.config["lr"]), "l2": float(t.config["l2"]),
+            "best_val_loss": m.get("best_val_loss"), "best_epoch": m.get("best_epoch"), "epochs": epochs,
+            "status": status, "stopped_early": status == "terminated" and epochs < cfg.max_epochs and not patience_stop,
+            "error": str(t.get_error())[:2000] if status == "error" else None,
+        })  # fmt: skip
+    return pa.Table.from_pylist(rows, schema=TRIALS_SCHEMA).sort_by("trial_id")
+
+
+def best_params(trials: pa.Table) -> dict[str, float]:
+    """lr and l2 of the trial with the lowest validation loss (flat: train-cv --params)."""
+    done = trials.filter(pc.is_finite(trials["best_val_loss"]))
+    if done.num_rows == 0:
+        errors = [e for e in trials["error"].to_pylist() if e]
+        raise VfxError("tune", f"no trial reported a validation loss; first error: {errors[:1]}")
+    best = done.sort_by([("best_val_loss", "ascending"), ("epochs", "descending")]).slice(0, 1).to_pylist()[0]
+    return {"lr": best["lr"], "l2": best["l2"]}
+
+
+def _record(crops_uri: str, cfg: TrainConfig, tc: TuneConfig, fold: int, splits: dict[str, Any]) -> dict[str, Any]:
+    part = splits["folds"][fold]
+    return {
+        "crops_uri": crops_uri, "fold": fold, "train": dataclasses.asdict(cfg), "tune": dataclasses.asdict(tc),
+        "asha": {"metric": METRIC, "mode": "min", "time_attr": "epoch", "max_t": cfg.max_epochs,
+                 "grace_period": min(tc.grace_period, cfg.max_epochs), "reduction_factor": REDUCTION_FACTOR},
+        "patients": {"train": len(part["train"]), "val": len(part["val"]), "test_left_out": len(part["test"])},
+        "versions": {"ray": ray.__version__},
+    }  # fmt: skip
+
+
+def _check_record(out_uri: str, record: dict[str, Any]) -> None:
+    """Write search.json once; a resumed search must use the same settings."""
+    uri = storage.join(out_uri, "search.json")
+    if not storage.exists(uri):
+        storage.write_text(uri, json.dumps(record, indent=2, sort_keys=True))
+        return
+    from vfx_ray.cv import RUNTIME_FIELDS
+
+    old = json.loads(storage.read_text(uri))
+    new = json.loads(json.dumps(record))
+    for rec in (old, new):
+        rec.pop("versions", None)
+        for k in RUNTIME_FIELDS:
+            rec["train"].pop(k, None)
+    if old != new:
+        diff = [k for k in sorted(set(old) | set(new)) if k not in ("train", "tune") and old.get(k) != new.get(k)]
+        diff += [f"{sec}.{k}" for sec in ("train", "tune") for k in sorted(new[sec]) if old[sec].get(k) != new[sec][k]]
+        raise VfxError("tune", f"{out_uri} holds a search with other settings ({', '.join(diff)}); use a new --out")
+
+
+def run_tune(
+    crops_uri: str,
+    out_uri: str,
+    cfg: Config,
+    *,
+    num_samples: int | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    fold: int = 0,
+) -> dict[str, Any]:
+    """Search lr and L2 on ``fold``'s validation patients (see the module docstring); write the
+    search folder; return {"best_params", "trials", "stopped_early", ...}.
+
+    ``resume=True`` continues an interrupted search in ``out_uri`` (Tuner.restore): finished
+    trials are kept, unfinished ones restart from their last Train checkpoint, pending ones
+    run. ``num_samples`` defaults to the profile's (or, on resume, to the recorded) count.
+    """
+    from vfx_ray import cv, folds
+    from vfx_ray import model as vmodel
+
+    if not storage.is_s3(out_uri):
+        out_uri = os.path.abspath(out_uri)  # trial actors run in their own working folders
+    tc = cfg.tune
+    train_cfg = dataclasses.replace(cfg.train, max_epochs=min(cfg.train.max_epochs, tc.max_epochs))  # ASHA's max_t
+    if train_cfg.pretrained == "imagenet":
+        vmodel.find_imagenet_weights(train_cfg.arch, train_cfg.pretrained_path)  # fail fast, before Ray
+    started = storage.exists(storage.join(out_uri, EXPERIMENT, "tuner.pkl"))
+    if started and not resume:
+        raise VfxError("tune", f"{out_uri} already holds a search: pass --resume to continue it, or use a new --out")
+    recorded = storage.join(out_uri, "search.json")
+    if num_samples is None and resume and storage.exists(recorded):
+        num_samples = json.loads(storage.read_text(recorded))["tune"]["num_samples"]
+    n = num_samples or tc.num_samples
+    tc = dataclasses.replace(tc, num_samples=n)
+
+    crops, _ = cv._read_crops(crops_uri)
+    patients = folds.patient_labels(crops.select(["patient_id", "label"]).to_pandas())
+    splits = cv.load_or_make_splits(out_uri, patients, train_cfg)
+    train_ids, val_ids = tune_split(splits, fold)
+    _check_record(out_uri, _record(crops_uri, train_cfg, tc, fold, splits))
+    _log(f"{n} trials on outer fold {fold}: {len(train_ids)} training and {len(val_ids)} validation "
+         f"patients; its {len(splits['folds'][fold]['test'])} test patients are left out")
+
+    ensure_ray()
+    trainable = ray.tune.with_resources(
+        ray.tune.with_parameters(tune_trial, train=cv._subset(crops, train_ids), val=cv._subset(crops, val_ids),
+                                 base=dataclasses.asdict(train_cfg), fold=fold, out_uri=out_uri),
+        {"cpu": TRIAL_CPU},
+    )  # fmt: skip
+    root, fs = storage.marker_free_filesystem(out_uri)
+    if started:
+        _log(f"resuming the search in {out_uri}")
+        tuner = ray.tune.Tuner.restore(f"{root}/{EXPERIMENT}", trainable=trainable, resume_unfinished=True,
+                                       resume_errored=True, storage_filesystem=fs)  # fmt: skip
+    else:
+        parallel = cv.max_parallel_folds(train_cfg, ray.cluster_resources(), n)
+        tuner = ray.tune.Tuner(
+            trainable,
+            param_space=search_space(tc),
+            tune_config=ray.tune.TuneConfig(
+                metric=METRIC, mode="min", num_samples=n,
+                search_alg=ray.tune.search.BasicVariantGenerator(  # it, not TuneConfig, limits concurrency here
+                    points_to_evaluate=_baseline(train_cfg, tc), random_state=train_cfg.seed, max_concurrent=parallel),
+                scheduler=ray.tune.schedulers.ASHAScheduler(
+                    time_attr="epoch", max_t=train_cfg.max_epochs, grace_period=min(tc.grace_period, train_cfg.max_epochs),
+                    reduction_factor=REDUCTION_FACTOR, stop_last_trials=False),
+                trial_dirname_creator=trial_dirname, reuse_actors=False,
+            ),
+            run_config=ray.tune.RunConfig(
+                name=EXPERIMENT, storage_path=root, storage_filesystem=fs, verbose=1 if progress else 0,
+                callbacks=[TensorBoardCallback(out_uri), ReleaseFinishedTrials(out_uri)],
+            ),
+        )  # fmt: skip
+        _log(f"up to {parallel} trials at a time; TensorBoard: tensorboard --logdir {storage.join(out_uri, 'tensorboard')}")
+    tuner.fit()
+
+    trials = ray.tune.ExperimentAnalysis(f"{root}/{EXPERIMENT}", storage_filesystem=fs).trials  # statuses
+    table = trials_table(trials, train_cfg)
+    storage.write_table(table, storage.join(out_uri, "trials.parquet"))
+    for tid in table.filter(pc.equal(table["status"], "terminated"))["trial_id"].to_pylist():
+        storage.delete_tree(storage.join(out_uri, "ray_train", tid))  # a killed run may write late
+    finished = table.num_rows - table["status"].to_pylist().count("unfinished")
+    if finished < n:
+        raise VfxError("tune", f"the search was interrupted after {finished} of {n} trials; "
+                               "run again with --resume to complete it")  # fmt: skip
+    best = best_params(table)
+    storage.write_text(storage.join(out_uri, "best_params.json"), json.dumps(best, indent=2))
+    stopped = int(pc.sum(table["stopped_early"]).as_py() or 0)
+    errors = table["status"].to_pylist().count("error")
+    _log(f"{table.num_rows} trials, {stopped} stopped early by ASHA, {errors} failed; best {best}")
+    return {"best_params": best, "trials": table.num_rows, "stopped_early": stopped, "errors": errors,
+            "best_val_loss": float(pc.min(table["best_val_loss"]).as_py()), "out": out_uri}
