@@ -7,13 +7,14 @@ Wrong input ends with one line on stderr and exit status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from vfx_ray import config as config_mod
+from vfx_ray.cli_common import CliError, metrics_line, positive_int
+from vfx_ray.cli_train import add_train_cv, add_tune
 from vfx_ray.errors import VfxError
 
 EPILOG = """\
@@ -22,20 +23,6 @@ variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGIO
 Ray: a local cluster is started unless RAY_ADDRESS names one.
 Errors are one line; VFX_RAY_DEBUG=1 shows the traceback instead.
 """
-
-
-class CliError(Exception):
-    """Wrong input from the user: printed as one line."""
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {value}")
-    return value
 
 
 # ---------------------------------------------------------------- objectstore
@@ -190,135 +177,6 @@ def add_crops(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-file-bytes", type=positive_int, help="objects above this are refused")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_crops)
-
-
-# ---------------------------------------------------------------- train-cv
-def train_config_from_args(args: argparse.Namespace) -> config_mod.TrainConfig:
-    """The profile's TrainConfig with the flags that were given."""
-    return config_mod.replace(
-        config_mod.profile(args.profile).train,
-        arch=args.arch,
-        pretrained=args.pretrained,
-        pretrained_path=args.pretrained_path,
-        max_epochs=args.epochs,
-        n_folds=args.folds,
-        augment_factor=args.augment_factor,
-        num_workers=args.workers,
-        use_gpu=True if args.gpu else None,
-        seed=args.seed,
-    )
-
-
-def read_params(uri: str | None) -> dict | None:
-    """A flat JSON object of TrainConfig fields, e.g. Tune's best_params.json."""
-    if not uri:
-        return None
-    import json
-
-    from vfx_ray import storage
-
-    try:
-        params = json.loads(storage.read_text(uri))
-    except json.JSONDecodeError as exc:
-        raise CliError(f"--params {uri} is not JSON: {exc}") from None
-    if not isinstance(params, dict):
-        raise CliError(f"--params {uri} must hold a JSON object such as {{\"lr\": 1e-4, \"l2\": 1e-4}}")
-    return params
-
-
-def metrics_line(m: dict) -> str:
-    def f(key: str, digits: int = 2) -> str:
-        return "n/a" if m.get(key) is None else f"{m[key]:.{digits}f}"
-
-    return (
-        f"sensitivity {f('sensitivity')}  specificity {f('specificity')}  accuracy {f('accuracy')}  "
-        f"AUC {f('auc', 3)} [{f('auc_ci_low', 3)}, {f('auc_ci_high', 3)}]"
-    )
-
-
-def cmd_train_cv(args: argparse.Namespace) -> int:
-    from vfx_ray.cv import run_train_cv
-
-    cfg = train_config_from_args(args)
-    result = run_train_cv(
-        args.crops, args.out, cfg, params=read_params(args.params),
-        max_failures=args.max_failures, keep_checkpoints=args.keep_checkpoints,
-    )
-    for level in ("per_slice", "per_patient"):
-        print(f"{level:11s} {metrics_line(result['pooled'][level])}")
-    print(f"run folder: {args.out} (metrics.json, oof_predictions.parquet, fold_k/model.pt)")
-    return 0
-
-
-def add_train_args(p: argparse.ArgumentParser) -> None:
-    """Training flags shared by train-cv and tune (unset: the profile's value)."""
-    p.add_argument("--profile", default="paper", choices=config_mod.PROFILES, help="paper (default) or demo (2 CPU cores)")
-    p.add_argument("--arch", choices=["resnet18", "resnet34", "resnet50"], help="default resnet50 (paper)")
-    p.add_argument("--pretrained", choices=["imagenet", "none"], help="ImageNet initialisation (paper) or none")
-    p.add_argument("--pretrained-path", help="ImageNet weights file when not in the torchvision cache")
-    p.add_argument("--epochs", type=positive_int, help="most epochs per fold (paper 100; early stopping)")
-    p.add_argument("--folds", type=positive_int, help="cross-validation folds (paper 10)")
-    p.add_argument("--augment-factor", type=positive_int, help="augmented views per crop and epoch (paper 20)")
-    p.add_argument("--workers", type=positive_int, help="Ray Train workers per fold")
-    p.add_argument("--gpu", action="store_true", help="one GPU per worker")
-    p.add_argument("--seed", type=int, help="folds and initialisation seed")
-
-
-def add_train_cv(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "train-cv",
-        help="the paper's ResNet recipe, patient-level k-fold CV on Ray Train",
-        description=(
-            "Cross-validate the classifier on a crops dataset: stratified patient folds (written "
-            "once as splits.json), each fold a Ray Train TorchTrainer run (side by side when the "
-            "cluster has room), early stopping on validation patients from the training folds, "
-            "out-of-fold predictions and the paper's metrics per slice and per patient (max over "
-            "slices). Re-running with the same --out skips finished folds and resumes the others."
-        ),
-    )
-    p.add_argument("--crops", required=True, help="crops.parquet (file or folder) from `vfx-ray crops`")
-    p.add_argument("--out", required=True, help="run folder URI")
-    p.add_argument("--params", help="JSON of TrainConfig fields, e.g. best_params.json from `vfx-ray tune`")
-    add_train_args(p)
-    p.add_argument("--max-failures", type=int, default=2, help="worker-group restarts per fold")
-    p.add_argument("--keep-checkpoints", action="store_true", help="keep Ray Train checkpoints of finished folds")
-    p.set_defaults(func=cmd_train_cv)
-
-
-# ---------------------------------------------------------------- tune
-def cmd_tune(args: argparse.Namespace) -> int:
-    from vfx_ray.tune import run_tune
-
-    base = config_mod.profile(args.profile)
-    cfg = dataclasses.replace(base, train=train_config_from_args(args))
-    summary = run_tune(args.crops, args.out, cfg, num_samples=args.num_samples, resume=args.resume, progress=not args.quiet)
-    best = summary["best_params"]
-    print(
-        f"{summary['trials']} trials ({summary['stopped_early']} stopped early by ASHA); best lr {best['lr']:.3g}, "
-        f"l2 {best['l2']:.3g} -> {args.out}/best_params.json (use with train-cv --params); "
-        f"TensorBoard: tensorboard --logdir {args.out}/tensorboard"
-    )
-    return 0
-
-
-def add_tune(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "tune",
-        help="Ray Tune search of learning rate and L2 weight (ASHA), feeding train-cv",
-        description=(
-            "Search lr (log-uniform 1e-5..1e-3) and the L2 weight (log-uniform 1e-6..1e-2) with "
-            "ASHA on validation loss. Trials see training patients only and are judged on "
-            "validation patients drawn from them, never on a test fold. Writes OUT/trials.parquet, "
-            "OUT/best_params.json and TensorBoard event files under OUT/tensorboard."
-        ),
-    )
-    p.add_argument("--crops", required=True, help="crops.parquet from `vfx-ray crops`")
-    p.add_argument("--out", required=True, help="search folder URI")
-    p.add_argument("--num-samples", type=positive_int, help="trials (profile default)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted search in --out")
-    add_train_args(p)
-    p.add_argument("--quiet", action="store_true", help="less output")
-    p.set_defaults(func=cmd_tune)
 
 
 # ---------------------------------------------------------------- score
