@@ -123,16 +123,15 @@ def start(
     buckets: tuple[str, ...] = ("vfx",),
     log_file: str | os.PathLike | None = None,
     detach: bool = False,
+    keys: tuple[str, str] | None = None,
+    read_only: bool = False,
 ) -> ObjectStore:
-    """Start ``rclone serve s3`` over ``root`` on loopback with fresh credentials."""
+    """Start ``rclone serve s3`` over ``root`` on loopback, with fresh credentials unless
+    ``keys`` (access, secret) are given (a restart that clients must not notice)."""
     root = str(Path(root).absolute())
     Path(root).mkdir(parents=True, exist_ok=True)
-    store = ObjectStore(
-        root=root,
-        port=port or free_port(),
-        access_key="vfx" + secrets.token_hex(8),
-        secret_key=secrets.token_hex(20),
-    )
+    access, secret = keys or ("vfx" + secrets.token_hex(8), secrets.token_hex(20))
+    store = ObjectStore(root=root, port=port or free_port(), access_key=access, secret_key=secret)
     for b in buckets:
         store.create_bucket(b)
     cmd = [
@@ -147,6 +146,7 @@ def start(
         "off",
         "--config",
         "/dev/null",
+        *(["--read-only"] if read_only else []),
     ]
     log = open(log_file, "ab") if log_file else subprocess.DEVNULL  # noqa: SIM115
     # the key pair goes in through the environment: a command line is readable by any local user

@@ -14,17 +14,28 @@ import posixpath
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 from urllib.parse import urlparse
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+# re-exported: the jobs and tests name them here
+from vfx_ray.s3outage import S3_OUTAGE_SECONDS as S3_OUTAGE_SECONDS
+from vfx_ray.s3outage import StoreUnavailable as StoreUnavailable
+from vfx_ray.s3outage import ride_out
+
 S3_PREFIX = "s3://"
+T = TypeVar("T")
+# Attempts per request inside the SDKs (a few seconds of backoff: 5xx answers, dropped
+# connections). A store that does not answer at all is then waited for up to
+# S3_OUTAGE_SECONDS (``s3outage``): an outage is ridden out, one for good fails the job.
+S3_MAX_ATTEMPTS = 8
 
 
 def is_s3(uri: str) -> bool:
@@ -47,23 +58,35 @@ def s3_region() -> str:
 
 
 def s3_filesystem() -> pafs.S3FileSystem:
-    """pyarrow S3 filesystem from the standard AWS variables, endpoint included."""
-    kwargs: dict = {"region": s3_region(), "connect_timeout": 10, "request_timeout": 60}
+    """pyarrow S3 filesystem from the standard AWS variables, endpoint included (one per
+    process and setting: building one costs a few ms, and it is thread-safe)."""
     endpoint = s3_endpoint()
     if endpoint:
         # S3-compatible servers (rclone, MinIO, ...) often refuse aws-chunked uploads with
         # trailing checksums, the AWS SDK default since 2025; the SDK reads these variables.
         os.environ.setdefault("AWS_REQUEST_CHECKSUM_CALCULATION", "WHEN_REQUIRED")
         os.environ.setdefault("AWS_RESPONSE_CHECKSUM_VALIDATION", "WHEN_REQUIRED")
+    creds = (os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY"), os.environ.get("AWS_SESSION_TOKEN"))
+    return _s3_filesystem(endpoint, s3_region(), creds)
+
+
+@functools.lru_cache(maxsize=4)
+def _s3_filesystem(endpoint: str | None, region: str, creds: tuple) -> pafs.S3FileSystem:
+    kwargs: dict = {"region": region, "connect_timeout": 10, "request_timeout": 60}
+    if endpoint:
         parsed = urlparse(endpoint)
         kwargs["endpoint_override"] = parsed.netloc or parsed.path
         kwargs["scheme"] = parsed.scheme or "https"
-    key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
+    key, secret, token = creds
     if key and secret:
         kwargs.update(access_key=key, secret_key=secret)
-        if os.environ.get("AWS_SESSION_TOKEN"):
-            kwargs["session_token"] = os.environ["AWS_SESSION_TOKEN"]
-    kwargs["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=8)
+        if token:
+            kwargs["session_token"] = token
+    # Not AwsStandardS3RetryStrategy: its retry quota (500 tokens, 5 a retry) is never given
+    # back through pyarrow (measured with pyarrow 26): after ~100 retries in its lifetime, a
+    # process (a long-lived Ray worker) never retries again. The default strategy has no
+    # quota: 25 ms doubling, 6.4 s over 8 attempts.
+    kwargs["retry_strategy"] = pafs.AwsDefaultS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS)
     return pafs.S3FileSystem(**kwargs)
 
 
@@ -74,13 +97,16 @@ def boto3_client():
 
 
 @functools.lru_cache(maxsize=4)
-def _boto3_client(endpoint: str | None, region: str, _creds: tuple):
-    # clients are thread-safe and costly to build; one per process and credential set
+def _boto3_client(endpoint: str | None, region: str, creds: tuple):
+    # clients are thread-safe and costly to build; one per process and credential set. The
+    # key pair is passed on: boto3's default session keeps the first one it found.
     import boto3
     from botocore.config import Config
 
-    retries = Config(retries={"max_attempts": 8, "mode": "standard"}, max_pool_connections=32)
-    return boto3.client("s3", endpoint_url=endpoint, region_name=region, config=retries)
+    key, secret, token = creds
+    explicit = {"aws_access_key_id": key, "aws_secret_access_key": secret, "aws_session_token": token} if key and secret else {}
+    retries = Config(retries={"total_max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"}, max_pool_connections=32)
+    return boto3.client("s3", endpoint_url=endpoint, region_name=region, config=retries, **explicit)
 
 
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -99,13 +125,13 @@ class FileEntry:
 def list_files(uri: str, suffix: str | None = None) -> list[FileEntry]:
     """Every file under a prefix, recursively, sorted by URI; any folder layout."""
     fs, path = filesystem(uri)
-    info = fs.get_file_info(path)
+    info = _retrying(uri, lambda: fs.get_file_info(path))
     if info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"nothing at {uri}")
     if info.type == pafs.FileType.File:
         infos = [info]
     else:
-        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+        infos = _retrying(uri, lambda: fs.get_file_info(pafs.FileSelector(path, recursive=True)))
     out = []
     for i in infos:
         if i.type != pafs.FileType.File or (suffix and not i.path.endswith(suffix)):
@@ -116,23 +142,49 @@ def list_files(uri: str, suffix: str | None = None) -> list[FileEntry]:
 
 def exists(uri: str) -> bool:
     fs, path = filesystem(uri)
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
+    return _retrying(uri, lambda: fs.get_file_info(path)).type != pafs.FileType.NotFound
 
 
-def s3_get(uri: str, **kwargs) -> bytes:
-    """One GET; S3 errors as the OSError family like every other reader here."""
-    from botocore.exceptions import ClientError
+def _retrying(uri: str, request: Callable[[], T]) -> T:
+    """``request()`` on the store behind ``uri``, an outage ridden out (``s3outage``)."""
+    if not is_s3(uri):
+        return request()
+    return ride_out(request, lambda exc, away: store_unavailable(uri, exc, away))
 
+
+def store_unavailable(uri: str, exc: BaseException, away: float) -> StoreUnavailable:
+    """The job's error: the endpoint and bucket, not the object key (a key may name a patient)."""
     bucket, key = split_s3(uri)
+    detail = str(exc).replace(key, "<key>") if key else str(exc)
+    where = s3_endpoint() or "AWS S3"
+    return StoreUnavailable(f"object store {where} unreachable: no answer for {away:.0f} s (bucket {bucket!r}); last error: {detail}")
+
+
+def s3_get(uri: str, nbytes: int | None = None) -> bytes:
+    """One object (or its first ``nbytes``) through pyarrow's C++ client.
+
+    boto3 spends ~2 ms of Python CPU per GET (signing, event hooks, parsing); pyarrow's HEAD +
+    GET costs a third of that, which on a few cores is time the decoders get back.
+    """
+    path = uri[len(S3_PREFIX) :]
+
+    def get() -> bytes:
+        if nbytes is None:
+            with s3_filesystem().open_input_stream(path) as f:
+                return f.read()
+        with s3_filesystem().open_input_file(path) as f:
+            return f.read(nbytes)
+
     try:
-        return boto3_client().get_object(Bucket=bucket, Key=key, **kwargs)["Body"].read()
-    except ClientError as exc:
-        code = exc.response.get("Error", {}).get("Code", "")
-        if code in ("NoSuchKey", "404", "NotFound"):
-            raise FileNotFoundError(f"nothing at {uri}") from None
-        if code in ("AccessDenied", "403", "SignatureDoesNotMatch", "InvalidAccessKeyId"):
-            raise PermissionError(f"{uri}: access denied ({code}); check the AWS credentials") from None
-        raise OSError(f"{uri}: S3 error {code}: {exc}") from None
+        return _retrying(uri, get)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"nothing at {uri}") from None
+    except StoreUnavailable:
+        raise
+    except OSError as exc:
+        if "ACCESS_DENIED" in str(exc):
+            raise PermissionError(f"{uri}: access denied; check the AWS credentials") from None
+        raise
 
 
 def read_bytes(uri: str) -> bytes:
@@ -163,9 +215,9 @@ def read_many(uris: list[str], nbytes: int | None = None, max_workers: int = 16)
 
 
 def read_prefix(uri: str, nbytes: int) -> bytes:
-    """The first ``nbytes`` of an object: one ranged GET on S3 (pyarrow would HEAD first)."""
+    """The first ``nbytes`` of an object: a HEAD and one ranged GET on S3."""
     if is_s3(uri):
-        return s3_get(uri, Range=f"bytes=0-{nbytes - 1}")
+        return s3_get(uri, nbytes)
     with open(uri, "rb") as f:
         return f.read(nbytes)
 
@@ -192,7 +244,12 @@ def atomic_output(uri: str) -> Iterator[pa.NativeFile]:
         with tempfile.NamedTemporaryFile(prefix="vfx-upload-", suffix=".part") as tmp:
             with pa.OSFile(tmp.name, "wb") as stream:
                 yield stream
-            boto3_client().upload_file(tmp.name, bucket, key)
+            try:
+                _retrying(uri, lambda: boto3_client().upload_file(tmp.name, bucket, key))
+            except StoreUnavailable:
+                raise
+            except Exception as exc:
+                raise upload_error(uri, exc) from None
         return
     path = os.path.abspath(uri)
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -204,6 +261,19 @@ def atomic_output(uri: str) -> Iterator[pa.NativeFile]:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def upload_error(uri: str, exc: Exception) -> Exception:
+    """boto3's upload failures as this module's error family, with the object named.
+
+    A read-only destination answers 403 on AWS, but 500 InternalError on ``rclone serve s3
+    --read-only``: the client cannot tell that from a broken server, so the message says so.
+    """
+    text = str(exc)
+    if any(s in text for s in ("AccessDenied", "Forbidden", "(403)", "SignatureDoesNotMatch", "InvalidAccessKeyId")):
+        return PermissionError(f"{uri}: writing was refused (credentials, access denied or read-only destination): {exc}")
+    hint = " (some servers answer so to a write on a read-only destination)" if "InternalError" in text else ""
+    return OSError(f"{uri}: upload failed{hint}: {exc}")
 
 
 def write_bytes(uri: str, data: bytes) -> None:
@@ -230,7 +300,7 @@ def write_table(table: pa.Table, uri: str, metadata: dict[str, str] | None = Non
 def read_table(uri: str) -> pa.Table:
     """A Parquet file or a folder of Parquet files as one table."""
     fs, path = filesystem(uri)
-    return pq.read_table(path, filesystem=fs)
+    return _retrying(uri, lambda: pq.read_table(path, filesystem=fs))
 
 
 class NoDirMarkers(pafs.FileSystemHandler):
