@@ -18,7 +18,7 @@ import pydicom
 import pytest
 from phantoms import edit
 
-from vfx_ray import contracts, dicom, geometry, ingest, storage
+from vfx_ray import contracts, dicom, geometry, ingest, onepass, storage
 from vfx_ray.config import CropConfig, SynthConfig
 from vfx_ray.synth.cohort import patient_files, plan_cohort
 
@@ -213,3 +213,40 @@ def test_s3_archive_gives_identical_crops(corpus, crops_run, objectstore_server)
 )
 def test_escaping_keys(archive, key, escapes):
     assert ingest.escapes_prefix(archive, key) is escapes
+
+
+def test_one_pass_reads_good_patients_once_and_the_second_pass_agrees(corpus, crops_run, monkeypatch):
+    """Series found whole in a chunk are cropped from the first read; cut every folder into
+    chunks of 5 objects and every patient takes the second pass: same crops, same errors."""
+    summary, crops, errors, _ = crops_run
+    assert summary["patients_read_once"] >= len(corpus["good"]) + 3, summary
+    monkeypatch.setattr(onepass, "CHUNK_OBJECTS", 5)
+    out = str(corpus["base"] / "out-second-pass")
+    again = ingest.run_crops(corpus["archive"], corpus["annotations"], out, CFG, progress=False)
+    # only tiny bad series (a handful of objects) still fit a chunk; every good one is cut
+    assert again["patients_second_pass"] >= summary["patients_with_crops"], again
+    assert again["patients_read_once"] + again["patients_second_pass"] == summary["patients_planned"], again
+    other = storage.read_table(storage.join(out, "crops.parquet"))
+    key = ["patient_id", "slice_index"]
+    a = crops.to_pandas().sort_values(key).reset_index(drop=True)
+    b = other.to_pandas().sort_values(key).reset_index(drop=True)
+    pd.testing.assert_frame_equal(a.drop(columns=["image"]), b.drop(columns=["image"]))
+    np.testing.assert_array_equal(np.stack(a["image"].map(np.asarray)), np.stack(b["image"].map(np.asarray)))
+    cols = ["patient_id", "object_key", "stage", "error_type"]
+    e2 = storage.read_table(storage.join(out, "errors.parquet")).to_pandas()
+    assert sorted(map(tuple, errors[cols].fillna("").values)) == sorted(map(tuple, e2[cols].fillna("").values))
+
+
+def test_chunks_keep_folders_whole_within_limits():
+    def e(path, size=10):
+        return storage.FileEntry(uri=f"s3://b/{path}", size=size)
+
+    entries = [e(f"p1/s/{i}") for i in range(3)] + [e(f"p2/s/{i}") for i in range(4)] + [e(f"p3/s/{i}", 100) for i in range(2)]
+    chunks = onepass.chunk_entries(entries, max_objects=5, max_bytes=150)
+    assert [len(c) for c in chunks] == [3, 5, 1]  # p1 | p2 (cannot join p1) + first piece of p3 (cut by bytes) | rest
+    assert [x for c in chunks for x in c] == entries
+    assert onepass.chunk_entries(entries, max_objects=100, max_bytes=10**6) == [entries]
+    assert [len(c) for c in onepass.chunk_entries(entries[:3] + entries[3:7], max_objects=2)] == [2, 1, 2, 2]
+    assert onepass.chunk_entries([]) == []
+    # a small target packs fewer folders per chunk but never cuts one
+    assert [len(c) for c in onepass.chunk_entries(entries, max_objects=100, max_bytes=10**6, target_objects=3)] == [3, 4, 2]

@@ -127,10 +127,17 @@ def read_header(data: bytes, object_key: str, *, object_size: int | None = None,
     ``data`` is the whole object or its first bytes (``object_size`` = the full size, see
     :data:`HEADER_PREFIX_BYTES`); a prefix ending inside the header raises HeaderBeyondPrefix.
     """
-    ds, has_pixels, _ = parse(data, object_key, "header", max_file_bytes, object_size)
+    return header_and_parse(data, object_key, object_size=object_size, max_file_bytes=max_file_bytes)[0]
+
+
+def header_and_parse(data: bytes, object_key: str, *, object_size: int | None = None,
+                     max_file_bytes: int = CropConfig.max_file_bytes) -> tuple[dict[str, Any], tuple]:
+    """The header record and the parse it came from, which :func:`load_volume` can reuse
+    (one parse per object when the whole object is at hand)."""
+    parsed = parse(data, object_key, "header", max_file_bytes, object_size)
     with bad_values("header", object_key):
-        return _header_record(ds, has_pixels, object_key,
-                              len(data) if object_size is None else object_size)
+        return _header_record(parsed[0], parsed[1], object_key,
+                              len(data) if object_size is None else object_size), parsed
 
 
 def _header_record(ds: Dataset, has_pixels: bool, object_key: str, size: int) -> dict[str, Any]:
@@ -322,7 +329,7 @@ def _decode_file(data: bytes, ds: Dataset, frames: list[_Frame], slots: dict[int
 
 
 def load_volume(files: list[tuple[str, bytes]], cfg: CropConfig | None = None, *,
-                max_voxels: int = MAX_VOXELS) -> Volume:
+                max_voxels: int = MAX_VOXELS, parsed: list[tuple] | None = None) -> Volume:
     """Decode one series (classic slices or Enhanced multi-frame) to an HU :class:`Volume`.
 
     Slices are ordered by ImagePositionPatient projected on the normal of
@@ -331,7 +338,8 @@ def load_volume(files: list[tuple[str, bytes]], cfg: CropConfig | None = None, *
     cfg = cfg or CropConfig()
     if not files:
         raise _error("decode", "EmptySeries", "no files given for the series")
-    parsed = [parse(data, key, "decode", cfg.max_file_bytes) for key, data in files]
+    if parsed is None:  # else: the files' parses from header_and_parse, in the same order
+        parsed = [parse(data, key, "decode", cfg.max_file_bytes) for key, data in files]
     ids = []
     for (key, _), (ds, _, _) in zip(files, parsed, strict=True):
         with bad_values("decode", key):

@@ -9,9 +9,11 @@ the same schema whatever a patient produced — crops or an error.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import posixpath
+import tempfile
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -22,7 +24,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from vfx_ray import annotations as ann_mod
-from vfx_ray import contracts, dicom, geometry, storage
+from vfx_ray import contracts, dicom, geometry, pseudonym, storage
 from vfx_ray.config import CropConfig
 from vfx_ray.errors import VfxError, error_row
 
@@ -63,6 +65,15 @@ def list_archive(archive_uri: str, cfg: CropConfig) -> tuple[list[storage.FileEn
         else:
             entries.append(e)
     return entries, errors
+
+
+def raise_if_store_down(errors: list[dict]) -> None:
+    """An unreachable store fails the job: every later read would fail the same way, after
+    a minute of retries each. Bad studies stay error rows."""
+    for e in errors:
+        if e.get("error_type") == storage.StoreUnavailable.__name__:
+            key = e.get("object_key")  # the job's message must not name a patient's object
+            raise storage.StoreUnavailable(e["message"].replace(key, "<key>") if key else e["message"])
 
 
 # ---------------------------------------------------------------- headers (Ray tasks)
@@ -113,6 +124,7 @@ def build_index(entries: list[storage.FileEntry], cfg: CropConfig) -> tuple[list
             errors.append(json.loads(row["error"]))
         else:
             headers.append(json.loads(row["header"]))
+    raise_if_store_down(errors)
     return dicom.group_series(headers), errors
 
 
@@ -122,25 +134,33 @@ def task_to_item(task: ann_mod.PatientTask) -> dict[str, str]:
 
 
 def crop_patient(task: dict[str, Any], cfg: CropConfig) -> list[dict[str, Any]]:
-    """The crops of one patient, or its error rows; never raises."""
+    """The crops of one patient read from the store, or its error rows; never raises."""
+    keys = task["object_keys"]
+    files = []
+    for key, data in zip(keys, storage.read_many(keys), strict=True):
+        if isinstance(data, BaseException):
+            exc = VfxError("read", f"{key}: {data}", object_key=key, error_type=type(data).__name__)
+            return [error_wire(exc, "read", task)]
+        files.append((key, data))
+    return crops_from_files(task, files, cfg)
+
+
+def error_wire(exc: BaseException, stage: str, task: dict[str, Any]) -> dict[str, Any]:
+    row = error_row(exc, stage, patient_id=task["patient_id"], series_instance_uid=task["series_instance_uid"])
+    return {"patient_id": task["patient_id"], "kind": "error", "meta": json.dumps(row), "image": b""}
+
+
+def crops_from_files(task: dict[str, Any], files: list[tuple[str, bytes]], cfg: CropConfig, parsed: list[tuple] | None = None) -> list[dict[str, Any]]:
+    """Decode and crop one patient's objects (already read, maybe parsed) into wire rows; never raises."""
     pid, uid = task["patient_id"], task["series_instance_uid"]
-    stage = "read"
+    stage = "decode"
     try:
-        keys = task["object_keys"]
-        files = []
-        for key, data in zip(keys, storage.read_many(keys), strict=True):
-            if isinstance(data, BaseException):
-                raise VfxError("read", f"{key}: {data}", object_key=key, error_type=type(data).__name__)
-            files.append((key, data))
-        stage = "decode"
-        volume = dicom.load_volume(files, cfg)
-        del files
+        volume = dicom.load_volume(files, cfg, parsed=parsed)
         stage = "crop"
         roi = geometry.RoiBox(*task["roi"])
         crops = geometry.crop_samples(volume, roi, cfg)
     except Exception as exc:  # noqa: BLE001 - one bad study never stops the batch
-        row = error_row(exc, stage, patient_id=pid, series_instance_uid=uid)
-        return [{"patient_id": pid, "kind": "error", "meta": json.dumps(row), "image": b""}]
+        return [error_wire(exc, stage, task)]
     rows = []
     for c in crops:
         meta = {k: v for k, v in c.items() if k != "image"}
@@ -204,6 +224,7 @@ def stream_crops(ds, tasks: list[ann_mod.PatientTask], cfg: CropConfig, progress
     seen: set[str] = set()
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
         table, errors = wire_to_crops(batch, cfg)
+        raise_if_store_down(errors)
         new = set(batch["patient_id"].to_pylist()) - seen
         seen |= new
         bar.update(len(new))
@@ -216,29 +237,57 @@ def stream_crops(ds, tasks: list[ann_mod.PatientTask], cfg: CropConfig, progress
     ]
 
 
-def run_crops(archive_uri: str, annotations_uri: str, out_uri: str, cfg: CropConfig | None = None, *, progress: bool = True) -> dict[str, Any]:
-    """The crops job: writes crops.parquet, errors.parquet, series_index.parquet, manifest.json."""
+def pseudonym_metadata(p: pseudonym.Pseudonymizer | None) -> dict[str, Any]:
+    return {"pseudonymized": p is not None, "pseudonym_key_id": p.key_id if p else None}
+
+
+def run_crops(archive_uri: str, annotations_uri: str, out_uri: str, cfg: CropConfig | None = None, *, progress: bool = True, pseudonymize: bool = False) -> dict[str, Any]:
+    """The crops job: writes crops.parquet, errors.parquet, series_index.parquet, manifest.json.
+
+    One pass reads each object once, indexes and crops speculatively (:mod:`onepass`); the
+    patients it could not vouch for take a second pass. ``pseudonymize``: identifiers in
+    every output replaced by keyed hashes (:mod:`pseudonym`).
+    """
+    from vfx_ray import onepass
     from vfx_ray.raysession import ensure_ray
 
     cfg = cfg or CropConfig()
+    pseudo = pseudonym.maybe(pseudonymize, archive_uri)
     ensure_ray()
     t0 = time.monotonic()
-    tasks, index, errors = plan(archive_uri, annotations_uri, cfg)
-    storage.write_table(index_table(index), storage.join(out_uri, "series_index.parquet"))
-    n_crops = 0
-    patients_with_crops: set[str] = set()
-    schema = contracts.crops_schema(cfg.channels, cfg.crop_size)
-    metadata = {"vfx_ray.crop_config": json.dumps(dataclasses.asdict(cfg)), "vfx_ray.archive": archive_uri}
-    schema = schema.with_metadata(metadata)
-    with storage.atomic_output(storage.join(out_uri, "crops.parquet")) as sink:
-        with pq.ParquetWriter(sink, schema) as writer:
-            if tasks:
-                for table, errs in stream_crops(crops_dataset(tasks, cfg), tasks, cfg, progress):
+    entries, errors = list_archive(archive_uri, cfg)
+    annotations = ann_mod.read_annotations(annotations_uri)
+    with tempfile.TemporaryDirectory(prefix="vfx-crops-") as tmp:
+        spill = os.path.join(tmp, "speculative.parquet")
+        first = onepass.first_pass(entries, annotations, cfg, spill, progress)
+        index = dicom.group_series(first.headers)
+        tasks, plan_errors = ann_mod.plan_tasks(annotations, index)
+        errors += first.errors + plan_errors
+        read_once = first.accepted(tasks)
+        second = [t for t in tasks if t.patient_id not in read_once]
+        if pseudo:
+            pseudo.know_patients([t.patient_id for t in tasks] + [s.get("patient_id") for s in index])
+        hide = pseudo.table if pseudo else (lambda t: t)
+        storage.write_table(hide(index_table(index)), storage.join(out_uri, "series_index.parquet"))
+        n_crops = 0
+        patients_with_crops: set[str] = set()
+        metadata = {"vfx_ray.crop_config": json.dumps(dataclasses.asdict(cfg)), "vfx_ray.archive": archive_uri,
+                    "vfx_ray.pseudonyms": json.dumps(pseudonym_metadata(pseudo))}
+        schema = contracts.crops_schema(cfg.channels, cfg.crop_size).with_metadata(metadata)
+        with storage.atomic_output(storage.join(out_uri, "crops.parquet")) as sink:
+            with pq.ParquetWriter(sink, schema) as writer:
+                results = onepass.accepted_rows(spill, read_once, cfg)
+                if second:
+                    results = itertools.chain(results, stream_crops(crops_dataset(second, cfg), second, cfg, progress))
+                for table, errs in results:
                     errors += errs
                     if table.num_rows:
-                        writer.write_table(table.replace_schema_metadata(metadata))
+                        writer.write_table(hide(table).replace_schema_metadata(metadata))
                         n_crops += table.num_rows
                         patients_with_crops |= set(table["patient_id"].to_pylist())
+    if pseudo:
+        pseudo.know_patients(e.get("patient_id") for e in errors)
+        errors = [pseudo.row(e) for e in errors]
     storage.write_table(contracts.errors_table(errors), storage.join(out_uri, "errors.parquet"))
     summary = {
         "archive": archive_uri,
@@ -248,8 +297,11 @@ def run_crops(archive_uri: str, annotations_uri: str, out_uri: str, cfg: CropCon
         "crops": n_crops,
         "errors": len(errors),
         "series": len(index),
+        "patients_read_once": len(read_once),
+        "patients_second_pass": len(second),
         "seconds": round(time.monotonic() - t0, 1),
         "config": dataclasses.asdict(cfg),
+        **pseudonym_metadata(pseudo),
     }
     storage.write_text(storage.join(out_uri, "manifest.json"), json.dumps(summary, indent=2))
     return summary
