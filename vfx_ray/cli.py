@@ -135,6 +135,14 @@ def add_objectstore(sub: argparse._SubParsersAction) -> None:
 
 
 # ---------------------------------------------------------------- crops
+def add_pseudonymize(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--pseudonymize", action="store_true",
+        help="replace patient ids, DICOM UIDs and object keys in every output by HMAC-SHA256 "
+        "pseudonyms keyed by $VFX_PSEUDONYM_KEY (required; same key, same pseudonyms)",
+    )
+
+
 def cmd_crops(args: argparse.Namespace) -> int:
     from vfx_ray.ingest import run_crops
 
@@ -145,7 +153,7 @@ def cmd_crops(args: argparse.Namespace) -> int:
         max_slices=args.max_slices,
         max_file_bytes=args.max_file_bytes,
     )
-    summary = run_crops(args.archive, args.annotations, args.out, cfg, progress=not args.quiet)
+    summary = run_crops(args.archive, args.annotations, args.out, cfg, progress=not args.quiet, pseudonymize=args.pseudonymize)
     print(
         f"{summary['crops']} crops of {summary['patients_with_crops']}/{summary['patients_planned']} "
         f"patients from {summary['series']} series in {summary['seconds']} s; "
@@ -175,6 +183,7 @@ def add_crops(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--thickness-mm", type=float, help="sagittal slab thickness (default 3)")
     p.add_argument("--max-slices", type=positive_int, help="most sagittal slices per patient (default 5)")
     p.add_argument("--max-file-bytes", type=positive_int, help="objects above this are refused")
+    add_pseudonymize(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_crops)
 
@@ -187,7 +196,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     summary = run_score(
         args.archive, args.annotations, args.model, args.out, cfg,
         threshold=args.threshold, features=args.features, batch_size=args.batch_size,
-        commit_every=args.commit_every, progress=not args.quiet,
+        commit_every=args.commit_every, progress=not args.quiet, pseudonymize=args.pseudonymize,
     )
     line = (
         f"{summary['rows']} patients scored ({summary['scored_now']} now, "
@@ -224,6 +233,7 @@ def add_score(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=positive_int, default=64, help="crops per model call (default 64)")
     p.add_argument("--commit-every", type=positive_int, default=25, help="patients per committed part (resume granularity)")
     p.add_argument("--profile", default="paper", choices=config_mod.PROFILES)
+    add_pseudonymize(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_score)
 
@@ -309,7 +319,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (CliError, VfxError, FileNotFoundError, PermissionError, ValueError) as exc:
+    except (CliError, VfxError, FileNotFoundError, PermissionError, ValueError, ConnectionError) as exc:
         if os.environ.get("VFX_RAY_DEBUG"):
             raise
         print(f"vfx-ray {args.command}: error: {exc}", file=sys.stderr)

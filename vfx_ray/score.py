@@ -9,6 +9,7 @@ final ``scores.parquet`` holds exactly one row per patient.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -22,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm import tqdm
 
-from vfx_ray import contracts, ingest, metrics, storage
+from vfx_ray import contracts, ingest, metrics, pseudonym, storage
 from vfx_ray.annotations import DEFAULT_CLASSES
 from vfx_ray.config import CropConfig
 from vfx_ray.errors import VfxError
@@ -226,6 +227,7 @@ def run_score(
     classes: tuple[str, str] = DEFAULT_CLASSES,
     commit_every: int = 25,
     progress: bool = True,
+    pseudonymize: bool = False,
 ) -> dict[str, Any]:
     """Score every annotated patient of an archive; write scores.parquet + errors.parquet.
 
@@ -238,6 +240,7 @@ def run_score(
     from vfx_ray.raysession import ensure_ray
 
     cfg = cfg or CropConfig()
+    pseudo = pseudonym.maybe(pseudonymize, archive_uri)
     files = model_files(model_uri)
     ids = [load_model(f)[1]["model_id"] for f in files]
     model = {"model_id": ensemble_id(ids), "n_models": len(files), "members": ids, "files": files}
@@ -246,7 +249,10 @@ def run_score(
     tasks, index, errors = ingest.plan(archive_uri, annotations_uri, cfg)
     done = committed(out_uri, model["model_id"])
     done_ids = set(done["patient_id"].to_pylist()) if done is not None else set()
-    todo = [t for t in tasks if t.patient_id not in done_ids]
+    if pseudo:
+        pseudo.know_patients([t.patient_id for t in tasks] + [s.get("patient_id") for s in index])
+    shown = pseudo.patient if pseudo else (lambda pid: pid)  # the id as written out
+    todo = [t for t in tasks if shown(t.patient_id) not in done_ids]
     resources = ray.cluster_resources()
     gpus, cpus = int(resources.get("GPU", 0)), max(1, int(resources.get("CPU", 1)))
     writer = PartWriter(out_uri, every=commit_every)
@@ -275,22 +281,31 @@ def run_score(
             nonlocal scored
             rows = slices.pop(pid, [])
             if rows:
-                writer.add(patient_row(pid, rows, model, threshold, classes), features_table(pid, rows) if features else None)
+                row, feats = patient_row(pid, rows, model, threshold, classes), features_table(pid, rows) if features else None
+                if pseudo:
+                    row, feats = pseudo.row(row), feats if feats is None else pseudo.table(feats)
+                writer.add(row, feats)
                 scored += 1
             bar.update(1)
 
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            for pid, kind, meta, prob, emb in zip(*(batch[c].to_pylist() for c in SLICE_WIRE.names), strict=True):
-                seen.add(pid)
-                row = json.loads(meta)
-                if kind == "error":
-                    errors.append(row)
-                else:
-                    slices.setdefault(pid, []).append({**row, "probability": prob, "embedding": emb})
-                # rows arrive in task order (preserve_order): earlier patients are complete
-                while next_open < position[pid]:
-                    finish(order[next_open])
-                    next_open += 1
+        try:
+            for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                for pid, kind, meta, prob, emb in zip(*(batch[c].to_pylist() for c in SLICE_WIRE.names), strict=True):
+                    seen.add(pid)
+                    row = json.loads(meta)
+                    if kind == "error":
+                        errors.append(row)
+                        ingest.raise_if_store_down([row])
+                    else:
+                        slices.setdefault(pid, []).append({**row, "probability": prob, "embedding": emb})
+                    # rows arrive in task order (preserve_order): earlier patients are complete
+                    while next_open < position[pid]:
+                        finish(order[next_open])
+                        next_open += 1
+        except BaseException:
+            with contextlib.suppress(Exception):  # keep what is finished, if the output takes it
+                writer.flush()
+            raise
         while next_open < len(order):
             finish(order[next_open])
             next_open += 1
@@ -300,13 +315,16 @@ def run_score(
             for t in todo if t.patient_id not in seen
         ]
     writer.flush()
-    return finalize(out_uri, model, errors, cfg, threshold=threshold, features=features, classes=classes, archive_uri=archive_uri, planned=len(tasks), scored=scored, skipped=len(done_ids), seconds=time.monotonic() - t0)
+    if pseudo:
+        pseudo.know_patients(e.get("patient_id") for e in errors)
+        errors = [pseudo.row(e) for e in errors]
+    return finalize(out_uri, model, errors, cfg, threshold=threshold, features=features, classes=classes, archive_uri=archive_uri, planned=len(tasks), scored=scored, skipped=len(done_ids), seconds=time.monotonic() - t0, pseudonyms=ingest.pseudonym_metadata(pseudo))
 
 
-def finalize(out_uri, model, errors, cfg, *, threshold, features, classes, archive_uri, planned, scored, skipped, seconds) -> dict[str, Any]:
+def finalize(out_uri, model, errors, cfg, *, threshold, features, classes, archive_uri, planned, scored, skipped, seconds, pseudonyms) -> dict[str, Any]:
     table = committed(out_uri, model["model_id"])
     table = table.sort_by("patient_id") if table is not None else pa.Table.from_pylist([], schema=scores_schema())
-    run_config = {"crops": dataclasses.asdict(cfg), "threshold": threshold, "classes": list(classes), "model": model, "archive": archive_uri}
+    run_config = {"crops": dataclasses.asdict(cfg), "threshold": threshold, "classes": list(classes), "model": model, "archive": archive_uri, **pseudonyms}
     meta = {"vfx_ray.config": json.dumps(run_config), "vfx_ray.model_id": model["model_id"]}
     storage.write_table(table, storage.join(out_uri, "scores.parquet"), metadata=meta)
     if features:
@@ -317,7 +335,7 @@ def finalize(out_uri, model, errors, cfg, *, threshold, features, classes, archi
     scored_ids = set(table["patient_id"].to_pylist())
     errors = [e for e in errors if e.get("patient_id") not in scored_ids]  # a re-run healed them
     storage.write_table(contracts.errors_table(errors), storage.join(out_uri, "errors.parquet"))
-    summary = {"patients_planned": planned, "scored_now": scored, "skipped_already_scored": skipped, "rows": table.num_rows, "errors": len(errors), "model_id": model["model_id"], "n_models": model["n_models"], "seconds": round(seconds, 1)}
+    summary = {"patients_planned": planned, "scored_now": scored, "skipped_already_scored": skipped, "rows": table.num_rows, "errors": len(errors), "model_id": model["model_id"], "n_models": model["n_models"], "seconds": round(seconds, 1), **pseudonyms}
     labelled = table.filter(pc.is_valid(table["label"]))
     if labelled.num_rows:
         summary["metrics"] = label_metrics(labelled, threshold, classes)
