@@ -62,15 +62,15 @@ def local_cluster(log_dir: Path, head_cpus: int = 2, worker_cpus: list[int] | No
             assert time.time() < deadline and cluster.procs[0].poll() is None, (log_dir / "head.log").read_text()[-3000:]
             time.sleep(2)
         for i, cpus in enumerate(worker_cpus or []):
-            # each node of a cluster shares the head's session dir; the worker gets its own ports
+            # each node of a cluster shares the head's session dir; the worker gets its own ports.
+            # One at a time: raylets starting together pick the same plasma socket name.
             cluster.procs.append(_node(
                 [f"--address={cluster.gcs_address}", f"--num-cpus={cpus}",
                  f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}"],
                 env, log_dir / f"worker{i}.log", head_tmp))  # fmt: skip
-        expected = 1 + len(worker_cpus or [])
-        while alive_nodes(cluster) < expected:
-            assert time.time() < deadline, f"only {alive_nodes(cluster)} of {expected} nodes came up"
-            time.sleep(2)
+            while alive_nodes(cluster) < 2 + i:
+                assert time.time() < deadline, f"only {alive_nodes(cluster)} of {2 + i} nodes came up"
+                time.sleep(1)
         yield cluster
     finally:
         for p in reversed(cluster.procs):
