@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from vfx_ray import contracts, folds, metrics, storage
+from vfx_ray import contracts, folds, metrics, runrecord, storage
 from vfx_ray import model as vmodel
 from vfx_ray import train as vtrain
 from vfx_ray.config import TrainConfig
@@ -41,8 +41,6 @@ from vfx_ray.errors import VfxError
 from vfx_ray.raysession import ensure_ray
 
 logger = logging.getLogger(__name__)
-# fields that may change between a run and its resumption (where it runs, not what it learns)
-RUNTIME_FIELDS = ("num_workers", "use_gpu")
 PREDICTION_COLUMNS = ("patient_id", "fold", "slice_index", "probability", "label")
 
 
@@ -68,20 +66,6 @@ def max_parallel_folds(cfg: TrainConfig, resources: dict[str, float], n_pending:
     if cfg.use_gpu:
         limit = min(limit, int(resources.get("GPU", 0) // max(cfg.num_workers, 1)))
     return max(1, min(n_pending, limit))
-
-
-def _check_config(out_uri: str, record: dict[str, Any]) -> None:
-    """Write config.json once; refuse to continue a run folder made with another recipe."""
-    uri = storage.join(out_uri, "config.json")
-    if not storage.exists(uri):
-        storage.write_text(uri, json.dumps(record, indent=2, sort_keys=True))
-        return
-    old = json.loads(storage.read_text(uri))
-    a = {k: v for k, v in old.get("train", {}).items() if k not in RUNTIME_FIELDS}
-    b = {k: v for k, v in json.loads(json.dumps(record["train"])).items() if k not in RUNTIME_FIELDS}
-    if a != b:
-        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-        raise VfxError("train", f"{out_uri} holds a run with different settings ({', '.join(diff)}); use a new --out")
 
 
 def load_or_make_splits(out_uri: str, patients: pd.DataFrame, cfg: TrainConfig) -> dict[str, Any]:
@@ -196,7 +180,7 @@ def run_train_cv(
     patients = folds.patient_labels(crops.select(["patient_id", "label"]).to_pandas())
     record = {"train": dataclasses.asdict(cfg), "crops_uri": crops_uri, "params": params or {},
               "versions": {"ray": ray.__version__, "torch": torch.__version__}}
-    _check_config(out_uri, record)
+    runrecord.pin(out_uri, "config.json", record, lambda r: runrecord.without_runtime(r.get("train", {})), "train", "a run")
     splits = load_or_make_splits(out_uri, patients, cfg)
     pending = [k for k in range(cfg.n_folds) if not storage.exists(storage.join(_fold_dir(out_uri, k), "done.json"))]
     if pending:

@@ -46,7 +46,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.logger import TBXLoggerCallback
 from ray.util.placement_group import PlacementGroup
 
-from vfx_ray import storage
+from vfx_ray import runrecord, storage
 from vfx_ray.config import Config, TrainConfig, TuneConfig
 from vfx_ray.errors import VfxError
 from vfx_ray.raysession import ensure_ray
@@ -273,6 +273,11 @@ def best_params(trials: pa.Table) -> dict[str, float]:
     return {"lr": best["lr"], "l2": best["l2"]}
 
 
+def _comparable(record: dict[str, Any]) -> dict[str, Any]:
+    """What a resumed search must share with the first: all but versions and runtime fields."""
+    return {**{k: v for k, v in record.items() if k != "versions"}, "train": runrecord.without_runtime(record["train"])}
+
+
 def _record(crops_uri: str, cfg: TrainConfig, tc: TuneConfig, fold: int, splits: dict[str, Any]) -> dict[str, Any]:
     part = splits["folds"][fold]
     return {
@@ -282,26 +287,6 @@ def _record(crops_uri: str, cfg: TrainConfig, tc: TuneConfig, fold: int, splits:
         "patients": {"train": len(part["train"]), "val": len(part["val"]), "test_left_out": len(part["test"])},
         "versions": {"ray": ray.__version__},
     }  # fmt: skip
-
-
-def _check_record(out_uri: str, record: dict[str, Any]) -> None:
-    """Write search.json once; a resumed search must use the same settings."""
-    uri = storage.join(out_uri, "search.json")
-    if not storage.exists(uri):
-        storage.write_text(uri, json.dumps(record, indent=2, sort_keys=True))
-        return
-    from vfx_ray.cv import RUNTIME_FIELDS
-
-    old = json.loads(storage.read_text(uri))
-    new = json.loads(json.dumps(record))
-    for rec in (old, new):
-        rec.pop("versions", None)
-        for k in RUNTIME_FIELDS:
-            rec["train"].pop(k, None)
-    if old != new:
-        diff = [k for k in sorted(set(old) | set(new)) if k not in ("train", "tune") and old.get(k) != new.get(k)]
-        diff += [f"{sec}.{k}" for sec in ("train", "tune") for k in sorted(new[sec]) if old[sec].get(k) != new[sec][k]]
-        raise VfxError("tune", f"{out_uri} holds a search with other settings ({', '.join(diff)}); use a new --out")
 
 
 def run_tune(
@@ -343,7 +328,7 @@ def run_tune(
     patients = folds.patient_labels(crops.select(["patient_id", "label"]).to_pandas())
     splits = cv.load_or_make_splits(out_uri, patients, train_cfg)
     train_ids, val_ids = tune_split(splits, fold)
-    _check_record(out_uri, _record(crops_uri, train_cfg, tc, fold, splits))
+    runrecord.pin(out_uri, "search.json", _record(crops_uri, train_cfg, tc, fold, splits), _comparable, "tune", "a search")
     _log(f"{n} trials on outer fold {fold}: {len(train_ids)} training and {len(val_ids)} validation "
          f"patients; its {len(splits['folds'][fold]['test'])} test patients are left out")
 
