@@ -237,10 +237,6 @@ def stream_crops(ds, tasks: list[ann_mod.PatientTask], cfg: CropConfig, progress
     ]
 
 
-def pseudonym_metadata(p: pseudonym.Pseudonymizer | None) -> dict[str, Any]:
-    return {"pseudonymized": p is not None, "pseudonym_key_id": p.key_id if p else None}
-
-
 def run_crops(archive_uri: str, annotations_uri: str, out_uri: str, cfg: CropConfig | None = None, *, progress: bool = True, pseudonymize: bool = False) -> dict[str, Any]:
     """The crops job: writes crops.parquet, errors.parquet, series_index.parquet, manifest.json.
 
@@ -272,7 +268,7 @@ def run_crops(archive_uri: str, annotations_uri: str, out_uri: str, cfg: CropCon
         n_crops = 0
         patients_with_crops: set[str] = set()
         metadata = {"vfx_ray.crop_config": json.dumps(dataclasses.asdict(cfg)), "vfx_ray.archive": archive_uri,
-                    "vfx_ray.pseudonyms": json.dumps(pseudonym_metadata(pseudo))}
+                    "vfx_ray.pseudonyms": json.dumps(pseudonym.metadata(pseudo))}
         schema = contracts.crops_schema(cfg.channels, cfg.crop_size).with_metadata(metadata)
         with storage.atomic_output(storage.join(out_uri, "crops.parquet")) as sink:
             with pq.ParquetWriter(sink, schema) as writer:
@@ -301,7 +297,7 @@ def run_crops(archive_uri: str, annotations_uri: str, out_uri: str, cfg: CropCon
         "patients_second_pass": len(second),
         "seconds": round(time.monotonic() - t0, 1),
         "config": dataclasses.asdict(cfg),
-        **pseudonym_metadata(pseudo),
+        **pseudonym.metadata(pseudo),
     }
     storage.write_text(storage.join(out_uri, "manifest.json"), json.dumps(summary, indent=2))
     return summary

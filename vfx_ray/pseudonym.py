@@ -17,7 +17,7 @@ import hashlib
 import hmac
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import pyarrow as pa
@@ -99,51 +99,42 @@ class Pseudonymizer:
             text = self._patient_re.sub(lambda m: self._patients[m.group(0)], text)
         return text
 
+    def _mappers(self) -> dict[str, Callable[[Any], Any]]:
+        """Column (or field) name -> how a value of it is replaced."""
+        return {
+            **dict.fromkeys(ID_COLUMNS, self.patient),
+            **dict.fromkeys(UID_COLUMNS, self.uid),
+            **dict.fromkeys(KEY_COLUMNS, self.key),
+            "object_keys": lambda keys: None if keys is None else [self.key(k) for k in keys],
+            "message": self.scrub,
+        }
+
     def row(self, row: dict[str, Any]) -> dict[str, Any]:
         """An errors-table (or any flat) row with its identifier fields replaced."""
-        out = dict(row)
         self.know_patients([row.get("patient_id")])
-        keys = [row.get("object_key") or ""]
-        for c in ID_COLUMNS:
-            if c in out:
-                out[c] = self.patient(out[c])
-        for c in UID_COLUMNS:
-            if c in out:
-                out[c] = self.uid(out[c])
-        for c in KEY_COLUMNS:
-            if c in out:
-                out[c] = self.key(out[c])
-        if "message" in out:
-            out["message"] = self.scrub(out["message"], keys)
-        return out
+        mappers = {**self._mappers(), "message": lambda m: self.scrub(m, [row.get("object_key") or ""])}
+        return {k: mappers[k](v) if k in mappers else v for k, v in row.items()}
 
     def table(self, table: pa.Table) -> pa.Table:
         """A table with identifier columns replaced and free-text columns emptied."""
-        for name in table.column_names:
+        mappers = self._mappers()
+        for i, name in enumerate(table.column_names):
             col = table[name]
-            if name in ID_COLUMNS:
-                fn = self.patient
-            elif name in UID_COLUMNS:
-                fn = self.uid
-            elif name in KEY_COLUMNS:
-                fn = self.key
-            elif name == "object_keys":
-                values = [None if v is None else [self.key(k) for k in v] for v in col.to_pylist()]
-                table = table.set_column(table.schema.get_field_index(name), name, pa.array(values, col.type))
-                continue
-            elif name in DROPPED_COLUMNS:
-                table = table.set_column(table.schema.get_field_index(name), name, pa.nulls(len(table), col.type))
-                continue
-            elif name == "message":
-                values = [self.scrub(v) for v in col.to_pylist()]
-                table = table.set_column(table.schema.get_field_index(name), name, pa.array(values, col.type))
-                continue
+            if name in DROPPED_COLUMNS:
+                new = pa.nulls(len(table), col.type)
+            elif name in mappers:
+                new = pa.array([mappers[name](v) for v in col.to_pylist()], col.type)
             else:
                 continue
-            table = table.set_column(table.schema.get_field_index(name), name, pa.array([fn(v) for v in col.to_pylist()], col.type))
+            table = table.set_column(i, name, new)
         return table
 
 
 def maybe(enabled: bool, archive_uri: str | None = None) -> Pseudonymizer | None:
     """The job's pseudonymizer when ``--pseudonymize`` is on (a clear error without a key)."""
     return Pseudonymizer.from_env(archive_uri) if enabled else None
+
+
+def metadata(p: Pseudonymizer | None) -> dict[str, Any]:
+    """What manifests and Parquet metadata say of it: whether, and with which key (by id)."""
+    return {"pseudonymized": p is not None, "pseudonym_key_id": p.key_id if p else None}

@@ -318,7 +318,7 @@ def run_score(
     if pseudo:
         pseudo.know_patients(e.get("patient_id") for e in errors)
         errors = [pseudo.row(e) for e in errors]
-    return finalize(out_uri, model, errors, cfg, threshold=threshold, features=features, classes=classes, archive_uri=archive_uri, planned=len(tasks), scored=scored, skipped=len(done_ids), seconds=time.monotonic() - t0, pseudonyms=ingest.pseudonym_metadata(pseudo))
+    return finalize(out_uri, model, errors, cfg, threshold=threshold, features=features, classes=classes, archive_uri=archive_uri, planned=len(tasks), scored=scored, skipped=len(done_ids), seconds=time.monotonic() - t0, pseudonyms=pseudonym.metadata(pseudo))
 
 
 def finalize(out_uri, model, errors, cfg, *, threshold, features, classes, archive_uri, planned, scored, skipped, seconds, pseudonyms) -> dict[str, Any]:
