@@ -83,6 +83,23 @@ def local_cluster(log_dir: Path, head_cpus: int = 2, worker_cpus: list[int] | No
             shutil.rmtree(d, ignore_errors=True)
 
 
+def until_agent_ready(submit, timeout: float = 120):
+    """Call ``submit`` again while the head's job agent has not registered yet.
+
+    The dashboard answers `ray job list` before the head's dashboard agent is known to it; a
+    submission in that window fails with "No available agent" after the dashboard's own 10 s
+    wait, which a loaded 2-core CI machine can exceed. ``submit`` raises RuntimeError then.
+    """
+    deadline = time.time() + timeout
+    while True:
+        try:
+            return submit()
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or time.time() > deadline:
+                raise
+            time.sleep(2)
+
+
 def alive_nodes(cluster: Cluster) -> int:
     res = cluster.ray("list", "nodes", "--address", cluster.gcs_address, "--filter", "state=ALIVE", "--format", "json")
     if res.returncode != 0:

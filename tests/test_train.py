@@ -2,15 +2,7 @@
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import secrets
-import shutil
-import socket
-import subprocess
-import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -93,81 +85,35 @@ def test_killed_worker_resumes_from_checkpoint_with_whole_epochs(ray_session, cr
     assert [h["epoch"] for h in fit2.summary["history"]] == [1, 2, 3, 4]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _cli_has_train_cv() -> bool:
-    from vfx_ray import cli
-
-    sub = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    return "train-cv" in sub.choices
-
-
 @pytest.mark.slow
 def test_ray_job_submit_on_a_local_cluster(crops_uri, tmp_path):
     """`ray start --head` (token auth on), `ray job submit` of jobs/train_cv.py, SUCCEEDED, outputs."""
-    bin_dir = Path(sys.executable).parent
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
-    port, dash = _free_port(), _free_port()
-    temp_dir = tempfile.mkdtemp(prefix="vrj", dir="/tmp")  # short: Ray's socket paths live in it
-    head_log = open(tmp_path / "head.log", "w")
-    head = subprocess.Popen(
-        [str(bin_dir / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
-         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-         f"--ray-client-server-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}",
-         f"--temp-dir={temp_dir}", "--disable-usage-stats"],
-        env=env, stdout=head_log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
-    address = f"http://127.0.0.1:{dash}"
+    from ray_nodes import local_cluster, until_agent_ready
+
     out = tmp_path / "run"
     (tmp_path / "params.json").write_text(json.dumps({"max_epochs": 2, "n_folds": 2, "augment_factor": 1}))
-    if _cli_has_train_cv():
-        entry = ["python", "jobs/train_cv.py", "--crops", crops_uri, "--out", str(out),
-                 "--profile", "demo", "--params", str(tmp_path / "params.json")]  # fmt: skip
-    else:  # the CLI's train-cv is not there yet: call the function the job would call
-        code = ("import json; from vfx_ray import cv, config; "
-                f"cv.run_train_cv({crops_uri!r}, {str(out)!r}, config.profile('demo').train, "
-                f"params=json.load(open({str(tmp_path / 'params.json')!r})))")  # fmt: skip
-        entry = ["python", "-c", code]
-    ray = str(bin_dir / "ray")
+    entry = ["python", "jobs/train_cv.py", "--crops", crops_uri, "--out", str(out),
+             "--profile", "demo", "--params", str(tmp_path / "params.json")]  # fmt: skip
     job_id = f"vfx-test-{uuid.uuid4().hex[:8]}"
-    try:
-        deadline = time.time() + 90
-        while True:  # the dashboard takes a few seconds to come up
-            ok = subprocess.run([ray, "job", "list", "--address", address], env=env, capture_output=True, text=True)
-            if ok.returncode == 0:
-                break
-            assert time.time() < deadline and head.poll() is None, ok.stderr[-2000:]
-            time.sleep(2)
-        sub = subprocess.run(
-            [ray, "job", "submit", "--address", address, "--working-dir", str(REPO), "--submission-id", job_id,
-             "--no-wait", "--", *entry],
-            env=env, capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
-        assert sub.returncode == 0, sub.stderr[-3000:]
+    with local_cluster(tmp_path) as cluster:
+        address = cluster.dashboard
+
+        def submit() -> None:
+            sub = cluster.ray("job", "submit", "--address", address, "--working-dir", str(REPO),
+                              "--submission-id", job_id, "--no-wait", "--", *entry, timeout=120)  # fmt: skip
+            if sub.returncode != 0:
+                raise RuntimeError(sub.stderr[-3000:])
+
+        until_agent_ready(submit)
         deadline, status = time.time() + 300, ""
         while time.time() < deadline:
-            status = subprocess.run([ray, "job", "status", "--address", address, job_id], env=env,
-                                    capture_output=True, text=True).stdout.lower()  # fmt: skip
+            status = cluster.ray("job", "status", "--address", address, job_id).stdout.lower()
             if any(s in status for s in ("succeeded", "failed", "stopped")):
                 break
             time.sleep(3)
-        logs = subprocess.run([ray, "job", "logs", "--address", address, job_id], env=env,
-                              capture_output=True, text=True).stdout  # fmt: skip
+        logs = cluster.ray("job", "logs", "--address", address, job_id).stdout
         assert "succeeded" in status, f"{status}\n{logs[-4000:]}"
-        metrics = json.loads((out / "metrics.json").read_text())
-        assert metrics["pooled"]["per_patient"]["n"] == 24
-        assert len(pq.read_table(out / "oof_predictions.parquet")) == 72
-        assert all((out / f"fold_{k}" / "done.json").exists() for k in range(2))
-    finally:
-        head.terminate()  # --block: the head stops its own Ray processes (never `ray stop`,
-        try:  # which would end every Ray instance on the machine)
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, 9)
-        head_log.close()
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["pooled"]["per_patient"]["n"] == 24
+    assert len(pq.read_table(out / "oof_predictions.parquet")) == 72
+    assert all((out / f"fold_{k}" / "done.json").exists() for k in range(2))

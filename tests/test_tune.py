@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shlex
@@ -179,34 +178,22 @@ def test_best_params_feed_train_cv(search, crops_uri, tmp_path):
     assert json.loads((run / "splits.json").read_text()) == json.loads((search["out"] / "splits.json").read_text())
 
 
-def _cli_has_tune() -> bool:
-    from vfx_ray import cli
-
-    sub = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    return "tune" in sub.choices
-
-
 @pytest.mark.slow
 def test_tune_as_a_ray_job_on_a_local_cluster(objectstore_server, crops_uri, tmp_path):
     """`ray start --head` (token auth), the job submitted and polled through the dashboard's job
     API; the search writes to the embedded S3 store (the head inherits its AWS variables)."""
     from ray.job_submission import JobStatus, JobSubmissionClient
-    from ray_nodes import local_cluster
+    from ray_nodes import local_cluster, until_agent_ready
 
     out = f"s3://test/tune-job-{uuid.uuid4().hex[:8]}"
-    if _cli_has_tune():
-        entry = ["python", "jobs/tune.py", "--crops", crops_uri, "--out", out, "--profile", "demo",
-                 "--num-samples", "2", "--epochs", "1", "--augment-factor", "1", "--quiet"]  # fmt: skip
-    else:  # the CLI's tune is not there yet: call the function the job would call
-        code = ("import dataclasses; from vfx_ray import tune, config; c = config.profile('demo'); "
-                "c = dataclasses.replace(c, train=dataclasses.replace(c.train, max_epochs=1, augment_factor=1)); "
-                f"tune.run_tune({crops_uri!r}, {out!r}, c, num_samples=2, progress=False)")  # fmt: skip
-        entry = ["python", "-c", code]
+    entry = ["python", "jobs/tune.py", "--crops", crops_uri, "--out", out, "--profile", "demo",
+             "--num-samples", "2", "--epochs", "1", "--augment-factor", "1", "--quiet"]  # fmt: skip
     with local_cluster(tmp_path) as cluster:
         token = cluster.env["RAY_AUTH_TOKEN"]
         client = JobSubmissionClient(cluster.dashboard, headers={"Authorization": f"Bearer {token}"})
-        job_id = client.submit_job(entrypoint=shlex.join(entry), runtime_env={"working_dir": str(REPO)},
-                                   submission_id=f"vfx-tune-{uuid.uuid4().hex[:8]}")  # fmt: skip
+        job_id = until_agent_ready(lambda: client.submit_job(
+            entrypoint=shlex.join(entry), runtime_env={"working_dir": str(REPO)},
+            submission_id=f"vfx-tune-{uuid.uuid4().hex[:8]}"))  # fmt: skip
         deadline, status = time.time() + 240, None
         while time.time() < deadline:
             status = client.get_job_status(job_id)
