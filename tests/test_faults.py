@@ -31,11 +31,11 @@ import pytest
 import torch
 from ray_nodes import Cluster, _node, alive_nodes, local_cluster
 
-from vfx_ray import objectstore, storage
+from vfx_ray import objectstore, scorepass, storage
 from vfx_ray.config import SynthConfig
 from vfx_ray.ingest import run_crops
-from vfx_ray.model import build_model, load_model, save_model
-from vfx_ray.score import PARTS, committed, ensemble_id, run_score
+from vfx_ray.model import build_model, save_model
+from vfx_ray.score import PARTS, run_score
 from vfx_ray.synth.cohort import generate_cohort
 
 pytestmark = pytest.mark.slow
@@ -107,8 +107,10 @@ def store_back_up(objectstore_server):
         restart(objectstore_server)
 
 
-def has_parts(out: str) -> Callable[[], bool]:
-    return lambda: bool([e for e in storage.list_files(storage.join(out, PARTS), suffix=".parquet") if "/features/" not in e.uri])
+def chunk_files(out: str) -> list[storage.FileEntry]:
+    """The first pass's committed chunks (``score`` reads an archive once, a chunk at a time)."""
+    folder = storage.join(out, PARTS, scorepass.CHUNK_DIR)
+    return storage.list_files(folder, suffix=".parquet") if storage.exists(folder) else []
 
 
 def one_row_per_patient(out: str) -> None:
@@ -180,7 +182,7 @@ def test_store_outage_during_score_is_ridden_out(cohort, objectstore_server):
 
 def test_store_gone_for_good_fails_clearly_and_keeps_committed_work(cohort, objectstore_server):
     out = f"{cohort['root']}/score-gone"
-    fault = Fault(objectstore_server, has_parts(out), down_s=None)
+    fault = Fault(objectstore_server, lambda: bool(chunk_files(out)), down_s=None)  # mid first pass
     with pytest.raises(storage.StoreUnavailable, match="unreachable") as err:
         run_with(fault, lambda: run_score(cohort["archive"], cohort["ann"], cohort["model"], out, progress=False, commit_every=2))
     failed_after = time.monotonic() - fault.struck_at
@@ -189,11 +191,11 @@ def test_store_gone_for_good_fails_clearly_and_keeps_committed_work(cohort, obje
     assert storage.S3_OUTAGE_SECONDS - 2 < failed_after < 240, f"took {failed_after:.0f} s to give up"
     assert objectstore_server.endpoint in str(err.value)
     restart(objectstore_server)
-    kept = committed(out, ensemble_id([load_model(cohort["model"])[1]["model_id"]]))
-    assert kept is not None and kept.num_rows >= 2  # the parts committed before the outage
+    kept = len(chunk_files(out))
+    assert 1 <= kept < N  # the chunks committed before the outage
     assert not storage.exists(f"{out}/scores.parquet")
     summary = run_score(cohort["archive"], cohort["ann"], cohort["model"], out, progress=False, commit_every=2)
-    assert summary["skipped_already_scored"] >= 2 and summary["rows"] == N, summary
+    assert summary["chunks_reused"] == kept and summary["rows"] == N, summary
     one_row_per_patient(out)
 
 
@@ -213,7 +215,7 @@ def test_read_only_destination_leaves_nothing_looking_complete(cohort, objectsto
         assert not storage.exists(f"{crops_out}/{name}"), name
     restart(objectstore_server)
 
-    fault = Fault(objectstore_server, has_parts(score_out), read_only=True)
+    fault = Fault(objectstore_server, lambda: bool(chunk_files(score_out)), read_only=True)
     with pytest.raises(OSError, match=WRITE_REFUSED) as err:
         run_with(fault, lambda: run_score(cohort["archive"], cohort["ann"], cohort["model"], score_out, progress=False, commit_every=2))
     assert not isinstance(err.value, storage.StoreUnavailable), err.value

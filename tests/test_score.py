@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 import torch
 
-from vfx_ray import dicom, geometry, score, storage
+from vfx_ray import dicom, geometry, onepass, score, scorepass, storage
 from vfx_ray.config import CropConfig, SynthConfig
 from vfx_ray.model import build_model, load_model, predict_proba, save_model
 from vfx_ray.synth.cohort import generate_cohort
@@ -114,26 +114,67 @@ def test_labels_give_metrics_and_s3_output_reads_in_duckdb_and_pandas(cohort, ra
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_with_one_row_per_patient(cohort, tmp_path):
+def test_killed_run_resumes_with_one_row_per_patient(cohort, scored, tmp_path):
+    """Killed in the first pass (a chunk per patient folder here): the re-run takes the
+    committed chunks instead of reading them again, and writes one row per patient."""
     out = str(tmp_path / "killed")
+    chunks = f"{out}/_parts/{scorepass.CHUNK_DIR}/*/*.parquet"
     cmd = [sys.executable, "-m", "vfx_ray.cli", "score", "--archive", f"{cohort['root']}/dicom", "--annotations", f"{cohort['root']}/unlabelled.csv", "--model", cohort["model"], "--out", out, "--commit-every", "1", "--batch-size", "2", "--quiet"]
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
-        if glob.glob(f"{out}/_parts/*.parquet"):
+        if glob.glob(chunks):
             break
         time.sleep(0.02)
     assert proc.poll() is None, "the run ended before it could be killed"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not os.path.exists(f"{out}/scores.parquet")
-    parts = len(glob.glob(f"{out}/_parts/*.parquet"))
-    assert 1 <= parts < 6
+    kept = len(glob.glob(chunks))
+    assert 1 <= kept < 6
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     df = pd.read_parquet(f"{out}/scores.parquet")
     assert sorted(df["patient_id"]) == sorted(cohort["ann"]["patient_id"])  # exactly one row each
-    assert f"{6 - parts} now, {parts} already done" in res.stdout
+    assert "6 patients scored (6 now, 0 already done)" in res.stdout
+    assert f"read once: 6 patients, second pass: 0; {kept} of 6 chunks taken from an interrupted run" in res.stdout
+    assert not glob.glob(f"{out}/_parts/{scorepass.CHUNK_DIR}")  # the finished run leaves no chunks
+    np.testing.assert_allclose(df.sort_values("patient_id")["probability"], pd.read_parquet(f"{cohort['root']}/scores_unlabelled/scores.parquet").sort_values("patient_id")["probability"], atol=1e-6)
+
+
+def test_patients_split_across_chunks_take_the_second_pass_with_the_same_scores(cohort, scored, ray_session, tmp_path, monkeypatch):
+    monkeypatch.setattr(onepass, "CHUNK_OBJECTS", 5)  # every series is cut: none can be vouched for
+    out = str(tmp_path / "second")
+    summary = score.run_score(f"{cohort['root']}/dicom", f"{cohort['root']}/unlabelled.csv", cohort["model"], out, CFG, progress=False)
+    assert (summary["patients_read_once"], summary["patients_second_pass"], summary["errors"]) == (0, 6, 0)
+    got, want = (pd.read_parquet(f"{o}/scores.parquet").set_index("patient_id").sort_index() for o in (out, scored[0]))
+    assert got.index.tolist() == want.index.tolist()
+    for pid in want.index:  # same crops; the model's batches differ, so float noise only
+        np.testing.assert_allclose(got.loc[pid, "slice_probabilities"], want.loc[pid, "slice_probabilities"], atol=1e-6)
+
+
+def test_rerun_over_some_committed_patients_scores_the_rest_from_the_header_index(cohort, scored, ray_session, tmp_path):
+    out = str(tmp_path / "grown")
+    first = cohort["ann"].assign(label=None).head(3)  # the archive's annotations grew since
+    first.to_csv(tmp_path / "first.csv", index=False)
+    score.run_score(f"{cohort['root']}/dicom", str(tmp_path / "first.csv"), cohort["model"], out, CFG, progress=False)
+    summary = score.run_score(f"{cohort['root']}/dicom", f"{cohort['root']}/unlabelled.csv", cohort["model"], out, CFG, progress=False)
+    assert (summary["skipped_already_scored"], summary["scored_now"], summary["rows"]) == (3, 3, 6)
+    assert (summary["chunks"], summary["patients_second_pass"]) == (0, 3)  # headers only, then 3 patients
+    got, want = (pd.read_parquet(f"{o}/scores.parquet").set_index("patient_id").sort_index() for o in (out, scored[0]))
+    np.testing.assert_allclose(got["probability"], want["probability"], atol=1e-6)
+
+
+def test_a_chunk_is_committed_only_whole_and_without_errors():
+    def row(kind, key=None):
+        meta = json.dumps({"object_key": key} if key else {})
+        return ("P1", kind, meta, None, None)
+
+    uris = ["s3://a/1.dcm", "s3://a/2.dcm"]
+    assert scorepass._whole([row("header", uris[1]), row("header", uris[0]), row("spec"), row("crop")], uris)
+    assert not scorepass._whole([row("header", uris[0]), row("crop")], uris)  # its end was lost
+    assert not scorepass._whole([row("header", uris[0]), row("header", uris[1]), row("error")], uris)
+    assert not scorepass._whole([row("header", uris[0]), row("header_error", uris[1])], uris)
 
 
 @pytest.mark.slow

@@ -204,6 +204,9 @@ def cmd_score(args: argparse.Namespace) -> int:
         f"({summary['n_models']} models); {summary['errors']} error rows -> {args.out}/scores.parquet"
     )
     print(line)
+    if summary["chunks"]:
+        print(f"read once: {summary['patients_read_once']} patients, second pass: {summary['patients_second_pass']}; "
+              f"{summary['chunks_reused']} of {summary['chunks']} chunks taken from an interrupted run")  # fmt: skip
     if "metrics" in summary:
         for level in ("per_slice", "per_patient"):
             print(f"{level:11s} {metrics_line(summary['metrics'][level])}")

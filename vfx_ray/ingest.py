@@ -177,7 +177,7 @@ def crop_batch(batch: pa.Table, cfg: CropConfig) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=WIRE_SCHEMA)
 
 
-def crops_dataset(tasks: list[ann_mod.PatientTask], cfg: CropConfig):
+def crops_dataset(tasks: list[ann_mod.PatientTask], cfg: CropConfig, num_cpus: float = 1):
     """A Ray Dataset of wire rows (one block per patient, so patients decode in parallel)."""
     import ray
 
@@ -186,7 +186,7 @@ def crops_dataset(tasks: list[ann_mod.PatientTask], cfg: CropConfig):
     ctx.max_errored_blocks = -1  # a lost task is reported per patient below, not a failed job
     items = [task_to_item(t) for t in tasks]
     return ray.data.from_items(items, override_num_blocks=max(1, len(items))).map_batches(
-        crop_batch, fn_kwargs={"cfg": cfg}, batch_format="pyarrow", batch_size=1, num_cpus=1
+        crop_batch, fn_kwargs={"cfg": cfg}, batch_format="pyarrow", batch_size=1, num_cpus=num_cpus
     )
 
 

@@ -133,11 +133,21 @@ def save_model(
     return mid
 
 
-def load_model(uri: str) -> tuple[nn.Module, dict[str, Any]]:
-    """Model and its record (arch, model_id, meta) from a ``model.pt`` written by save_model."""
+def _read(uri: str) -> dict[str, Any]:
     rec = torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
     if not isinstance(rec, dict) or rec.get("format") != MODEL_FORMAT:
         raise ValueError(f"{uri} is not a vfx_ray model file ({MODEL_FORMAT})")
+    return rec
+
+
+def model_record(uri: str) -> dict[str, Any]:
+    """A ``model.pt``'s record (arch, model_id, meta) without building the network."""
+    return {k: v for k, v in _read(uri).items() if k != "state_dict"}
+
+
+def load_model(uri: str) -> tuple[nn.Module, dict[str, Any]]:
+    """Model and its record (arch, model_id, meta) from a ``model.pt`` written by save_model."""
+    rec = _read(uri)
     model = build_model(rec["arch"], pretrained="none")
     model.load_state_dict(rec["state_dict"])
     model.eval()

@@ -120,10 +120,32 @@ def index_and_crop_chunk(uris: list[str], cfg: CropConfig, annotations: pd.DataF
 
 
 def index_and_crop_batch(batch: pa.Table, cfg: CropConfig, annotations: pd.DataFrame) -> pa.Table:
+    """Each chunk's rows, closed by a ``chunk_end`` row naming the chunk: with rows in order,
+    a consumer knows when a chunk is complete (``score`` commits chunks for resuming)."""
     rows: list[dict[str, Any]] = []
-    for uris in batch["uris"].to_pylist():
+    for uris, chunk in zip(batch["uris"].to_pylist(), batch["chunk"].to_pylist(), strict=True):
         rows += index_and_crop_chunk(uris, cfg, annotations)
+        rows.append(_wire("", "chunk_end", {"chunk": chunk}))
     return pa.Table.from_pylist(rows, schema=ingest.WIRE_SCHEMA)
+
+
+def chunk_items(entries: list[storage.FileEntry], cpus: int) -> list[dict[str, Any]]:
+    """The listing in chunks (enough for every CPU), each named by a fingerprint of its
+    object keys and sizes: the same archive and cluster give the same chunks again."""
+    chunks = chunk_entries(entries, target_objects=-(-len(entries) // (CHUNKS_PER_CPU * cpus)))
+    return [{"uris": [e.uri for e in c], "chunk": keys_fingerprint([f"{e.uri}\t{e.size}" for e in c])} for c in chunks]
+
+
+def chunks_dataset(items: list[dict[str, Any]], cfg: CropConfig, annotations: pd.DataFrame, num_cpus: float = 1):
+    """A Ray Dataset of wire rows, one task per chunk (in order, a lost chunk no failed job)."""
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # same archive, same output file
+    ctx.max_errored_blocks = -1  # a lost chunk is reported per object
+    return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        index_and_crop_batch, fn_kwargs={"cfg": cfg, "annotations": annotations}, batch_format="pyarrow", batch_size=1, num_cpus=num_cpus
+    )
 
 
 @dataclasses.dataclass
@@ -132,9 +154,35 @@ class FirstPass:
     errors: list[dict[str, Any]]
     specs: dict[str, set[tuple[str, str]]]  # patient id -> {(series uid, keys fingerprint)}
 
+    seen: set[str] = dataclasses.field(default_factory=set)  # object keys with a header row
+
     def accepted(self, tasks: list[ann_mod.PatientTask]) -> set[str]:
         """Patients whose speculative result used exactly their planned series, complete."""
         return {t.patient_id for t in tasks if self.specs.get(t.patient_id) == {(t.series_instance_uid, keys_fingerprint(t.object_keys))}}
+
+    def absorb(self, pid: str, kind: str, meta: str) -> bool:
+        """Take an index row (header, header error, spec); False for any other kind."""
+        if kind == "header":
+            h = json.loads(meta)
+            self.headers.append(h)
+            self.seen.add(h["object_key"])
+        elif kind == "header_error":
+            e = json.loads(meta)
+            self.errors.append(e)
+            self.seen.add(e["object_key"])
+        elif kind == "spec":
+            s = json.loads(meta)
+            self.specs.setdefault(pid, set()).add((s["series_instance_uid"], s["keys"]))
+        else:
+            return False
+        return True
+
+    def report_lost(self, entries: list[storage.FileEntry]) -> None:
+        """An error row for each object whose chunk never came back."""
+        self.errors += [
+            VfxError("header", "the task reading this object was lost (worker crash or out of memory) after Ray's retries", object_key=e.uri, error_type="TaskLost").row()
+            for e in entries if e.uri not in self.seen
+        ]
 
 
 def first_pass(entries: list[storage.FileEntry], annotations: pd.DataFrame, cfg: CropConfig, spill_path: str, progress: bool) -> FirstPass:
@@ -143,41 +191,19 @@ def first_pass(entries: list[storage.FileEntry], annotations: pd.DataFrame, cfg:
     import ray
 
     result = FirstPass([], [], {})
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    chunks = chunk_entries(entries, target_objects=-(-len(entries) // (CHUNKS_PER_CPU * cpus)))
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # same archive, same output file
-    ctx.max_errored_blocks = -1  # a lost chunk is reported per object below
-    seen: set[str] = set()
+    items = chunk_items(entries, max(1, int(ray.cluster_resources().get("CPU", 1))))
     bar = tqdm(total=len(entries), desc="crops: objects read", unit="obj", disable=not progress)
     with pq.ParquetWriter(spill_path, ingest.WIRE_SCHEMA) as spill:
-        if chunks:
-            items = [{"uris": [e.uri for e in c]} for c in chunks]
-            ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-                index_and_crop_batch, fn_kwargs={"cfg": cfg, "annotations": annotations}, batch_format="pyarrow", batch_size=1, num_cpus=1
-            )
-            for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-                n_before, n_errors = len(seen), len(result.errors)
+        if items:
+            for batch in chunks_dataset(items, cfg, annotations).iter_batches(batch_format="pyarrow", batch_size=None):
+                n_before, n_errors = len(result.seen), len(result.errors)
                 for pid, kind, meta in zip(batch["patient_id"].to_pylist(), batch["kind"].to_pylist(), batch["meta"].to_pylist(), strict=True):
-                    if kind == "header":
-                        h = json.loads(meta)
-                        result.headers.append(h)
-                        seen.add(h["object_key"])
-                    elif kind == "header_error":
-                        e = json.loads(meta)
-                        result.errors.append(e)
-                        seen.add(e["object_key"])
-                    elif kind == "spec":
-                        s = json.loads(meta)
-                        result.specs.setdefault(pid, set()).add((s["series_instance_uid"], s["keys"]))
+                    result.absorb(pid, kind, meta)
                 spill.write_table(batch.filter(pc.is_in(batch["kind"], pa.array(["crop", "error"]))))
-                bar.update(len(seen) - n_before)
+                bar.update(len(result.seen) - n_before)
                 ingest.raise_if_store_down(result.errors[n_errors:])
     bar.close()
-    result.errors += [
-        VfxError("header", "the task reading this object was lost (worker crash or out of memory) after Ray's retries", object_key=e.uri, error_type="TaskLost").row()
-        for e in entries if e.uri not in seen
-    ]
+    result.report_lost(entries)
     return result
 
 
