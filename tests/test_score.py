@@ -166,15 +166,16 @@ def test_rerun_over_some_committed_patients_scores_the_rest_from_the_header_inde
 
 
 def test_a_chunk_is_committed_only_whole_and_without_errors():
-    def row(kind, key=None):
-        meta = json.dumps({"object_key": key} if key else {})
+    def row(kind, *keys):
+        meta = json.dumps([{"object_key": k} for k in keys] if kind == "headers" else {"object_key": keys[0]} if keys else {})
         return ("P1", kind, meta, None, None)
 
     uris = ["s3://a/1.dcm", "s3://a/2.dcm"]
-    assert scorepass._whole([row("header", uris[1]), row("header", uris[0]), row("spec"), row("crop")], uris)
-    assert not scorepass._whole([row("header", uris[0]), row("crop")], uris)  # its end was lost
-    assert not scorepass._whole([row("header", uris[0]), row("header", uris[1]), row("error")], uris)
-    assert not scorepass._whole([row("header", uris[0]), row("header_error", uris[1])], uris)
+    assert scorepass._whole([row("headers", uris[1], uris[0]), row("spec"), row("crop")], uris)
+    assert not scorepass._whole([row("headers", uris[0]), row("crop")], uris)  # rows of another chunk
+    assert not scorepass._whole([row("spec"), row("crop")], uris)  # its headers row was lost
+    assert not scorepass._whole([row("headers", *uris), row("error")], uris)
+    assert not scorepass._whole([row("headers", uris[0]), row("header_error", uris[1])], uris)
 
 
 @pytest.mark.slow

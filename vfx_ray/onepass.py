@@ -95,8 +95,9 @@ def relevant(annotations: pd.DataFrame, headers: list[dict[str, Any]]) -> pd.Dat
 
 
 def index_and_crop_chunk(uris: list[str], cfg: CropConfig, annotations: pd.DataFrame) -> list[dict[str, Any]]:
-    """Wire rows of one chunk: a header (or header error) per object, then for each series the
-    chunk can crop a ``spec`` row (its object keys' fingerprint) and its crop or error rows."""
+    """Wire rows of one chunk: an error row per object whose header failed, one row holding
+    the others' headers, then for each series the chunk can crop a ``spec`` row (its object
+    keys' fingerprint) and its crop or error rows."""
     rows, headers, by_key = [], [], {}
     for uri, data in zip(uris, storage.read_many(uris), strict=True):
         try:
@@ -108,8 +109,8 @@ def index_and_crop_chunk(uris: list[str], cfg: CropConfig, annotations: pd.DataF
             continue
         headers.append(h)
         by_key[uri] = (data, parsed)
-        rows.append(_wire("", "header", h))
-    if headers:
+    if headers:  # one row for the chunk's headers: the rows that reach the model are mostly crops
+        rows.append(_wire("", "headers", headers))
         tasks, _ = ann_mod.plan_tasks(relevant(annotations, headers), dicom.group_series(headers))
         for t in tasks:  # the driver re-plans globally; the chunk's own join errors do not matter
             rows.append(_wire(t.patient_id, "spec", {"series_instance_uid": t.series_instance_uid, "keys": keys_fingerprint(t.object_keys)}))
@@ -161,11 +162,11 @@ class FirstPass:
         return {t.patient_id for t in tasks if self.specs.get(t.patient_id) == {(t.series_instance_uid, keys_fingerprint(t.object_keys))}}
 
     def absorb(self, pid: str, kind: str, meta: str) -> bool:
-        """Take an index row (header, header error, spec); False for any other kind."""
-        if kind == "header":
-            h = json.loads(meta)
-            self.headers.append(h)
-            self.seen.add(h["object_key"])
+        """Take an index row (a chunk's headers, header error, spec); False for any other kind."""
+        if kind == "headers":
+            headers = json.loads(meta)
+            self.headers += headers
+            self.seen.update(h["object_key"] for h in headers)
         elif kind == "header_error":
             e = json.loads(meta)
             self.errors.append(e)

@@ -68,7 +68,7 @@ def _rows(table: pa.Table, names: list[str]) -> list[tuple]:
 
 def _whole(rows: list[tuple], uris: list[str]) -> bool:
     """Whether buffered rows are exactly one chunk's, without an error (worth committing)."""
-    keys = [json.loads(meta)["object_key"] for _, kind, meta, _, _ in rows if kind in ("header", "header_error")]
+    keys = [h["object_key"] for _, kind, meta, _, _ in rows if kind == "headers" for h in json.loads(meta)]
     return sorted(keys) == sorted(uris) and not any(kind in ("header_error", "error") for _, kind, _, _, _ in rows)
 
 
