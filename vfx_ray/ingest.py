@@ -205,16 +205,6 @@ def wire_to_crops(batch: pa.Table, cfg: CropConfig) -> tuple[pa.Table, list[dict
 
 
 # ---------------------------------------------------------------- the job
-def plan(archive_uri: str, annotations_uri: str, cfg: CropConfig, require_roi: bool = True):
-    """List, index and join: (tasks, series index, error rows so far)."""
-    entries, errors = list_archive(archive_uri, cfg)
-    index, header_errors = build_index(entries, cfg)
-    errors += header_errors
-    annotations = ann_mod.read_annotations(annotations_uri)
-    tasks, plan_errors = ann_mod.plan_tasks(annotations, index, require_roi=require_roi)
-    return tasks, index, errors + plan_errors
-
-
 def index_table(index: list[dict]) -> pa.Table:
     return pa.Table.from_pylist(index) if index else pa.table({"series_instance_uid": pa.array([], pa.string())})
 
