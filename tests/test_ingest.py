@@ -250,3 +250,13 @@ def test_chunks_keep_folders_whole_within_limits():
     assert onepass.chunk_entries([]) == []
     # a small target packs fewer folders per chunk but never cuts one
     assert [len(c) for c in onepass.chunk_entries(entries, max_objects=100, max_bytes=10**6, target_objects=3)] == [3, 4, 2]
+
+
+def test_decode_tasks_reserve_their_memory_within_a_cap():
+    typical = 512 * 512 * 600  # a large CT series: 0.6 GB as float32
+    need = ingest.decode_memory(onepass.CHUNK_BYTES, max_voxels=typical)
+    assert need == ingest.DECODE_WORKER_BYTES + onepass.CHUNK_BYTES + 2 * 4 * typical  # bytes + volume + copy
+    assert ingest.decode_memory(onepass.CHUNK_BYTES) == ingest.DECODE_MEMORY_CAP  # the refusal limit is capped
+    assert ingest.decode_memory(0, max_voxels=10**12, cap=3 << 30) == 3 << 30
+    # a 2-core, 24 GiB machine gives Ray ~13 GiB of memory: both cores still decode
+    assert 2 * ingest.decode_memory(ingest.SERIES_BYTES_PER_VOXEL * dicom.MAX_VOXELS) <= 13 << 30

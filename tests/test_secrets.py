@@ -140,3 +140,17 @@ def test_no_credentials_when_joining_a_cluster(objectstore_server, session_token
     hits = [*find("driver stdout", run.stdout, wanted), *find("driver stderr", run.stderr, wanted)]
     hits += scan_tree(Path(node.get_session_dir_path()), wanted)[0]
     assert not hits, "credentials found in:\n" + "\n".join(hits)
+
+
+def test_workers_of_a_cluster_get_the_store_settings_never_credentials() -> None:
+    from vfx_ray.raysession import FORWARDED_ENV, worker_env
+
+    shell = {"AWS_REGION": "eu-west-1", "AWS_ENDPOINT_URL": "http://store:9000", "AWS_DEFAULT_REGION": "",
+             "AWS_ACCESS_KEY_ID": "AKIA", "AWS_SECRET_ACCESS_KEY": "s3cr3t", "AWS_SESSION_TOKEN": "t0k3n"}
+    assert worker_env(shell) == {}  # a local instance: its workers inherit the environment
+    assert worker_env({**shell, "RAY_ADDRESS": "local"}) == {}
+    joined = worker_env({**shell, "RAY_ADDRESS": "10.0.0.1:6379"})
+    assert joined == {"AWS_REGION": "eu-west-1", "AWS_ENDPOINT_URL": "http://store:9000"}
+    region_only = worker_env({"AWS_REGION": "eu-west-1", "RAY_ADDRESS": "auto"})  # AWS S3, no endpoint
+    assert region_only == {"AWS_REGION": "eu-west-1"}
+    assert not {k for k in FORWARDED_ENV if "KEY" in k or "TOKEN" in k or "SECRET" in k}

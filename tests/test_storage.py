@@ -110,3 +110,50 @@ def test_large_multipart_object_round_trips(objectstore_server):
     client = storage.boto3_client()
     bucket, key = uri[len("s3://") :].split("/", 1)
     assert client.head_object(Bucket=bucket, Key=key)["ContentLength"] == len(data)
+
+
+def test_region_is_the_configured_one_or_the_buckets(monkeypatch):
+    asked: list[str] = []
+
+    def resolve(bucket: str) -> str:
+        asked.append(bucket)
+        return "eu-west-1"
+
+    def unreachable(bucket: str) -> str:
+        raise OSError("no route to AWS")
+
+    assert storage.choose_region({"AWS_REGION": "us-west-2"}, "b", resolve) == "us-west-2"
+    assert storage.choose_region({"AWS_DEFAULT_REGION": "ap-south-1"}, "b", resolve) == "ap-south-1"
+    assert asked == []  # a configured region is never second-guessed
+    assert storage.choose_region({}, "b", resolve) == "eu-west-1" and asked == ["b"]  # AWS: the bucket's
+    assert storage.choose_region({"AWS_ENDPOINT_URL": "http://127.0.0.1:9"}, "b", resolve) == "us-east-1"
+    assert storage.choose_region({"AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9"}, "b", resolve) == "us-east-1"
+    assert storage.choose_region({}, None, resolve) == "us-east-1" and asked == ["b"]
+    assert storage.choose_region({}, "b", unreachable) == "us-east-1"  # the request itself will say why
+    # asked once per bucket and process
+    calls: list[str] = []
+    monkeypatch.setattr(storage.pafs, "resolve_s3_region", lambda bucket: calls.append(bucket) or "eu-north-1")
+    for name in ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(name, raising=False)
+    storage._bucket_region.cache_clear()
+    try:
+        assert [storage.s3_region("b1"), storage.s3_region("b1"), storage.s3_region("b2")] == ["eu-north-1"] * 3
+        assert calls == ["b1", "b2"]
+    finally:
+        storage._bucket_region.cache_clear()
+
+
+def test_marker_free_filesystem_only_for_custom_endpoints(monkeypatch, tmp_path):
+    import pyarrow.fs as pafs
+
+    for name in ("AWS_REQUEST_CHECKSUM_CALCULATION", "AWS_RESPONSE_CHECKSUM_VALIDATION"):
+        monkeypatch.setenv(name, "WHEN_REQUIRED")
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # an S3-compatible server
+    path, fs = storage.marker_free_filesystem("s3://bkt/run/ray_train")
+    assert path == "bkt/run/ray_train" and isinstance(fs, pafs.PyFileSystem)
+    assert isinstance(fs.handler, storage.NoDirMarkers)
+    monkeypatch.delenv("AWS_ENDPOINT_URL")  # AWS S3: the URI, for Ray to open with pyarrow's own
+    assert storage.marker_free_filesystem("s3://bkt/run/ray_train") == ("s3://bkt/run/ray_train", None)
+    monkeypatch.chdir(tmp_path)
+    assert storage.marker_free_filesystem("runs/x") == (str(tmp_path / "runs" / "x"), None)

@@ -35,6 +35,25 @@ WIRE_SCHEMA = pa.schema(
 # data that follows is 128 KiB (256²) to 512 KiB (512²). A longer header is retried whole.
 HEADER_READ_BYTES = 16 * 1024
 HEADER_WIRE = pa.schema([("object_key", pa.string()), ("header", pa.string()), ("error", pa.string())])
+# What a decode task asks Ray for (``memory=``), see decode_memory.
+DECODE_MEMORY_CAP = 4 << 30
+DECODE_WORKER_BYTES = 512 << 20  # the worker itself: Python, numpy, pyarrow, pydicom, SimpleITK
+SERIES_BYTES_PER_VOXEL = 2  # stored CT pixels are 16-bit; compressed ones are smaller
+
+
+def decode_memory(input_bytes: int, max_voxels: int = dicom.MAX_VOXELS, cap: int = DECODE_MEMORY_CAP) -> int:
+    """Bytes to reserve (Ray's ``memory=``) for a task that holds ``input_bytes`` of DICOM
+    objects while it decodes a series from them, so that Ray schedules decode tasks by memory
+    instead of its memory monitor killing them on a crowded node.
+
+    Peak: the objects' bytes + the series as float32 (at most ``max_voxels``) + a second
+    float32 copy (unevenly spaced slices are resampled into a new array) + the worker itself.
+    Capped at ``cap``: the bound is a series at the refusal limit (2.4 GB a copy), while a CT
+    series is typically 512 x 512 x 300-600 (0.3-0.6 GB); a request above a node's memory
+    would never run, and 4 GiB still lets a 2-core 24 GiB machine (13 GiB of Ray memory)
+    decode on both cores.
+    """
+    return int(min(cap, DECODE_WORKER_BYTES + input_bytes + 2 * 4 * max_voxels))
 
 
 # ---------------------------------------------------------------- listing (driver)
@@ -181,13 +200,13 @@ def crops_dataset(tasks: list[ann_mod.PatientTask], cfg: CropConfig, num_cpus: f
     """A Ray Dataset of wire rows (one block per patient, so patients decode in parallel)."""
     import ray
 
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # same archive, same output file
-    ctx.max_errored_blocks = -1  # a lost task is reported per patient below, not a failed job
     items = [task_to_item(t) for t in tasks]
-    return ray.data.from_items(items, override_num_blocks=max(1, len(items))).map_batches(
-        crop_batch, fn_kwargs={"cfg": cfg}, batch_format="pyarrow", batch_size=1, num_cpus=num_cpus
-    )
+    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+    ds.context.execution_options.preserve_order = True  # same archive, same output file
+    ds.context.max_errored_blocks = -1  # a lost task is reported per patient below, not a failed job
+    memory = decode_memory(SERIES_BYTES_PER_VOXEL * dicom.MAX_VOXELS)  # a whole series' objects
+    return ds.map_batches(crop_batch, fn_kwargs={"cfg": cfg}, batch_format="pyarrow", batch_size=1,
+                          num_cpus=num_cpus, memory=memory)
 
 
 def wire_to_crops(batch: pa.Table, cfg: CropConfig) -> tuple[pa.Table, list[dict]]:

@@ -141,12 +141,12 @@ def chunks_dataset(items: list[dict[str, Any]], cfg: CropConfig, annotations: pd
     """A Ray Dataset of wire rows, one task per chunk (in order, a lost chunk no failed job)."""
     import ray
 
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # same archive, same output file
-    ctx.max_errored_blocks = -1  # a lost chunk is reported per object
-    return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        index_and_crop_batch, fn_kwargs={"cfg": cfg, "annotations": annotations}, batch_format="pyarrow", batch_size=1, num_cpus=num_cpus
-    )
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds.context.execution_options.preserve_order = True  # same archive, same output file
+    ds.context.max_errored_blocks = -1  # a lost chunk is reported per object
+    memory = ingest.decode_memory(max(CHUNK_BYTES, cfg.max_file_bytes))  # a chunk's objects, read whole
+    return ds.map_batches(index_and_crop_batch, fn_kwargs={"cfg": cfg, "annotations": annotations}, batch_format="pyarrow",
+                          batch_size=1, num_cpus=num_cpus, memory=memory)
 
 
 @dataclasses.dataclass

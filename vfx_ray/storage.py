@@ -2,7 +2,9 @@
 
 URIs are local paths or ``s3://bucket/prefix``. S3 settings come from the standard AWS
 variables. pyarrow's S3 filesystem ignores ``AWS_ENDPOINT_URL`` by itself, so it is read here
-and passed as ``endpoint_override``; boto3 reads it natively but gets it explicitly too.
+and passed as ``endpoint_override``; boto3 reads it natively but gets it explicitly too. Without
+``AWS_REGION``/``AWS_DEFAULT_REGION``, a bucket on AWS is asked for its region (once per bucket
+and process); a custom endpoint gets us-east-1, which S3-compatible servers accept.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import posixpath
 import shutil
 import tempfile
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,6 +38,7 @@ T = TypeVar("T")
 # connections). A store that does not answer at all is then waited for up to
 # S3_OUTAGE_SECONDS (``s3outage``): an outage is ridden out, one for good fails the job.
 S3_MAX_ATTEMPTS = 8
+DEFAULT_REGION = "us-east-1"
 
 
 def is_s3(uri: str) -> bool:
@@ -49,17 +52,39 @@ def join(uri: str, *parts: str) -> str:
     return os.path.join(uri, *parts)
 
 
-def s3_endpoint() -> str | None:
-    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+def s3_endpoint(environ: Mapping[str, str] = os.environ) -> str | None:
+    return environ.get("AWS_ENDPOINT_URL_S3") or environ.get("AWS_ENDPOINT_URL") or None
 
 
-def s3_region() -> str:
-    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+def choose_region(environ: Mapping[str, str], bucket: str | None, resolve: Callable[[str], str]) -> str:
+    """The region S3 requests are signed for: the configured one; else, on AWS, the bucket's
+    own (``resolve``: a bucket outside us-east-1 refuses requests signed for it); else
+    us-east-1 - for custom endpoints, or when the bucket cannot be asked (then the request
+    itself fails with the store's own message)."""
+    configured = environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION")
+    if configured:
+        return configured
+    if bucket and not s3_endpoint(environ):
+        try:
+            return resolve(bucket)
+        except OSError:
+            pass
+    return DEFAULT_REGION
 
 
-def s3_filesystem() -> pafs.S3FileSystem:
-    """pyarrow S3 filesystem from the standard AWS variables, endpoint included (one per
-    process and setting: building one costs a few ms, and it is thread-safe)."""
+@functools.lru_cache(maxsize=64)
+def _bucket_region(bucket: str) -> str:
+    """A bucket's region, asked of AWS once per process (failures are not cached)."""
+    return pafs.resolve_s3_region(bucket)
+
+
+def s3_region(bucket: str | None = None) -> str:
+    return choose_region(os.environ, bucket, _bucket_region)
+
+
+def s3_filesystem(bucket: str | None = None) -> pafs.S3FileSystem:
+    """pyarrow S3 filesystem from the standard AWS variables, endpoint included, for ``bucket``'s
+    region (one per process and setting: building one costs a few ms, and it is thread-safe)."""
     endpoint = s3_endpoint()
     if endpoint:
         # S3-compatible servers (rclone, MinIO, ...) often refuse aws-chunked uploads with
@@ -67,7 +92,7 @@ def s3_filesystem() -> pafs.S3FileSystem:
         os.environ.setdefault("AWS_REQUEST_CHECKSUM_CALCULATION", "WHEN_REQUIRED")
         os.environ.setdefault("AWS_RESPONSE_CHECKSUM_VALIDATION", "WHEN_REQUIRED")
     creds = (os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY"), os.environ.get("AWS_SESSION_TOKEN"))
-    return _s3_filesystem(endpoint, s3_region(), creds)
+    return _s3_filesystem(endpoint, s3_region(bucket), creds)
 
 
 @functools.lru_cache(maxsize=4)
@@ -90,10 +115,11 @@ def _s3_filesystem(endpoint: str | None, region: str, creds: tuple) -> pafs.S3Fi
     return pafs.S3FileSystem(**kwargs)
 
 
-def boto3_client():
-    """boto3 S3 client from the standard AWS variables (endpoint passed explicitly)."""
+def boto3_client(bucket: str | None = None):
+    """boto3 S3 client from the standard AWS variables (endpoint passed explicitly), for
+    ``bucket``'s region."""
     creds = (os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY"), os.environ.get("AWS_SESSION_TOKEN"))
-    return _boto3_client(s3_endpoint(), s3_region(), creds)
+    return _boto3_client(s3_endpoint(), s3_region(bucket), creds)
 
 
 @functools.lru_cache(maxsize=4)
@@ -112,7 +138,7 @@ def _boto3_client(endpoint: str | None, region: str, creds: tuple):
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path inside it) for a local path or ``s3://bucket/key`` URI."""
     if is_s3(uri):
-        return s3_filesystem(), uri[len(S3_PREFIX) :].rstrip("/")
+        return s3_filesystem(split_s3(uri)[0]), uri[len(S3_PREFIX) :].rstrip("/")
     return pafs.LocalFileSystem(), os.path.abspath(uri)
 
 
@@ -166,13 +192,13 @@ def s3_get(uri: str, nbytes: int | None = None) -> bytes:
     boto3 spends ~2 ms of Python CPU per GET (signing, event hooks, parsing); pyarrow's HEAD +
     GET costs a third of that, which on a few cores is time the decoders get back.
     """
-    path = uri[len(S3_PREFIX) :]
+    path, bucket = uri[len(S3_PREFIX) :], split_s3(uri)[0]
 
     def get() -> bytes:
         if nbytes is None:
-            with s3_filesystem().open_input_stream(path) as f:
+            with s3_filesystem(bucket).open_input_stream(path) as f:
                 return f.read()
-        with s3_filesystem().open_input_file(path) as f:
+        with s3_filesystem(bucket).open_input_file(path) as f:
             return f.read(nbytes)
 
     try:
@@ -245,7 +271,7 @@ def atomic_output(uri: str) -> Iterator[pa.NativeFile]:
             with pa.OSFile(tmp.name, "wb") as stream:
                 yield stream
             try:
-                _retrying(uri, lambda: boto3_client().upload_file(tmp.name, bucket, key))
+                _retrying(uri, lambda: boto3_client(bucket).upload_file(tmp.name, bucket, key))
             except StoreUnavailable:
                 raise
             except Exception as exc:
@@ -369,8 +395,8 @@ class NoDirMarkers(pafs.FileSystemHandler):
 
 def _s3_delete(path: str, prefix: bool) -> None:
     """Delete ``bucket/key`` (or every object under ``bucket/key/``) with boto3."""
-    client = boto3_client()
     bucket, _, key = path.partition("/")
+    client = boto3_client(bucket)
     if not prefix:
         client.delete_object(Bucket=bucket, Key=key)
         return
@@ -389,9 +415,11 @@ def delete_tree(uri: str) -> None:
 
 
 def marker_free_filesystem(uri: str) -> tuple[str, pafs.FileSystem | None]:
-    """(path, filesystem) for libraries that write folders through pyarrow (Ray Train's
-    RunConfig storage): S3 without directory markers, None (their default) for local paths."""
-    fs, path = filesystem(uri)
-    if is_s3(uri):
+    """(path, filesystem) for libraries that write folders through pyarrow (Ray Train's and
+    Tune's RunConfig storage). With a custom endpoint: a path in S3 without directory markers
+    (S3-compatible servers may refuse them). On AWS S3 the URI itself and None, like a local
+    path (made absolute): the library builds its own filesystem, the bucket's region resolved."""
+    if is_s3(uri) and s3_endpoint():
+        fs, path = filesystem(uri)
         return path, pafs.PyFileSystem(NoDirMarkers(fs))
-    return path, None
+    return (uri if is_s3(uri) else os.path.abspath(uri)), None
