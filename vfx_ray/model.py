@@ -1,8 +1,9 @@
 """ResNet builder (one logit, sigmoid = malignancy probability), weight files and model_id.
 
-ImageNet weights are only ever read from disk - the torchvision cache
-(``$TORCH_HOME/hub/checkpoints``) or an explicit file - because a download would hang on an
-offline cluster. Without either, :class:`PretrainedWeightsError` says how to provide them.
+ImageNet weights are only ever read, never downloaded - from the torchvision cache
+(``$TORCH_HOME/hub/checkpoints``) or an explicit URI (local or s3://, which every node of a
+cluster can read; ``vfx-ray weights put`` puts them there) - because a download would hang
+on an offline cluster. Without either, :class:`PretrainedWeightsError` says how to provide them.
 """
 
 from __future__ import annotations
@@ -47,11 +48,19 @@ def find_imagenet_weights(arch: str, pretrained_path: str | None = None) -> str:
     """
     first = torchvision.models.get_model_weights(arch).IMAGENET1K_V1.url
     if pretrained_path:
-        if storage.exists(pretrained_path):
-            return pretrained_path
+        try:
+            if file_exists(pretrained_path):
+                return pretrained_path
+        except ConnectionError:  # the store is down: its own one-line error
+            raise
+        except OSError as exc:  # e.g. access denied: say so in one line, naming the flag
+            detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise PretrainedWeightsError(f"--pretrained-path {pretrained_path} cannot be read: {detail}") from None
+        where = "object" if storage.is_s3(pretrained_path) else "file"
         raise PretrainedWeightsError(
-            f"pretrained weights file {pretrained_path} not found; pass an existing "
-            f"--pretrained-path (e.g. {os.path.basename(first)}) or --pretrained none"
+            f"pretrained weights not found at {pretrained_path} (no such {where}); pass --pretrained-path "
+            f"with an existing local file or s3:// object (`vfx-ray weights put --arch {arch} --to "
+            f"s3://BUCKET/weights/` uploads {os.path.basename(first)} and prints the flag), or --pretrained none"
         )
     candidates = imagenet_weight_files(arch)
     for path in candidates:
@@ -61,15 +70,51 @@ def find_imagenet_weights(arch: str, pretrained_path: str | None = None) -> str:
         f"ImageNet weights for {arch} are not on this machine (looked for "
         f"{', '.join(candidates)}; no download is attempted): download {first} into "
         f"$TORCH_HOME/hub/checkpoints ({os.path.dirname(candidates[0])}), or pass "
-        f"--pretrained-path FILE, or --pretrained none to train from scratch"
+        f"--pretrained-path URI (a local file or s3:// object; `vfx-ray weights put` uploads one), "
+        f"or --pretrained none to train from scratch"
     )
 
 
 def load_imagenet_state(arch: str, pretrained_path: str | None = None) -> dict[str, torch.Tensor]:
     """ImageNet state dict from ``pretrained_path`` (local or s3://) or the torchvision cache."""
     path = find_imagenet_weights(arch, pretrained_path)
-    state = torch.load(io.BytesIO(storage.read_bytes(path)), map_location="cpu", weights_only=True)
-    return state["state_dict"] if "state_dict" in state else state
+    return state_from_bytes(storage.read_bytes(path), path)
+
+
+def file_exists(uri: str) -> bool:
+    """A file or object at ``uri`` (a folder or an s3 prefix is not weights)."""
+    import pyarrow.fs as pafs
+
+    fs, path = storage.filesystem(uri)
+    return storage._retrying(uri, lambda: fs.get_file_info(path)).type == pafs.FileType.File
+
+
+def state_from_bytes(data: bytes, source: str) -> dict[str, torch.Tensor]:
+    """A state dict from a weights file's bytes (bare, or under ``state_dict``); one-line errors."""
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - unpickling errors are many types, all "not weights"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PretrainedWeightsError(f"{source} is not a PyTorch weights file: {first}") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise PretrainedWeightsError(f"{source} holds no state dict (a mapping of names to tensors)")
+    return state
+
+
+def load_backbone(model: nn.Module, state: Mapping[str, torch.Tensor], arch: str, source: str = "weights file") -> None:
+    """Every layer but the head ``fc`` from ``state``; refuses weights of another arch in one line."""
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches: a multi-line message, cut to its first reason
+        reasons = [ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln]
+        raise PretrainedWeightsError(f"{source} does not fit {arch}: {(reasons or [str(exc)])[0]}") from None
+    if unexpected or set(missing) - {"fc.weight", "fc.bias"}:
+        raise PretrainedWeightsError(
+            f"{source} does not fit {arch}: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
 
 
 def build_model(
@@ -85,12 +130,8 @@ def build_model(
         raise ValueError(f"unknown pretrained {pretrained!r}; choose one of {', '.join(PRETRAINED)}")
     model = torchvision.models.get_model(arch, weights=None)
     if pretrained == "imagenet":
-        state = {k: v for k, v in load_imagenet_state(arch, pretrained_path).items() if not k.startswith("fc.")}
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if unexpected or set(missing) - {"fc.weight", "fc.bias"}:
-            raise PretrainedWeightsError(
-                f"weights file does not fit {arch}: missing {missing[:3]}, unexpected {unexpected[:3]}"
-            )
+        source = pretrained_path or "the cached ImageNet weights file"
+        load_backbone(model, load_imagenet_state(arch, pretrained_path), arch, source)
     model.fc = nn.Linear(model.fc.in_features, 1)
     return model
 
@@ -163,3 +204,11 @@ def predict_proba(
     x = images.float() if isinstance(images, torch.Tensor) else torch.from_numpy(np.array(images, np.float32))
     out = [torch.sigmoid(model(x[i : i + batch_size].to(device))).flatten().cpu() for i in range(0, len(x), batch_size)]
     return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
+
+
+def require_cuda(use_gpu: bool | None, what: str) -> None:
+    """A worker placed for a GPU that finds no CUDA device fails, never falls back to the CPU."""
+    if use_gpu and not torch.cuda.is_available():
+        raise RuntimeError(f"{what} was placed for a GPU but finds no CUDA device on its node "
+                           f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}): "
+                           "check the node's driver and image, or run with --no-gpu")
