@@ -22,6 +22,7 @@ AWS_VARS = (
     "AWS_REQUEST_CHECKSUM_CALCULATION",
     "AWS_RESPONSE_CHECKSUM_VALIDATION",
 )
+STATE_API_ENV = "RAY_API_SERVER_ADDRESS"  # where Ray's State API clients find the dashboard
 
 
 @pytest.fixture(scope="session")
@@ -42,15 +43,27 @@ def objectstore_server(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def ray_session(objectstore_server):
-    """One local Ray instance for every test that needs it (ray.init costs ~10 s here)."""
+    """One local Ray instance for every test that needs it (ray.init costs ~10 s here).
+
+    With its dashboard: Ray Train's PlacementGroupCleaner frees the workers of a trial that
+    ASHA stopped through the State API, which the dashboard serves. Its workers are told where
+    (RAY_API_SERVER_ADDRESS, inherited from this process): left to find the cluster by itself,
+    the State API gives up when this machine runs another Ray instance, and the next trial
+    would wait forever for the leaked CPUs.
+    """
     import ray
 
     if not ray.is_initialized():
+        port = objectstore.free_port()
+        os.environ[STATE_API_ENV] = f"http://127.0.0.1:{port}"
         ray.init(
             num_cpus=2,
-            include_dashboard=False,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=port,
             log_to_driver=False,
             configure_logging=False,
         )
     yield ray
     ray.shutdown()
+    os.environ.pop(STATE_API_ENV, None)

@@ -8,8 +8,10 @@ end every Ray instance on the machine.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import subprocess
@@ -21,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vfx_ray.objectstore import free_port
+from vfx_ray.placement import DRIVER_RESOURCE
 
 BIN = Path(sys.executable).parent
 
@@ -37,17 +40,33 @@ class Cluster:
         return subprocess.run([str(BIN / "ray"), *args], env=self.env, capture_output=True, text=True, **kwargs)
 
 
-def _node(args: list[str], env: dict, log: Path, temp_dir: str) -> subprocess.Popen:
+def _node(args: list[str], env: dict, log: Path, temp_dir: str, isolated: bool = False) -> subprocess.Popen:
     cmd = [str(BIN / "ray"), "start", "--block", f"--temp-dir={temp_dir}", "--disable-usage-stats", *args]
+    if isolated:
+        # A machine of its own as far as files go: a private mount namespace with an empty
+        # /tmp, so what the head's processes write under /tmp (a local --out) is not here.
+        cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+               f"mount -t tmpfs vfx-node-tmp /tmp && mkdir -p {temp_dir} && exec {shlex.join(cmd)}"]
     return subprocess.Popen(cmd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
 @contextmanager
-def local_cluster(log_dir: Path, head_cpus: int = 2, worker_cpus: list[int] | None = None, timeout: float = 120):
-    """A head node with the dashboard, plus one worker node per entry of ``worker_cpus``."""
+def local_cluster(log_dir: Path, head_cpus: int = 2, worker_cpus: list[int] | None = None, timeout: float = 120,
+                  driver_resource: bool = False, isolated_workers: bool = False):
+    """A head node with the dashboard, plus one worker node per entry of ``worker_cpus``.
+
+    ``driver_resource``: the head advertises vfx_driver as cluster.yaml's does (fold and trial
+    drivers then run there). ``isolated_workers``: each worker node has its own temp dir and a
+    private /tmp (see _node), as separate machines would.
+    """
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(PATH=f"{BIN}{os.pathsep}{env['PATH']}", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+    env.update(PATH=f"{BIN}{os.pathsep}{env['PATH']}", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32),
+               RAY_TRAIN_ENABLE_STATE_TRACKING="1")  # the dashboard's Train page, as in cluster.yaml
     port, dash = free_port(), free_port()
+    # Ray Train's PlacementGroupCleaner (on the head) asks the State API whether a trial's
+    # controller lives; left to find the cluster itself, that fails with two Ray instances
+    # on one machine, so the nodes' processes are told where the dashboard is.
+    env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dash}"
     cluster = Cluster(gcs_address=f"127.0.0.1:{port}", dashboard=f"http://127.0.0.1:{dash}", env=env)
     try:
         head_tmp = tempfile.mkdtemp(prefix="vrh", dir="/tmp")  # short: Ray's socket paths live in it
@@ -55,7 +74,8 @@ def local_cluster(log_dir: Path, head_cpus: int = 2, worker_cpus: list[int] | No
         cluster.procs.append(_node(
             ["--head", f"--port={port}", f"--num-cpus={head_cpus}", "--include-dashboard=true",
              "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--ray-client-server-port={free_port()}",
-             f"--dashboard-agent-listen-port={free_port()}"],
+             f"--dashboard-agent-listen-port={free_port()}",
+             *([f"--resources={json.dumps({DRIVER_RESOURCE: 1000})}"] if driver_resource else [])],
             env, log_dir / "head.log", head_tmp))  # fmt: skip
         deadline = time.time() + timeout
         while cluster.ray("job", "list", "--address", cluster.dashboard).returncode != 0:
@@ -67,7 +87,8 @@ def local_cluster(log_dir: Path, head_cpus: int = 2, worker_cpus: list[int] | No
             cluster.procs.append(_node(
                 [f"--address={cluster.gcs_address}", f"--num-cpus={cpus}",
                  f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}"],
-                env, log_dir / f"worker{i}.log", head_tmp))  # fmt: skip
+                env, log_dir / f"worker{i}.log", f"/tmp/vrw{i}" if isolated_workers else head_tmp,
+                isolated=isolated_workers))  # fmt: skip
             while alive_nodes(cluster) < 2 + i:
                 assert time.time() < deadline, f"only {alive_nodes(cluster)} of {2 + i} nodes came up"
                 time.sleep(1)
@@ -104,9 +125,27 @@ def alive_nodes(cluster: Cluster) -> int:
     res = cluster.ray("list", "nodes", "--address", cluster.gcs_address, "--filter", "state=ALIVE", "--format", "json")
     if res.returncode != 0:
         return 0
-    import json
-
     try:
         return len(json.loads(res.stdout))
     except json.JSONDecodeError:
         return 0
+
+
+def run_job(cluster: Cluster, entry: list[str], working_dir: Path, timeout: float = 600) -> dict:
+    """Submit ``entry`` as a Ray job through the dashboard (token auth) and wait for its end;
+    returns the job's info (status, start_time, end_time, message) and its logs."""
+    import uuid
+
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(cluster.dashboard, headers={"Authorization": f"Bearer {cluster.env['RAY_AUTH_TOKEN']}"})
+    job_id = until_agent_ready(lambda: client.submit_job(
+        entrypoint=shlex.join(entry), runtime_env={"working_dir": str(working_dir)},
+        submission_id=f"vfx-{uuid.uuid4().hex[:8]}"))  # fmt: skip
+    deadline = time.time() + timeout
+    while client.get_job_status(job_id) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+        assert time.time() < deadline, f"job {entry[:3]} still running after {timeout} s"
+        time.sleep(2)
+    info = client.get_job_info(job_id)
+    return {"status": info.status, "start_time": info.start_time, "end_time": info.end_time,
+            "message": info.message, "logs": client.get_job_logs(job_id)}

@@ -14,7 +14,7 @@ from crops_fixture import make_crops
 from vfx_ray import cv, folds, storage
 from vfx_ray import model as vmodel
 from vfx_ray import train as vtrain
-from vfx_ray.config import TrainConfig
+from vfx_ray.config import TrainConfig, with_params
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = TrainConfig(arch="resnet18", pretrained="none", lr=1e-3, batch_size=16, max_epochs=2, patience=5,
@@ -28,16 +28,24 @@ def crops_uri(tmp_path_factory) -> str:
     return str(path)
 
 
-def test_parallel_folds_follow_cluster_resources():
+def test_params_resolve_onto_the_config_and_gpu_workers_reserve_cpus():
     cfg = TrainConfig(num_workers=1)
-    assert cv.max_parallel_folds(cfg, {"CPU": 2.0}, 10) == 1  # this machine: one fold at a time
-    assert cv.max_parallel_folds(cfg, {"CPU": 16.0}, 10) == 8
-    assert cv.max_parallel_folds(cfg, {"CPU": 16.0}, 3) == 3
-    gpu = TrainConfig(num_workers=2, use_gpu=True)
-    assert cv.max_parallel_folds(gpu, {"CPU": 16.0, "GPU": 4.0}, 10) == 2
-    assert cv.resolve_config(cfg, {"lr": 3e-4, "scale": [0.8, 1.2]}).scale == (0.8, 1.2)
+    assert with_params(cfg, {"lr": 3e-4, "scale": [0.8, 1.2]}).scale == (0.8, 1.2)
     with pytest.raises(ValueError, match="unknown training parameters"):
-        cv.resolve_config(cfg, {"learning_rate": 1.0})
+        with_params(cfg, {"learning_rate": 1.0})
+    assert vtrain.worker_resources(TrainConfig(use_gpu=False)) == {"CPU": 1}
+    assert vtrain.worker_resources(TrainConfig(use_gpu=True)) == {"CPU": 2, "GPU": 1}
+    assert vtrain.worker_resources(TrainConfig(use_gpu=True, gpu_worker_cpus=6)) == {"CPU": 6, "GPU": 1}
+
+
+def test_a_worker_placed_for_a_gpu_without_cuda_fails():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    vmodel.require_cuda(False, "x")  # CPU workers never need CUDA
+    with pytest.raises(RuntimeError, match="placed for a GPU but finds no CUDA device"):
+        vmodel.require_cuda(True, "this training worker")
 
 
 def test_cross_validation_writes_run_folder_and_rerun_skips_done_folds(ray_session, crops_uri):
@@ -117,3 +125,20 @@ def test_ray_job_submit_on_a_local_cluster(crops_uri, tmp_path):
     assert metrics["pooled"]["per_patient"]["n"] == 24
     assert len(pq.read_table(out / "oof_predictions.parquet")) == 72
     assert all((out / f"fold_{k}" / "done.json").exists() for k in range(2))
+
+
+def test_checkpoints_every_n_epochs_and_always_at_the_end():
+    def due(cfg: TrainConfig, losses: list[float | None], has_val: bool = True) -> list[int]:
+        state, epochs = vtrain.FitState(), []
+        for loss in losses:
+            state.update(loss)
+            if vtrain.checkpoint_due(state, cfg, has_val):
+                epochs.append(state.epoch)
+            if state.finished(cfg, has_val):
+                break
+        return epochs
+
+    every4 = TrainConfig(max_epochs=20, patience=3, checkpoint_every=4)
+    assert due(every4, [1.0, 0.9, 0.8, 0.85, 0.86, 0.87, 0.5]) == [4, 6]  # early stop at 6 keeps its best
+    assert due(TrainConfig(max_epochs=5, checkpoint_every=2), [None] * 5, has_val=False) == [2, 4, 5]
+    assert due(TrainConfig(max_epochs=3), [1.0, 0.9, 0.8]) == [1, 2, 3]  # default: every epoch

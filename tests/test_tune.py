@@ -84,14 +84,21 @@ def search(ray_session, crops_uri, tmp_path_factory):
     """A 4-trial search interrupted while its 3rd trial trains, then resumed."""
     out = tmp_path_factory.mktemp("tune") / "search"
 
-    def third_trial_training() -> bool:  # trials run one at a time on 2 CPUs
-        started = sorted(p.name for p in (out / "tensorboard").glob("*"))
-        return len(started) >= 3 and (out / "ray_train" / started[2] / vtune.PG_FILE).exists()
+    worker_groups: set[str] = set()
+
+    def third_trial_training() -> bool:
+        """A 3rd Train worker group got its placement group (bundles of 1 CPU; a trial driver
+        asks for a sliver): the 3rd trial trains. Each trial's group lives for an epoch or
+        more, so polling sees every one."""
+        for pg_id, pg in ray_session.util.placement_group_table().items():
+            if pg["state"] == "CREATED" and any(b.get("CPU", 0) >= 1 for b in pg["bundles"].values()):
+                worker_groups.add(pg_id)
+        return len(worker_groups) >= 3
 
     t0 = time.time()
-    watcher = _interrupt_when(third_trial_training)
+    watcher = _interrupt_when(third_trial_training)  # one trial at a time (a cap the resume keeps)
     with pytest.raises(VfxError, match="--resume"):
-        vtune.run_tune(crops_uri, str(out), TINY, progress=False)
+        vtune.run_tune(crops_uri, str(out), TINY, progress=False, max_concurrent=1)
     watcher.join(timeout=1)
     first = pq.read_table(out / "trials.parquet").to_pylist()
     event_files = {p.parent.name: p.name for p in (out / "tensorboard").glob("*/events.out.tfevents.*")}

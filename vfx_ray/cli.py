@@ -13,8 +13,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from vfx_ray import config as config_mod
-from vfx_ray.cli_common import CliError, metrics_line, positive_int
+from vfx_ray.cli_common import (
+    CliError,
+    add_cluster_args,
+    metrics_line,
+    positive_int,
+    prepare_cluster,
+)
 from vfx_ray.cli_train import add_train_cv, add_tune
+from vfx_ray.cli_weights import add_weights
 from vfx_ray.errors import VfxError
 
 EPILOG = """\
@@ -153,6 +160,7 @@ def cmd_crops(args: argparse.Namespace) -> int:
         max_slices=args.max_slices,
         max_file_bytes=args.max_file_bytes,
     )
+    prepare_cluster(args, {"--archive": args.archive, "--annotations": args.annotations, "--out": args.out})
     summary = run_crops(args.archive, args.annotations, args.out, cfg, progress=not args.quiet, pseudonymize=args.pseudonymize)
     print(
         f"{summary['crops']} crops of {summary['patients_with_crops']}/{summary['patients_planned']} "
@@ -184,6 +192,7 @@ def add_crops(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-slices", type=positive_int, help="most sagittal slices per patient (default 5)")
     p.add_argument("--max-file-bytes", type=positive_int, help="objects above this are refused")
     add_pseudonymize(p)
+    add_cluster_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_crops)
 
@@ -193,10 +202,12 @@ def cmd_score(args: argparse.Namespace) -> int:
     from vfx_ray.score import run_score
 
     cfg = config_mod.profile(args.profile).crops
+    prepare_cluster(args, {"--archive": args.archive, "--annotations": args.annotations,
+                           "--model": args.model, "--out": args.out})
     summary = run_score(
         args.archive, args.annotations, args.model, args.out, cfg,
         threshold=args.threshold, features=args.features, batch_size=args.batch_size,
-        commit_every=args.commit_every, progress=not args.quiet, pseudonymize=args.pseudonymize,
+        commit_every=args.commit_every, progress=not args.quiet, pseudonymize=args.pseudonymize, gpu=args.gpu,
     )
     line = (
         f"{summary['rows']} patients scored ({summary['scored_now']} now, "
@@ -237,6 +248,7 @@ def add_score(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--commit-every", type=positive_int, default=25, help="patients per committed part (resume granularity)")
     p.add_argument("--profile", default="paper", choices=config_mod.PROFILES)
     add_pseudonymize(p)
+    add_cluster_args(p, gpu=True)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_score)
 
@@ -299,6 +311,7 @@ ADDERS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_tune,
     add_score,
     add_report,
+    add_weights,
     add_demo,
 ]
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+from collections.abc import Mapping
 
 
 class CliError(Exception):
@@ -27,3 +29,25 @@ def metrics_line(m: dict) -> str:
         f"sensitivity {f('sensitivity')}  specificity {f('specificity')}  accuracy {f('accuracy')}  "
         f"AUC {f('auc', 3)} [{f('auc_ci_low', 3)}, {f('auc_ci_high', 3)}]"
     )
+
+
+def add_cluster_args(p: argparse.ArgumentParser, gpu: bool = False) -> None:
+    """Flags of every job that runs on a Ray cluster (and --gpu/--no-gpu where a model runs)."""
+    if gpu:
+        p.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None,
+                       help="use GPUs (default: yes when the cluster has GPU nodes or an autoscaler that can add them)")
+    p.add_argument("--shared-fs", action="append", default=[], metavar="MOUNT",
+                   help="a folder every node mounts (EFS/NFS): local paths under it are accepted on a "
+                   "multi-node or autoscaling cluster, where other local paths are refused (repeatable)")
+    p.add_argument("--verbose", action="store_true",
+                   help="also show Ray's own logs and Tune's tables (VFX_RAY_DEBUG=1 too)")
+
+
+def prepare_cluster(args: argparse.Namespace, paths: Mapping[str, str | None]) -> None:
+    """Connect to Ray and refuse, in one line, local paths that other nodes could not see."""
+    from vfx_ray.placement import check_shared_storage
+    from vfx_ray.raysession import VERBOSE_ENV, cluster_shape
+
+    if args.verbose:
+        os.environ[VERBOSE_ENV] = "1"
+    check_shared_storage(paths, cluster_shape(), args.shared_fs)

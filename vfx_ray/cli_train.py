@@ -6,7 +6,13 @@ import argparse
 import dataclasses
 
 from vfx_ray import config as config_mod
-from vfx_ray.cli_common import CliError, metrics_line, positive_int
+from vfx_ray.cli_common import (
+    CliError,
+    add_cluster_args,
+    metrics_line,
+    positive_int,
+    prepare_cluster,
+)
 
 
 # ---------------------------------------------------------------- train-cv
@@ -21,7 +27,9 @@ def train_config_from_args(args: argparse.Namespace) -> config_mod.TrainConfig:
         n_folds=args.folds,
         augment_factor=args.augment_factor,
         num_workers=args.workers,
-        use_gpu=True if args.gpu else None,
+        use_gpu=args.gpu,
+        gpu_worker_cpus=args.gpu_worker_cpus,
+        checkpoint_every=args.checkpoint_every,
         seed=args.seed,
     )
 
@@ -43,13 +51,25 @@ def read_params(uri: str | None) -> dict | None:
     return params
 
 
+def check_weights(cfg: config_mod.TrainConfig) -> None:
+    """Usable ImageNet weights, or one line now: before any Ray work."""
+    if cfg.pretrained == "imagenet":
+        from vfx_ray.model import find_imagenet_weights
+
+        find_imagenet_weights(cfg.arch, cfg.pretrained_path)
+
+
 def cmd_train_cv(args: argparse.Namespace) -> int:
+    cfg, params = train_config_from_args(args), read_params(args.params)
+    resolved = config_mod.with_params(cfg, params)
+    check_weights(resolved)
+    prepare_cluster(args, {"--crops": args.crops, "--out": args.out, "--params": args.params,
+                           "--pretrained-path": resolved.pretrained_path})
     from vfx_ray.cv import run_train_cv
 
-    cfg = train_config_from_args(args)
     result = run_train_cv(
-        args.crops, args.out, cfg, params=read_params(args.params),
-        max_failures=args.max_failures, keep_checkpoints=args.keep_checkpoints,
+        args.crops, args.out, cfg, params=params, max_failures=args.max_failures,
+        keep_checkpoints=args.keep_checkpoints, max_concurrent=args.max_concurrent,
     )
     for level in ("per_slice", "per_patient"):
         print(f"{level:11s} {metrics_line(result['pooled'][level])}")
@@ -62,12 +82,18 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", default="paper", choices=config_mod.PROFILES, help="paper (default) or demo (2 CPU cores)")
     p.add_argument("--arch", choices=["resnet18", "resnet34", "resnet50"], help="default resnet50 (paper)")
     p.add_argument("--pretrained", choices=["imagenet", "none"], help="ImageNet initialisation (paper) or none")
-    p.add_argument("--pretrained-path", help="ImageNet weights file when not in the torchvision cache")
+    p.add_argument("--pretrained-path", metavar="URI",
+                   help="ImageNet weights (s3:// or a local file) when not in the torchvision cache; "
+                   "`vfx-ray weights put` uploads them")
     p.add_argument("--epochs", type=positive_int, help="most epochs per fold (paper 100; early stopping)")
     p.add_argument("--folds", type=positive_int, help="cross-validation folds (paper 10)")
     p.add_argument("--augment-factor", type=positive_int, help="augmented views per crop and epoch (paper 20)")
     p.add_argument("--workers", type=positive_int, help="Ray Train workers per fold")
-    p.add_argument("--gpu", action="store_true", help="one GPU per worker")
+    p.add_argument("--gpu-worker-cpus", type=positive_int, help="CPUs a GPU training worker also reserves (default 2)")
+    p.add_argument("--checkpoint-every", type=positive_int, metavar="N", help="epochs between checkpoints (default 1; the last is always kept)")
+    p.add_argument("--max-concurrent", type=positive_int,
+                   help="most folds/trials at once (default: all; their pending requests drive the autoscaler)")
+    add_cluster_args(p, gpu=True)
     p.add_argument("--seed", type=int, help="folds and initialisation seed")
 
 
@@ -94,11 +120,14 @@ def add_train_cv(sub: argparse._SubParsersAction) -> None:
 
 # ---------------------------------------------------------------- tune
 def cmd_tune(args: argparse.Namespace) -> int:
-    from vfx_ray.tune import run_tune
-
     base = config_mod.profile(args.profile)
     cfg = dataclasses.replace(base, train=train_config_from_args(args))
-    summary = run_tune(args.crops, args.out, cfg, num_samples=args.num_samples, resume=args.resume, progress=not args.quiet)
+    check_weights(cfg.train)
+    prepare_cluster(args, {"--crops": args.crops, "--out": args.out, "--pretrained-path": cfg.train.pretrained_path})
+    from vfx_ray.tune import run_tune
+
+    summary = run_tune(args.crops, args.out, cfg, num_samples=args.num_samples, resume=args.resume,
+                       progress=not args.quiet, max_concurrent=args.max_concurrent)
     best = summary["best_params"]
     print(
         f"{summary['trials']} trials ({summary['stopped_early']} stopped early by ASHA); best lr {best['lr']:.3g}, "

@@ -66,7 +66,9 @@ class TrainConfig:
     val_fraction: float = 0.1
     seed: int = 0
     num_workers: int = 1
-    use_gpu: bool = False
+    use_gpu: bool | None = None  # None: GPUs when the cluster has or can get them
+    gpu_worker_cpus: int = 2  # a GPU worker's host thread must not starve behind decode tasks
+    checkpoint_every: int = 1  # epochs between checkpoints; the last epoch always has one
     threshold: float = 0.5
 
 
@@ -115,6 +117,20 @@ def profile(name: str = "paper") -> Config:
             tune=TuneConfig(num_samples=4, max_epochs=2, grace_period=1),
         )
     raise ValueError(f"unknown profile {name!r}; choose one of {', '.join(PROFILES)}")
+
+
+def train_config_from_dict(d: dict[str, Any]) -> TrainConfig:
+    """TrainConfig from its JSON form (lists back to tuples); unknown keys are an error."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = set(d) - names
+    if unknown:
+        raise ValueError(f"unknown training parameters {sorted(unknown)}; known: {sorted(names)}")
+    return TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def with_params(cfg: TrainConfig, params: dict[str, Any] | None) -> TrainConfig:
+    """``cfg`` with ``params`` (a flat dict of TrainConfig fields, e.g. Tune's best) applied."""
+    return train_config_from_dict({**dataclasses.asdict(cfg), **params}) if params else cfg
 
 
 def replace(obj, **changes):

@@ -12,19 +12,24 @@ Run folder (local path or s3://)::
     oof_predictions.parquet   one row per test slice over all folds
     metrics.json              per slice / per patient, per fold and pooled (metrics.py)
 
+    ray_cv/                   Tune's experiment state of the fold grid (trial states)
+
 Re-running with the same ``out_uri`` skips finished folds and resumes unfinished ones from
-their latest checkpoint. Each fold is a TorchTrainer run launched from a driver thread; as
-many folds run at once as the cluster has room for (see :func:`max_parallel_folds`).
+their latest checkpoint. The folds are a Ray Tune grid over the fold index: each trial is a
+fold driver (on the head when it advertises ``placement.DRIVER_RESOURCE``) that runs one
+TorchTrainer. All pending folds are submitted at once (or ``max_concurrent``), so their
+pending resource requests drive the autoscaler, and the dashboard shows each fold's state.
+A fresh grid over the folds without ``done.json`` replaces ``Tuner.restore``: a fold's
+progress lives in its Train checkpoints and ``done.json``, which a restored grid would not
+know better.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -33,39 +38,19 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from vfx_ray import contracts, folds, metrics, runrecord, storage
+from vfx_ray import contracts, folds, metrics, placement, runrecord, storage
 from vfx_ray import model as vmodel
 from vfx_ray import train as vtrain
-from vfx_ray.config import TrainConfig
+from vfx_ray.config import TrainConfig, with_params
 from vfx_ray.errors import VfxError
-from vfx_ray.raysession import ensure_ray
+from vfx_ray.raysession import cluster_shape, ensure_ray, is_verbose
 
-logger = logging.getLogger(__name__)
+CV_EXPERIMENT = "ray_cv"
 PREDICTION_COLUMNS = ("patient_id", "fold", "slice_index", "probability", "label")
 
 
 def _log(msg: str) -> None:
     print(f"[vfx_ray.cv] {msg}", file=sys.stderr, flush=True)
-
-
-def resolve_config(cfg: TrainConfig, params: dict[str, Any] | None) -> TrainConfig:
-    """``cfg`` with ``params`` (a flat dict of TrainConfig fields, e.g. Tune's best) applied."""
-    if not params:
-        return cfg
-    return vtrain.config_from_dict({**dataclasses.asdict(cfg), **params})
-
-
-def max_parallel_folds(cfg: TrainConfig, resources: dict[str, float], n_pending: int) -> int:
-    """How many folds fit on the cluster at once (at least 1).
-
-    A fold needs its workers (1 CPU each, or 1 GPU each and no CPU with ``use_gpu``, Ray's
-    defaults) plus one CPU for Ray Data and test scoring, so a 2-CPU machine runs one fold.
-    """
-    cpu_per_fold = (0 if cfg.use_gpu else cfg.num_workers) + 1
-    limit = int(resources.get("CPU", 0) // cpu_per_fold)
-    if cfg.use_gpu:
-        limit = min(limit, int(resources.get("GPU", 0) // max(cfg.num_workers, 1)))
-    return max(1, min(n_pending, limit))
 
 
 def load_or_make_splits(out_uri: str, patients: pd.DataFrame, cfg: TrainConfig) -> dict[str, Any]:
@@ -99,6 +84,7 @@ def run_fold(
     *,
     max_failures: int = 2,
     keep_checkpoints: bool = False,
+    callbacks: list | None = None,
 ) -> dict[str, Any]:
     """Train fold k, keep its best weights, score its test patients; done.json comes last."""
     part = splits["folds"][k]
@@ -114,6 +100,7 @@ def run_fold(
         storage_filesystem=ray_fs,
         name=f"fold_{k}",
         max_failures=max_failures,
+        callbacks=callbacks,
     )
     d = _fold_dir(out_uri, k)
     summary = {key: v for key, v in fit.summary.items() if key != "history"}
@@ -165,15 +152,18 @@ def run_train_cv(
     params: dict[str, Any] | None = None,
     max_failures: int = 2,
     keep_checkpoints: bool = False,
+    max_concurrent: int | None = None,
 ) -> dict[str, Any]:
     """Cross-validate the model on a crops dataset; write the run folder; return metrics.json.
 
     ``params`` overrides TrainConfig fields (flat dict, e.g. ``{"lr": 3e-4, "l2": 1e-5}``).
     Uses the connected Ray cluster, or starts a local one (``RAY_ADDRESS`` is honoured).
+    ``cfg.use_gpu=None`` uses GPUs when the cluster has or can get them.
     """
     import ray
 
-    cfg = resolve_config(cfg, params)
+    cfg = with_params(cfg, params)
+    cfg = dataclasses.replace(cfg, use_gpu=placement.use_gpu(cfg.use_gpu, cluster_shape()))
     if cfg.pretrained == "imagenet":
         vmodel.find_imagenet_weights(cfg.arch, cfg.pretrained_path)  # fail fast, before Ray
     crops, unlabelled = _read_crops(crops_uri)
@@ -184,26 +174,74 @@ def run_train_cv(
     splits = load_or_make_splits(out_uri, patients, cfg)
     pending = [k for k in range(cfg.n_folds) if not storage.exists(storage.join(_fold_dir(out_uri, k), "done.json"))]
     if pending:
-        ensure_ray()
-        parallel = max_parallel_folds(cfg, ray.cluster_resources(), len(pending))
-        _log(f"{len(pending)} of {cfg.n_folds} folds to train, {parallel} at a time")
-        errors: dict[int, BaseException] = {}
-        with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="fold") as pool:
-            futures = {
-                k: pool.submit(run_fold, k, crops, splits, cfg, out_uri,
-                               max_failures=max_failures, keep_checkpoints=keep_checkpoints)
-                for k in pending
-            }
-            for k, fut in futures.items():
-                try:
-                    fut.result()
-                except Exception as e:  # keep the other folds going; report all failures
-                    logger.exception("fold %d failed", k)
-                    errors[k] = e
-        if errors:
-            detail = "; ".join(f"fold {k}: {type(e).__name__}: {e}" for k, e in sorted(errors.items()))
-            raise VfxError("train", f"{len(errors)} folds failed (re-run the same command to resume): {detail}")
+        run_folds(pending, crops, splits, cfg, out_uri, max_failures=max_failures,
+                  keep_checkpoints=keep_checkpoints, max_concurrent=max_concurrent)
     return finalize(out_uri, cfg, unlabelled)
+
+
+def fold_trial(config: dict[str, Any], *, crops: pa.Table, splits: dict[str, Any], cfg: TrainConfig,
+               out_uri: str, max_failures: int, keep_checkpoints: bool) -> None:
+    """One Tune trial of the fold grid: drive fold ``config["fold"]`` (its epochs reach Tune)."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    run_fold(int(config["fold"]), crops, splits, cfg, out_uri, max_failures=max_failures,
+             keep_checkpoints=keep_checkpoints, callbacks=[TuneReportCallback()])
+
+
+def fold_dirname(trial: Any) -> str:
+    return f"fold_{trial.config['fold']}"
+
+
+def describe_fold(trial: Any) -> str:
+    """The line printed when a fold ends."""
+    m = trial.last_result or {}
+    best = m.get("best_val_loss")
+    return (f"fold {trial.config.get('fold')}: {m.get('epoch', 0)} epochs, best epoch {m.get('best_epoch')}, "
+            f"best val loss {'n/a' if best is None else f'{best:.4f}'}")
+
+
+def run_folds(pending: list[int], crops: pa.Table, splits: dict[str, Any], cfg: TrainConfig, out_uri: str, *,
+              max_failures: int, keep_checkpoints: bool, max_concurrent: int | None) -> None:
+    """The pending folds as one Tune grid; raises VfxError naming every fold that failed."""
+    import ray.tune
+
+    from vfx_ray.orphans import ReleaseOrphanedWorkers
+    from vfx_ray.trialprogress import TrialProgress
+
+    ensure_ray()
+    shape = cluster_shape()
+    cap = min(len(pending), max_concurrent or len(pending))
+    where = "on the head node" if shape.driver_resource else "anywhere"
+    _log(f"{len(pending)} of {cfg.n_folds} folds to train, up to {cap} at a time "
+         f"({'GPU' if cfg.use_gpu else 'CPU'} workers; fold drivers {where})")
+    trainable = ray.tune.with_resources(
+        ray.tune.with_parameters(fold_trial, crops=crops, splits=splits, cfg=cfg, out_uri=out_uri,
+                                 max_failures=max_failures, keep_checkpoints=keep_checkpoints),
+        placement.driver_resources(shape),
+    )
+    root, fs = storage.marker_free_filesystem(out_uri)
+    tuner = ray.tune.Tuner(
+        trainable,
+        param_space={"fold": ray.tune.grid_search(pending)},
+        tune_config=ray.tune.TuneConfig(max_concurrent_trials=cap, reuse_actors=False,
+                                        trial_dirname_creator=fold_dirname),
+        run_config=ray.tune.RunConfig(
+            name=CV_EXPERIMENT, storage_path=root, storage_filesystem=fs, verbose=1 if is_verbose() else 0,
+            failure_config=ray.tune.FailureConfig(max_failures=1),  # a lost driver resumes its fold
+            callbacks=[TrialProgress("train-cv: epochs", len(pending) * cfg.max_epochs, describe_fold),
+                       ReleaseOrphanedWorkers(vtrain.worker_resources(cfg))],
+        ),
+    )
+    grid = tuner.fit()
+    failed = {int(r.config["fold"]): r.error for r in grid if r.error is not None}
+    if failed:
+        detail = "; ".join(f"fold {k}: {_short(e)}" for k, e in sorted(failed.items()))
+        raise VfxError("train", f"{len(failed)} folds failed (re-run the same command to resume): {detail}")
+
+
+def _short(error: BaseException) -> str:
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[-1] if lines else ''}"[:500]
 
 
 def finalize(out_uri: str, cfg: TrainConfig, unlabelled: list[str] | None = None) -> dict[str, Any]:

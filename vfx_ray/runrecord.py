@@ -10,7 +10,8 @@ from typing import Any
 from vfx_ray import storage
 from vfx_ray.errors import VfxError
 
-RUNTIME_FIELDS = ("num_workers", "use_gpu")  # how a run executes, not what it computes
+# How a run executes, not what it computes (checkpoint_every: how much a restart redoes).
+RUNTIME_FIELDS = ("num_workers", "use_gpu", "gpu_worker_cpus", "checkpoint_every")
 
 
 def without_runtime(train: dict[str, Any]) -> dict[str, Any]:

@@ -172,17 +172,20 @@ def run_score(
     commit_every: int = 25,
     progress: bool = True,
     pseudonymize: bool = False,
+    gpu: bool | None = None,
 ) -> dict[str, Any]:
     """Score every annotated patient of an archive; write scores.parquet + errors.parquet.
 
     A fresh ``--out`` is read in one pass (:mod:`scorepass`, resumable by chunk); a re-run
     over committed patients indexes headers only and scores the rest. Finished patients are
     committed every ``commit_every`` patients (or minute): that much work at most is redone.
+    ``gpu=None`` scores on GPUs when the cluster has or can get them.
     """
     import ray
 
     from vfx_ray.model import model_record
-    from vfx_ray.raysession import ensure_ray
+    from vfx_ray.placement import use_gpu
+    from vfx_ray.raysession import cluster_shape, ensure_ray
 
     cfg = cfg or CropConfig()
     pseudo = pseudonym.maybe(pseudonymize, archive_uri)
@@ -195,17 +198,19 @@ def run_score(
     annotations = ann_mod.read_annotations(annotations_uri)
     done = committed(out_uri, model["model_id"])
     done_ids = set(done["patient_id"].to_pylist()) if done is not None else set()
-    resources = ray.cluster_resources()
-    gpus, cpus = int(resources.get("GPU", 0)), max(1, int(resources.get("CPU", 1)))
+    shape = cluster_shape()
+    gpus = max(1, shape.max_gpus) if use_gpu(gpu, shape) else 0  # the most GPU actors it may use
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
 
     def score_stage(ds):
         # Decoding (CPU tasks in already-running workers) starts at once and streams into a
-        # small actor pool that scores: one actor per GPU, or on CPU one actor per 8 cores
+        # small actor pool that scores: from 1 up to one actor per GPU the cluster can have
+        # (it starts with what it gets: no waiting for GPU nodes), or on CPU one per 8 cores
         # (ResNet50 on 64x64 crops scores ~8x faster than a core decodes) asking for
         # SCORER_CPUS, so that it fits beside a decode task on any node (DECODE_CPUS) and
         # its start (torch, the models) overlaps the decoding instead of delaying it.
         if gpus:
-            pool, resources = ray.data.ActorPoolStrategy(size=gpus), {"num_gpus": 1, "num_cpus": 1}
+            pool, resources = ray.data.ActorPoolStrategy(min_size=1, max_size=gpus), {"num_gpus": 1, "num_cpus": 1}
         else:
             pool, resources = ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, cpus // 8)), {"num_cpus": SCORER_CPUS}
         return ds.map_batches(

@@ -26,12 +26,13 @@ class SliceScorer:
     def __init__(self, files: list[str], cfg: CropConfig, features: bool, use_gpu: bool) -> None:
         import torch
 
-        from vfx_ray.model import load_model
+        from vfx_ray.model import load_model, require_cuda
 
         self.torch = torch
         if not use_gpu:
             torch.set_num_threads(1)  # the decode tasks keep the cores
-        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        require_cuda(use_gpu, "this scoring actor")  # no silent CPU fallback
+        self.device = torch.device("cuda" if use_gpu else "cpu")
         self.models = []
         for f in files:
             net, _ = load_model(f)

@@ -9,9 +9,10 @@ and linear weight tensors; biases and BatchNorm affine parameters are not penali
 explicit term in the loss, as the paper describes, not Adam's weight_decay. Adam(lr, betas).
 ``batch_size`` is the global batch: each of N workers takes batch_size // N. Early stopping on
 the lowest validation BCE (without the L2 term) with ``patience`` epochs; the best weights are
-what the fold keeps. Every epoch reports a checkpoint (weights, optimizer, epoch, best val
-loss, epochs without improvement, best weights) so a restarted worker group resumes at the
-next whole epoch.
+what the fold keeps. Every ``checkpoint_every`` epochs, and always at the last, rank 0 reports
+a checkpoint (weights, optimizer, epoch, best val loss, epochs without improvement, best
+weights), uploaded in the background while the next epoch trains; a restarted worker group
+resumes after the last checkpointed epoch.
 """
 
 from __future__ import annotations
@@ -33,20 +34,11 @@ from torch import nn
 
 from vfx_ray import model as vmodel
 from vfx_ray.augment import AffineRanges, random_affine
-from vfx_ray.config import TrainConfig
+from vfx_ray.config import TrainConfig, train_config_from_dict
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 FAULT_MARKER_ENV = "VFX_RAY_FAULT_MARKER"  # test hook, see _maybe_inject_fault
 SHUFFLE_BUFFER = 2048
-
-
-def config_from_dict(d: dict[str, Any]) -> TrainConfig:
-    """TrainConfig from its JSON form (lists back to tuples); unknown keys are an error."""
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = set(d) - names
-    if unknown:
-        raise ValueError(f"unknown training parameters {sorted(unknown)}; known: {sorted(names)}")
-    return TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
 def l2_penalty(model: nn.Module) -> torch.Tensor:
@@ -163,13 +155,40 @@ def _all_reduce_sums(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def checkpoint_due(state: FitState, cfg: TrainConfig, has_val: bool) -> bool:
+    """Whether the epoch just counted in ``state`` reports a checkpoint: every
+    ``checkpoint_every`` epochs, and the last one always (the fold keeps the best weights from
+    the final checkpoint)."""
+    return state.epoch % max(1, cfg.checkpoint_every) == 0 or state.finished(cfg, has_val)
+
+
+def _report(metrics: dict[str, Any], state: FitState, net: nn.Module, opt: torch.optim.Optimizer,
+            best: dict, with_checkpoint: bool) -> None:
+    """Rank 0's report. The checkpoint is written to a fresh folder, which Ray uploads in the
+    background (ASYNC) and then deletes: the next epoch trains meanwhile."""
+    import ray.train
+
+    if not with_checkpoint:
+        ray.train.report(metrics)
+        return
+    folder = tempfile.mkdtemp(prefix="vfx-ckpt-")
+    _save_checkpoint(folder, net, opt, state, best)
+    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
+                     checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+                     delete_local_checkpoint_after_upload=True)
+
+
 def _maybe_inject_fault(marker: str | None, epoch: int, rank: int) -> None:
     """Test hook: with a marker path set, rank 0 dies once (os._exit) after reporting epoch 2.
 
-    Exiting after the 2nd report guarantees the 1st checkpoint reached the controller (its
-    result queue holds one report), so the restarted group must resume from a checkpoint.
+    It first waits until the controller has committed every checkpoint reported so far (they
+    upload in the background), so the restarted group must resume from a checkpoint.
     """
     if marker and rank == 0 and epoch == 2 and not os.path.exists(marker):
+        import ray.train
+
+        ray.train.get_all_reported_checkpoints(
+            consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=300)
         with open(marker, "w") as f:
             f.write(f"killed after epoch {epoch} pid {os.getpid()}\n")
         os._exit(1)
@@ -182,7 +201,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     import ray.train
     import ray.train.torch
 
-    cfg = config_from_dict(config["train"])
+    cfg = train_config_from_dict(config["train"])
+    vmodel.require_cuda(cfg.use_gpu, "this training worker")
     fold = int(config.get("fold", 0))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -240,9 +260,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             print(f"fold {fold} epoch {state.epoch}/{cfg.max_epochs} train_loss {stats['train_loss']:.4f} "
                   f"val_loss {val_loss if val_loss is None else round(val_loss, 4)} "
                   f"{stats['images_per_s']:.0f} img/s/worker", flush=True)
-            with tempfile.TemporaryDirectory() as d:
-                _save_checkpoint(d, net, opt, state, best)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+            _report(metrics, state, net, opt, best, checkpoint_due(state, cfg, val_shard is not None))
         else:
             ray.train.report(metrics)
         _maybe_inject_fault(config.get("fault_marker"), state.epoch, rank)
@@ -256,6 +274,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 class FoldFit:
     best_state: dict[str, torch.Tensor]
     summary: dict[str, Any]
+
+
+def worker_resources(cfg: TrainConfig) -> dict[str, float]:
+    """One training worker's request: a GPU also takes ``gpu_worker_cpus`` CPUs, so that decode
+    tasks packed on the same node cannot starve the thread that feeds it."""
+    return {"CPU": cfg.gpu_worker_cpus, "GPU": 1} if cfg.use_gpu else {"CPU": 1}
 
 
 def to_dataset(table: pa.Table, block_rows: int = 256) -> Any:
@@ -312,7 +336,8 @@ def fit_fold(
             "fault_marker": os.environ.get(FAULT_MARKER_ENV),
         },
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources_per_worker
+            num_workers=cfg.num_workers, use_gpu=bool(cfg.use_gpu),
+            resources_per_worker=resources_per_worker or worker_resources(cfg),
         ),
         run_config=ray.train.RunConfig(
             name=name,

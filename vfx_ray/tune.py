@@ -11,8 +11,9 @@ nested CV would tune once per outer fold (``fold=k``), at K times the cost.
 
 Each trial is a Train V2 driver (``Tuner(driver_fn)``; ``Tuner(trainer)`` is deprecated): one
 ``train.fit_fold`` TorchTrainer whose ``TuneReportCallback`` passes every epoch's report to
-Tune, so ASHA (``time_attr="epoch"``) can stop it. As many trials run at once as folds would
-(``cv.max_parallel_folds``). The profile's own lr/l2 is the first trial.
+Tune, so ASHA (``time_attr="epoch"``) can stop it. All trials are submitted at once (or
+``max_concurrent``), their drivers on the head when it advertises ``placement.DRIVER_RESOURCE``.
+The profile's own lr/l2 is the first trial.
 
 Search folder (local path or s3://)::
 
@@ -33,33 +34,27 @@ import math
 import os
 import sys
 import tempfile
-import time
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 import ray.tune
-from ray._raylet import PlacementGroupID
-from ray.train.v2._internal.execution.callback import WorkerGroupCallback
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.logger import TBXLoggerCallback
-from ray.util.placement_group import PlacementGroup
 
-from vfx_ray import runrecord, storage
-from vfx_ray.config import Config, TrainConfig, TuneConfig
+from vfx_ray import placement, runrecord, storage
+from vfx_ray.config import Config, TrainConfig, TuneConfig, train_config_from_dict
 from vfx_ray.errors import VfxError
-from vfx_ray.raysession import ensure_ray
+from vfx_ray.orphans import ReleaseOrphanedWorkers
+from vfx_ray.raysession import cluster_shape, ensure_ray, is_verbose
+from vfx_ray.trialprogress import TrialProgress
 
 # vfx_ray's torch-heavy modules are imported where used: Train controllers unpickle this
 # module's callbacks, and importing torch there would add seconds to every trial.
 REDUCTION_FACTOR = 4  # ASHA keeps the best quarter at each rung (Ray's default)
 METRIC = "val_loss"
 EXPERIMENT = "ray_tune"
-# A trial only drives its TorchTrainer, whose workers hold the real resources; Tune refuses an
-# empty request, so the driver asks for a sliver of a CPU (as Ray's Train-in-Tune guide does).
-TRIAL_CPU = 0.01
-PG_FILE = "placement_group.json"
 SCALARS = ("val_loss", "train_loss", "train_bce", "best_val_loss", "images_per_s", "epoch_seconds")
 
 
@@ -81,19 +76,6 @@ def trial_dirname(trial: Any) -> str:
     return trial.trial_id
 
 
-class _RecordPlacementGroup(WorkerGroupCallback):
-    """In the Train controller: write where ``ReleaseFinishedTrials`` finds the workers'
-    placement group (a file, so it is known before the first report and on any cluster)."""
-
-    def __init__(self, uri: str) -> None:
-        self.uri = uri
-
-    def after_worker_group_start(self, worker_group: Any) -> None:
-        pg = worker_group.get_worker_group_state().placement_group_handle.placement_group
-        record = {"placement_group": pg.id.hex(), "controller": ray.get_runtime_context().get_actor_id()}
-        storage.write_text(self.uri, json.dumps(record))
-
-
 def tune_trial(config: dict[str, Any], *, train: pa.Table, val: pa.Table, base: dict[str, Any],
                fold: int, out_uri: str) -> None:
     """One trial: a TorchTrainer fit whose epoch reports reach Tune (and ASHA).
@@ -103,65 +85,29 @@ def tune_trial(config: dict[str, Any], *, train: pa.Table, val: pa.Table, base: 
     """
     from vfx_ray import train as vtrain
 
-    cfg = vtrain.config_from_dict({**base, "lr": float(config["lr"]), "l2": float(config["l2"])})
+    cfg = train_config_from_dict({**base, "lr": float(config["lr"]), "l2": float(config["l2"])})
     trial_id = ray.tune.get_context().get_trial_id()
     path, fs = storage.marker_free_filesystem(storage.join(out_uri, "ray_train"))
-    pg_file = _RecordPlacementGroup(storage.join(out_uri, "ray_train", trial_id, PG_FILE))
     vtrain.fit_fold(train, val, cfg, fold=fold, storage_path=path, storage_filesystem=fs, name=trial_id,
-                    callbacks=[TuneReportCallback(), pg_file])
+                    callbacks=[TuneReportCallback()])
 
 
 class ReleaseFinishedTrials(ray.tune.Callback):
-    """Free what a finished trial holds: its Train checkpoints (~0.4 GB for ResNet50; only
-    unfinished and failed trials need theirs, to resume) and its workers' placement group.
+    """Delete a finished trial's Train checkpoints (~0.4 GB for ResNet50): only unfinished and
+    failed trials need theirs, to resume.
 
     A trial stopped by ASHA (or by an interrupted search) is a killed Train driver; its
-    controller dies with it and its placement group - created by the controller, so scoped to
-    the whole job - would hold the workers' CPUs/GPUs until the job ends. Ray's own
-    PlacementGroupCleaner frees it through the State API, which needs the dashboard and one
-    Ray instance per machine; without them the next trial waits forever. So the driver frees
-    it too, once the controller is dead.
+    controller dies with it, but the workers' placement group is the job's. Ray Train's own
+    detached PlacementGroupCleaner frees it: it watches the controller through the State API
+    (``ray.util.state``), so the cluster needs its dashboard. It learns the group only once the
+    workers have started, so ``orphans.ReleaseOrphanedWorkers`` sweeps what it misses.
     """
 
     def __init__(self, out_uri: str) -> None:
         self.out_uri = out_uri
-        self._pending: dict[str, str] = {}  # placement group -> its controller
-        self._next_check = 0.0
-
-    def _watch(self, trial: Any) -> None:
-        uri = storage.join(self.out_uri, "ray_train", trial.trial_id, PG_FILE)
-        if storage.exists(uri):
-            record = json.loads(storage.read_text(uri))
-            self._pending[record["placement_group"]] = record["controller"]
-
-    def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        self._watch(trial)
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        self._watch(trial)
         storage.delete_tree(storage.join(self.out_uri, "ray_train", trial.trial_id))
-
-    def on_step_begin(self, iteration: int, trials: list[Any], **info: Any) -> None:
-        if not self._pending or time.monotonic() < self._next_check:
-            return
-        self._next_check = time.monotonic() + 1.0
-        for pg_hex, controller in list(self._pending.items()):
-            pg = PlacementGroup(PlacementGroupID.from_hex(pg_hex))
-            if ray.util.placement_group_table(pg).get("state") in ("REMOVED", None):
-                del self._pending[pg_hex]  # its run ended cleanly
-            elif ray._private.state.actors(actor_id=controller).get("State") in ("DEAD", None):
-                ray.util.remove_placement_group(pg)  # never from under a live controller
-                del self._pending[pg_hex]
-
-    def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
-        """Tune has stopped any trial still running (an interrupted search): free theirs too."""
-        for trial in trials:
-            self._watch(trial)
-        deadline = time.monotonic() + 30
-        while self._pending and time.monotonic() < deadline:
-            self._next_check = 0.0
-            self.on_step_begin(0, trials)
-            time.sleep(0.5)
 
 
 class TensorBoardCallback(TBXLoggerCallback):
@@ -226,6 +172,14 @@ class TensorBoardCallback(TBXLoggerCallback):
     def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
         for trial in trials:  # an interrupted search: keep what the running trials wrote
             self.log_trial_end(trial)
+
+
+def describe_trial(trial: Any) -> str:
+    """The line printed when a trial ends."""
+    m = trial.last_result or {}
+    best = m.get("best_val_loss")
+    return (f"trial {trial.trial_id} lr {trial.config['lr']:.3g} l2 {trial.config['l2']:.3g}: {m.get('epoch', 0)} "
+            f"epochs, best val loss {'n/a' if best is None else f'{best:.4f}'}")
 
 
 def search_space(tc: TuneConfig) -> dict[str, Any]:
@@ -298,6 +252,7 @@ def run_tune(
     resume: bool = False,
     progress: bool = True,
     fold: int = 0,
+    max_concurrent: int | None = None,
 ) -> dict[str, Any]:
     """Search lr and L2 on ``fold``'s validation patients (see the module docstring); write the
     search folder; return {"best_params", "trials", "stopped_early", ...}.
@@ -305,9 +260,12 @@ def run_tune(
     ``resume=True`` continues an interrupted search in ``out_uri`` (Tuner.restore): finished
     trials are kept, unfinished ones restart from their last Train checkpoint, pending ones
     run. ``num_samples`` defaults to the profile's (or, on resume, to the recorded) count.
+    All trials are submitted at once unless ``max_concurrent`` caps them (a cap is saved with
+    the search, so a resumed search keeps it): their pending requests drive the autoscaler.
     """
     from vfx_ray import cv, folds
     from vfx_ray import model as vmodel
+    from vfx_ray import train as vtrain
 
     if not storage.is_s3(out_uri):
         out_uri = os.path.abspath(out_uri)  # trial actors run in their own working folders
@@ -333,10 +291,12 @@ def run_tune(
          f"patients; its {len(splits['folds'][fold]['test'])} test patients are left out")
 
     ensure_ray()
+    shape = cluster_shape()
+    train_cfg = dataclasses.replace(train_cfg, use_gpu=placement.use_gpu(train_cfg.use_gpu, shape))
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(tune_trial, train=cv._subset(crops, train_ids), val=cv._subset(crops, val_ids),
                                  base=dataclasses.asdict(train_cfg), fold=fold, out_uri=out_uri),
-        {"cpu": TRIAL_CPU},
+        placement.driver_resources(shape),
     )  # fmt: skip
     root, fs = storage.marker_free_filesystem(out_uri)
     if started:
@@ -344,7 +304,7 @@ def run_tune(
         tuner = ray.tune.Tuner.restore(f"{root}/{EXPERIMENT}", trainable=trainable, resume_unfinished=True,
                                        resume_errored=True, storage_filesystem=fs)  # fmt: skip
     else:
-        parallel = cv.max_parallel_folds(train_cfg, ray.cluster_resources(), n)
+        parallel = min(n, max_concurrent or n)
         tuner = ray.tune.Tuner(
             trainable,
             param_space=search_space(tc),
@@ -358,11 +318,15 @@ def run_tune(
                 trial_dirname_creator=trial_dirname, reuse_actors=False,
             ),
             run_config=ray.tune.RunConfig(
-                name=EXPERIMENT, storage_path=root, storage_filesystem=fs, verbose=1 if progress else 0,
-                callbacks=[TensorBoardCallback(out_uri), ReleaseFinishedTrials(out_uri)],
+                name=EXPERIMENT, storage_path=root, storage_filesystem=fs, verbose=1 if is_verbose() else 0,
+                failure_config=ray.tune.FailureConfig(max_failures=1),  # a lost driver resumes its trial
+                callbacks=[TensorBoardCallback(out_uri), ReleaseFinishedTrials(out_uri),
+                           ReleaseOrphanedWorkers(vtrain.worker_resources(train_cfg)),
+                           TrialProgress("tune: epochs", n * train_cfg.max_epochs, describe_trial, progress)],
             ),
         )  # fmt: skip
-        _log(f"up to {parallel} trials at a time; TensorBoard: tensorboard --logdir {storage.join(out_uri, 'tensorboard')}")
+        _log(f"up to {parallel} trials at a time ({'GPU' if train_cfg.use_gpu else 'CPU'} workers, trial drivers "
+             f"{'on the head node' if shape.driver_resource else 'anywhere'}); TensorBoard: tensorboard --logdir {storage.join(out_uri, 'tensorboard')}")
     tuner.fit()
 
     trials = ray.tune.ExperimentAnalysis(f"{root}/{EXPERIMENT}", storage_filesystem=fs).trials  # statuses
