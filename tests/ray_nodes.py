@@ -40,24 +40,25 @@ class Cluster:
         return subprocess.run([str(BIN / "ray"), *args], env=self.env, capture_output=True, text=True, **kwargs)
 
 
-def _node(args: list[str], env: dict, log: Path, temp_dir: str, isolated: bool = False) -> subprocess.Popen:
+def _node(args: list[str], env: dict, log: Path, temp_dir: str, private: Path | None = None) -> subprocess.Popen:
     cmd = [str(BIN / "ray"), "start", "--block", f"--temp-dir={temp_dir}", "--disable-usage-stats", *args]
-    if isolated:
-        # A machine of its own as far as files go: a private mount namespace with an empty
-        # /tmp, so what the head's processes write under /tmp (a local --out) is not here.
+    if private is not None:
+        # A disk of its own for ``private``: in a private mount namespace an empty tmpfs covers
+        # that folder, so what the head's processes write there (a local --out) is not here.
         cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-               f"mount -t tmpfs vfx-node-tmp /tmp && mkdir -p {temp_dir} && exec {shlex.join(cmd)}"]
+               f"mount -t tmpfs vfx-node-local {shlex.quote(str(private))} && exec {shlex.join(cmd)}"]
     return subprocess.Popen(cmd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
 @contextmanager
 def local_cluster(log_dir: Path, head_cpus: int = 2, worker_cpus: list[int] | None = None, timeout: float = 120,
-                  driver_resource: bool = False, isolated_workers: bool = False):
+                  driver_resource: bool = False, node_local: Path | None = None):
     """A head node with the dashboard, plus one worker node per entry of ``worker_cpus``.
 
     ``driver_resource``: the head advertises vfx_driver as cluster.yaml's does (fold and trial
-    drivers then run there). ``isolated_workers``: each worker node has its own temp dir and a
-    private /tmp (see _node), as separate machines would.
+    drivers then run there). ``node_local``: a folder that is each node's own, as on separate
+    machines: worker nodes get their own temp dirs (session, job working dirs) and an empty
+    private mount over this folder (see _node); the head and the test see the real one.
     """
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(PATH=f"{BIN}{os.pathsep}{env['PATH']}", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32),
@@ -87,8 +88,8 @@ def local_cluster(log_dir: Path, head_cpus: int = 2, worker_cpus: list[int] | No
             cluster.procs.append(_node(
                 [f"--address={cluster.gcs_address}", f"--num-cpus={cpus}",
                  f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}"],
-                env, log_dir / f"worker{i}.log", f"/tmp/vrw{i}" if isolated_workers else head_tmp,
-                isolated=isolated_workers))  # fmt: skip
+                env, log_dir / f"worker{i}.log", _worker_temp(cluster) if node_local else head_tmp,
+                private=node_local))  # fmt: skip
             while alive_nodes(cluster) < 2 + i:
                 assert time.time() < deadline, f"only {alive_nodes(cluster)} of {2 + i} nodes came up"
                 time.sleep(1)
@@ -102,6 +103,12 @@ def local_cluster(log_dir: Path, head_cpus: int = 2, worker_cpus: list[int] | No
                 os.killpg(p.pid, signal.SIGKILL)
         for d in cluster.temp_dirs:
             shutil.rmtree(d, ignore_errors=True)
+
+
+def _worker_temp(cluster: Cluster) -> str:
+    path = tempfile.mkdtemp(prefix="vrw", dir="/tmp")  # short: Ray's socket paths live in it
+    cluster.temp_dirs.append(path)
+    return path
 
 
 def until_agent_ready(submit, timeout: float = 120):
@@ -138,7 +145,13 @@ def run_job(cluster: Cluster, entry: list[str], working_dir: Path, timeout: floa
 
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    client = JobSubmissionClient(cluster.dashboard, headers={"Authorization": f"Bearer {cluster.env['RAY_AUTH_TOKEN']}"})
+    # The client takes RAY_API_SERVER_ADDRESS (or RAY_ADDRESS) over its address argument, and
+    # this process may have them set for its own Ray session (conftest): not for this cluster.
+    hidden = {k: os.environ.pop(k) for k in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS") if k in os.environ}
+    try:
+        client = JobSubmissionClient(cluster.dashboard, headers={"Authorization": f"Bearer {cluster.env['RAY_AUTH_TOKEN']}"})
+    finally:
+        os.environ.update(hidden)
     job_id = until_agent_ready(lambda: client.submit_job(
         entrypoint=shlex.join(entry), runtime_env={"working_dir": str(working_dir)},
         submission_id=f"vfx-{uuid.uuid4().hex[:8]}"))  # fmt: skip

@@ -36,7 +36,7 @@ def test_gpus_by_default_when_the_cluster_has_or_can_get_them():
 
 def test_drivers_ask_for_the_head_resource_when_there_is_one():
     assert placement.driver_resources(ClusterShape(driver_resource=True)) == {"cpu": 0, "vfx_driver": 1}
-    assert placement.driver_resources(ClusterShape()) == {"cpu": placement.DRIVER_CPU}
+    assert placement.driver_resources(ClusterShape()) == {"cpu": 0, "memory": placement.DRIVER_MEMORY}
 
 
 def test_local_paths_are_refused_where_other_nodes_cannot_see_them(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 
 import boto3
@@ -157,3 +158,16 @@ def test_marker_free_filesystem_only_for_custom_endpoints(monkeypatch, tmp_path)
     assert storage.marker_free_filesystem("s3://bkt/run/ray_train") == ("s3://bkt/run/ray_train", None)
     monkeypatch.chdir(tmp_path)
     assert storage.marker_free_filesystem("runs/x") == (str(tmp_path / "runs" / "x"), None)
+
+
+def test_credentials_held_back_leave_the_environment_but_not_storage(monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t")
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+    with storage.credentials_held_back():
+        assert "AWS_ACCESS_KEY_ID" not in os.environ and "AWS_SECRET_ACCESS_KEY" not in os.environ
+        assert storage.credentials() == ("AKIDEXAMPLE", "s3cr3t", None)  # what boto3/pyarrow get
+    assert (os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"]) == ("AKIDEXAMPLE", "s3cr3t")
+    assert storage.credentials() == ("AKIDEXAMPLE", "s3cr3t", None)
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    assert storage.credentials()[0] is None  # nothing is kept once the block ends

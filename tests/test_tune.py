@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import signal
 import struct
 import threading
@@ -88,7 +87,7 @@ def search(ray_session, crops_uri, tmp_path_factory):
 
     def third_trial_training() -> bool:
         """A 3rd Train worker group got its placement group (bundles of 1 CPU; a trial driver
-        asks for a sliver): the 3rd trial trains. Each trial's group lives for an epoch or
+        asks for no CPU): the 3rd trial trains. Each trial's group lives for an epoch or
         more, so polling sees every one."""
         for pg_id, pg in ray_session.util.placement_group_table().items():
             if pg["state"] == "CREATED" and any(b.get("CPU", 0) >= 1 for b in pg["bundles"].values()):
@@ -189,25 +188,14 @@ def test_best_params_feed_train_cv(search, crops_uri, tmp_path):
 def test_tune_as_a_ray_job_on_a_local_cluster(objectstore_server, crops_uri, tmp_path):
     """`ray start --head` (token auth), the job submitted and polled through the dashboard's job
     API; the search writes to the embedded S3 store (the head inherits its AWS variables)."""
-    from ray.job_submission import JobStatus, JobSubmissionClient
-    from ray_nodes import local_cluster, until_agent_ready
+    from ray_nodes import local_cluster, run_job
 
     out = f"s3://test/tune-job-{uuid.uuid4().hex[:8]}"
     entry = ["python", "jobs/tune.py", "--crops", crops_uri, "--out", out, "--profile", "demo",
              "--num-samples", "2", "--epochs", "1", "--augment-factor", "1", "--quiet"]  # fmt: skip
     with local_cluster(tmp_path) as cluster:
-        token = cluster.env["RAY_AUTH_TOKEN"]
-        client = JobSubmissionClient(cluster.dashboard, headers={"Authorization": f"Bearer {token}"})
-        job_id = until_agent_ready(lambda: client.submit_job(
-            entrypoint=shlex.join(entry), runtime_env={"working_dir": str(REPO)},
-            submission_id=f"vfx-tune-{uuid.uuid4().hex[:8]}"))  # fmt: skip
-        deadline, status = time.time() + 240, None
-        while time.time() < deadline:
-            status = client.get_job_status(job_id)
-            if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
-                break
-            time.sleep(3)
-        assert status == JobStatus.SUCCEEDED, f"{status}\n{client.get_job_logs(job_id)[-4000:]}"
+        job = run_job(cluster, entry, REPO, timeout=240)
+        assert job["status"] == "SUCCEEDED", f"{job['status']}\n{job['logs'][-4000:]}"
     trials = storage.read_table(storage.join(out, "trials.parquet")).to_pylist()
     assert len(trials) == 2 and json.loads(storage.read_text(storage.join(out, "best_params.json"))).keys() == {"lr", "l2"}
     for t in trials:  # event files were written locally by the job and uploaded

@@ -163,9 +163,10 @@ def run_train_cv(
     import ray
 
     cfg = with_params(cfg, params)
-    cfg = dataclasses.replace(cfg, use_gpu=placement.use_gpu(cfg.use_gpu, cluster_shape()))
     if cfg.pretrained == "imagenet":
         vmodel.find_imagenet_weights(cfg.arch, cfg.pretrained_path)  # fail fast, before Ray
+    if cfg.use_gpu is None:
+        cfg = dataclasses.replace(cfg, use_gpu=placement.use_gpu(None, cluster_shape()))
     crops, unlabelled = _read_crops(crops_uri)
     patients = folds.patient_labels(crops.select(["patient_id", "label"]).to_pandas())
     record = {"train": dataclasses.asdict(cfg), "crops_uri": crops_uri, "params": params or {},
@@ -232,7 +233,8 @@ def run_folds(pending: list[int], crops: pa.Table, splits: dict[str, Any], cfg: 
                        ReleaseOrphanedWorkers(vtrain.worker_resources(cfg))],
         ),
     )
-    grid = tuner.fit()
+    with storage.credentials_held_back():  # Tune would copy them into Ray's logs
+        grid = tuner.fit()
     failed = {int(r.config["fold"]): r.error for r in grid if r.error is not None}
     if failed:
         detail = "; ".join(f"fold {k}: {_short(e)}" for k, e in sorted(failed.items()))

@@ -19,9 +19,11 @@ from vfx_ray.errors import VfxError
 # drivers ask for one unit, so they stay on the head: a spot reclaim of a worker then never
 # takes a trial, its Train controller and its data coordinator down together.
 DRIVER_RESOURCE = "vfx_driver"
-# Without it (a laptop, a one-node cluster) a driver asks for a sliver of a CPU: Tune refuses
-# an empty request, and the driver only waits on its trainer, whose workers hold the real ones.
-DRIVER_CPU = 0.01
+# Without it (a laptop, a fixed cluster) a driver asks for memory and no CPU: it only waits on
+# its trainer, whose workers hold the CPUs. Not even a sliver of one: a node with 0.98 of its
+# single CPU left runs no 1-CPU task, and the next fold's Ray Data set-up would wait on the
+# running fold's workers for good (seen on a 2 x 1-CPU cluster). Tune refuses an empty request.
+DRIVER_MEMORY = 512 << 20
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,7 @@ def use_gpu(flag: bool | None, shape: ClusterShape) -> bool:
 
 def driver_resources(shape: ClusterShape) -> dict[str, float]:
     """A fold or trial driver's request (Tune's ``with_resources`` form)."""
-    return {"cpu": 0, DRIVER_RESOURCE: 1} if shape.driver_resource else {"cpu": DRIVER_CPU}
+    return {"cpu": 0, DRIVER_RESOURCE: 1} if shape.driver_resource else {"cpu": 0, "memory": DRIVER_MEMORY}
 
 
 def launcher_capacity(config: Mapping[str, Any]) -> tuple[bool, int]:

@@ -46,6 +46,8 @@ def ensure_ray() -> None:
     # The Ray Dashboard's Train page lists runs only with state tracking on (read by the Train
     # driver, which on a local instance inherits this process's environment).
     os.environ.setdefault(STATE_TRACKING_ENV, "1")
+    if not verbose:  # Tune's newer console prints a table per run even at verbose=0
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     env = worker_env(os.environ)
     if env:
         kwargs["runtime_env"] = {"env_vars": env}

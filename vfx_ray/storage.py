@@ -41,6 +41,35 @@ S3_MAX_ATTEMPTS = 8
 DEFAULT_REGION = "us-east-1"
 
 
+CREDENTIAL_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
+_held_back: dict[str, str] = {}  # credential variables taken out of os.environ for a while
+
+
+def credentials() -> tuple[str | None, str | None, str | None]:
+    """(key, secret, session token) from the environment, or from while they are held back."""
+    def get(name: str) -> str | None:
+        return os.environ.get(name) or _held_back.get(name)
+
+    return get("AWS_ACCESS_KEY_ID"), get("AWS_SECRET_ACCESS_KEY"), get("AWS_SESSION_TOKEN")
+
+
+@contextmanager
+def credentials_held_back() -> Iterator[None]:
+    """Take the AWS credential variables out of os.environ while the block runs; this process's
+    storage calls still use them. For Ray Tune's ``fit``: Tune copies these variables into
+    every trial actor's runtime_env, which Ray writes in plain text to its logs
+    (runtime_env_agent.log). Trial actors need no copy: a local instance's workers inherit
+    the environment, a cluster's nodes have their own credentials (instance profiles)."""
+    held = {k: os.environ.pop(k) for k in CREDENTIAL_VARS if k in os.environ}
+    _held_back.update(held)
+    try:
+        yield
+    finally:
+        for k, v in held.items():
+            _held_back.pop(k, None)
+            os.environ.setdefault(k, v)
+
+
 def is_s3(uri: str) -> bool:
     return uri.startswith(S3_PREFIX)
 
@@ -91,7 +120,7 @@ def s3_filesystem(bucket: str | None = None) -> pafs.S3FileSystem:
         # trailing checksums, the AWS SDK default since 2025; the SDK reads these variables.
         os.environ.setdefault("AWS_REQUEST_CHECKSUM_CALCULATION", "WHEN_REQUIRED")
         os.environ.setdefault("AWS_RESPONSE_CHECKSUM_VALIDATION", "WHEN_REQUIRED")
-    creds = (os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY"), os.environ.get("AWS_SESSION_TOKEN"))
+    creds = credentials()
     return _s3_filesystem(endpoint, s3_region(bucket), creds)
 
 
@@ -118,7 +147,7 @@ def _s3_filesystem(endpoint: str | None, region: str, creds: tuple) -> pafs.S3Fi
 def boto3_client(bucket: str | None = None):
     """boto3 S3 client from the standard AWS variables (endpoint passed explicitly), for
     ``bucket``'s region."""
-    creds = (os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY"), os.environ.get("AWS_SESSION_TOKEN"))
+    creds = credentials()
     return _boto3_client(s3_endpoint(), s3_region(bucket), creds)
 
 

@@ -327,7 +327,8 @@ def run_tune(
         )  # fmt: skip
         _log(f"up to {parallel} trials at a time ({'GPU' if train_cfg.use_gpu else 'CPU'} workers, trial drivers "
              f"{'on the head node' if shape.driver_resource else 'anywhere'}); TensorBoard: tensorboard --logdir {storage.join(out_uri, 'tensorboard')}")
-    tuner.fit()
+    with storage.credentials_held_back():  # Tune would copy them into Ray's logs
+        tuner.fit()
 
     trials = ray.tune.ExperimentAnalysis(f"{root}/{EXPERIMENT}", storage_filesystem=fs).trials  # statuses
     table = trials_table(trials, train_cfg)
