@@ -90,7 +90,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--augment-factor", type=positive_int, help="augmented views per crop and epoch (paper 20)")
     p.add_argument("--workers", type=positive_int, help="Ray Train workers per fold")
     p.add_argument("--gpu-worker-cpus", type=positive_int, help="CPUs a GPU training worker also reserves (default 2)")
-    p.add_argument("--checkpoint-every", type=positive_int, metavar="N", help="epochs between checkpoints (default 1; the last is always kept)")
+    p.add_argument("--checkpoint-every", type=positive_int, metavar="N", help="epochs between checkpoints, uploaded in the background (default 1): a restart redoes at most N epochs; the last epoch is always checkpointed, with the best weights")
     p.add_argument("--max-concurrent", type=positive_int,
                    help="most folds/trials at once (default: all; their pending requests drive the autoscaler)")
     add_cluster_args(p, gpu=True)
@@ -103,8 +103,9 @@ def add_train_cv(sub: argparse._SubParsersAction) -> None:
         help="the paper's ResNet recipe, patient-level k-fold CV on Ray Train",
         description=(
             "Cross-validate the classifier on a crops dataset: stratified patient folds (written "
-            "once as splits.json), each fold a Ray Train TorchTrainer run (side by side when the "
-            "cluster has room), early stopping on validation patients from the training folds, "
+            "once as splits.json), each fold a Ray Train TorchTrainer run driven by one trial of a "
+            "Ray Tune grid (all folds submitted at once, so an autoscaler adds the nodes they ask "
+            "for; --max-concurrent caps them), early stopping on validation patients from the training folds, "
             "out-of-fold predictions and the paper's metrics per slice and per patient (max over "
             "slices). Re-running with the same --out skips finished folds and resumes the others."
         ),
