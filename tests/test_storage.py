@@ -171,3 +171,16 @@ def test_credentials_held_back_leave_the_environment_but_not_storage(monkeypatch
     assert storage.credentials() == ("AKIDEXAMPLE", "s3cr3t", None)
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     assert storage.credentials()[0] is None  # nothing is kept once the block ends
+
+
+def test_marker_free_filesystem_pickles_without_credentials(objectstore_server):
+    import pickle
+
+    path, fs = storage.marker_free_filesystem("s3://test/pickled/run")
+    blob = pickle.dumps(fs)  # what Ray Tune writes into tuner.pkl in the output folder
+    assert objectstore_server.secret_key.encode() not in blob
+    assert os.environ["AWS_ACCESS_KEY_ID"].encode() not in blob
+    again = pickle.loads(blob)  # rebuilt from this process's environment, and it works
+    with again.open_output_stream(f"{path}/x.txt") as f:
+        f.write(b"ok")
+    assert storage.read_bytes("s3://test/pickled/run/x.txt") == b"ok"

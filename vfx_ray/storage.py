@@ -365,10 +365,22 @@ class NoDirMarkers(pafs.FileSystemHandler):
     deletes (to keep the parent "directory"), which the embedded ``rclone serve s3`` refuses
     and then lists the prefix wrongly. Ray Train only needs the objects: ``create_dir`` does
     nothing and deletes go through boto3 (no parent marker); the rest is passed through.
+
+    Pickled (Ray Tune keeps it in ``tuner.pkl`` in the output folder, Train ships it to its
+    workers) as "S3 of this bucket", never with the credentials pyarrow's filesystem would
+    carry: the unpickling process builds its own from its environment.
     """
 
-    def __init__(self, fs: pafs.FileSystem) -> None:
+    def __init__(self, fs: pafs.FileSystem, bucket: str | None = None) -> None:
         self.fs = fs
+        self.bucket = bucket
+
+    @classmethod
+    def for_bucket(cls, bucket: str | None) -> NoDirMarkers:
+        return cls(s3_filesystem(bucket), bucket)
+
+    def __reduce__(self) -> tuple:
+        return (NoDirMarkers.for_bucket, (self.bucket,))
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, NoDirMarkers) and self.fs.equals(other.fs)
@@ -450,5 +462,5 @@ def marker_free_filesystem(uri: str) -> tuple[str, pafs.FileSystem | None]:
     path (made absolute): the library builds its own filesystem, the bucket's region resolved."""
     if is_s3(uri) and s3_endpoint():
         fs, path = filesystem(uri)
-        return path, pafs.PyFileSystem(NoDirMarkers(fs))
+        return path, pafs.PyFileSystem(NoDirMarkers(fs, split_s3(uri)[0]))
     return (uri if is_s3(uri) else os.path.abspath(uri)), None
