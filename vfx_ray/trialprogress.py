@@ -36,15 +36,15 @@ class TrialProgress(ray.tune.Callback):
             self._progress().update(epoch - done)
             self._epochs[trial.trial_id] = epoch
 
-    def _line(self, trial: Any, text: str) -> None:
+    def _line(self, text: str) -> None:
         self._progress().write(text, file=sys.stderr)
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        self._line(trial, self.args[2](trial))
+        self._line(self.args[2](trial))
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         error = str(trial.get_error() or "").strip().splitlines()
-        self._line(trial, f"{self.args[2](trial)}: FAILED {error[-1] if error else ''}")
+        self._line(f"{self.args[2](trial)}: FAILED {error[-1] if error else ''}")
 
     def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
         if self._bar is not None:
