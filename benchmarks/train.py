@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/train.py [--arch resnet18] [--size 64] [--patients 48]
         [--epochs 4] [--augment-factor 2] [--workers 1 2]
 
-Both paths run the same ``train_one_epoch`` + ``evaluate`` (vfx_ray.train) with the same
+The plain loop runs the reference ``train_one_epoch`` + ``evaluate`` (vfx_ray.epochs) with the same
 augmentation, batch size and 1 torch thread per worker (Ray gives a 1-CPU worker
 OMP_NUM_THREADS=1). The Ray figure is the wall time between consecutive epoch reports, so it
 includes Ray Data iteration, the per-epoch checkpoint and ``ray.train.report``; the first
@@ -24,14 +24,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from crops_fixture import make_crops  # noqa: E402
 
-from vfx_ray import contracts  # noqa: E402
+from vfx_ray import contracts, epochs  # noqa: E402
 from vfx_ray import model as vmodel  # noqa: E402
 from vfx_ray import train as vtrain  # noqa: E402
 from vfx_ray.augment import AffineRanges, random_affine  # noqa: E402
 from vfx_ray.config import TrainConfig  # noqa: E402
 
 
-def plain_epochs(train, val, cfg: TrainConfig, epochs: int) -> list[float]:
+def plain_epochs(train, val, cfg: TrainConfig, n_epochs: int) -> list[float]:
     """Seconds per epoch of a plain in-memory loop (train + validation), 1 thread."""
     torch.set_num_threads(1)
     x = torch.from_numpy(contracts.images_from_arrow(train["image"]).copy())
@@ -43,7 +43,7 @@ def plain_epochs(train, val, cfg: TrainConfig, epochs: int) -> list[float]:
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=cfg.betas)
     ranges, gen = AffineRanges.from_config(cfg), torch.Generator().manual_seed(0)
     times = []
-    for _ in range(epochs):
+    for _ in range(n_epochs):
         t0 = time.perf_counter()
 
         def views():
@@ -53,8 +53,8 @@ def plain_epochs(train, val, cfg: TrainConfig, epochs: int) -> list[float]:
                     idx = perm[i : i + cfg.batch_size]
                     yield x[idx], y[idx]
 
-        vtrain.train_one_epoch(net, views(), opt, l2=cfg.l2, transform=lambda b: random_affine(b, ranges, gen))
-        vtrain.evaluate(net, [(xv[i : i + 256], yv[i : i + 256]) for i in range(0, len(xv), 256)])
+        epochs.train_one_epoch(net, views(), opt, l2=cfg.l2, transform=lambda b: random_affine(b, ranges, gen))
+        epochs.evaluate(net, [(xv[i : i + 256], yv[i : i + 256]) for i in range(0, len(xv), 256)])
         times.append(time.perf_counter() - t0)
     return times
 

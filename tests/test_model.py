@@ -14,7 +14,7 @@ from vfx_ray import contracts, errors
 from vfx_ray import model as vmodel
 from vfx_ray.augment import AffineRanges, random_affine
 from vfx_ray.config import TrainConfig
-from vfx_ray.train import FitState, evaluate, l2_penalty, train_one_epoch
+from vfx_ray.epochs import FitState, evaluate, l2_penalty, train_one_epoch
 
 
 @pytest.fixture

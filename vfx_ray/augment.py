@@ -5,7 +5,8 @@ The paper augments 20x by random affine transforms. This does the same draws as
 - rotation uniform in [-rotate_deg, rotate_deg] degrees, scale uniform in ``scale``,
 translation uniform in [-t, t] x crop size on each axis, bilinear, fill 0 (the z-scored
 mean) - but with an independent draw per sample (``RandomAffine`` on a batch tensor draws once
-for the whole batch) and in one ``grid_sample`` call, on whatever device the batch is on.
+for the whole batch) and in one ``grid_sample`` call, on whatever device the batch is on; the
+draws are made on the generator's device (``resident`` keeps them on the GPU).
 The same transform is applied to the three channels (the slice and its neighbours).
 
 ``augment_factor`` (TrainConfig) is applied by the training loop: each epoch iterates the
@@ -40,10 +41,12 @@ class AffineRanges:
 
 
 def random_thetas(n: int, ranges: AffineRanges, generator: torch.Generator | None = None) -> torch.Tensor:
-    """(n, 2, 3) ``affine_grid`` matrices mapping output to input coordinates (normalised)."""
+    """(n, 2, 3) ``affine_grid`` matrices mapping output to input coordinates (normalised),
+    drawn on the generator's device (a CUDA generator: no host draw, no copy per batch)."""
+    device = generator.device if generator is not None else None
 
     def uniform(lo: float, hi: float) -> torch.Tensor:
-        return lo + (hi - lo) * torch.rand(n, generator=generator)
+        return lo + (hi - lo) * torch.rand(n, generator=generator, device=device)
 
     angle = uniform(-ranges.rotate_deg, ranges.rotate_deg) * (math.pi / 180.0)
     scale = uniform(*ranges.scale)

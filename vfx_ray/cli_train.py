@@ -29,6 +29,8 @@ def train_config_from_args(args: argparse.Namespace) -> config_mod.TrainConfig:
         num_workers=args.workers,
         use_gpu=args.gpu,
         gpu_worker_cpus=args.gpu_worker_cpus,
+        folds_per_gpu=args.folds_per_gpu,
+        compile=args.compile,
         checkpoint_every=args.checkpoint_every,
         seed=args.seed,
     )
@@ -90,6 +92,13 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--augment-factor", type=positive_int, help="augmented views per crop and epoch (paper 20)")
     p.add_argument("--workers", type=positive_int, help="Ray Train workers per fold")
     p.add_argument("--gpu-worker-cpus", type=positive_int, help="CPUs a GPU training worker also reserves (default 2)")
+    p.add_argument("--folds-per-gpu", type=positive_int, metavar="K",
+                   help="K folds (tune: trials) share one GPU, each worker asking for 1/K of it and of "
+                   "--gpu-worker-cpus (at least 1 CPU): at batch 32 one fold cannot keep a large GPU busy "
+                   "(default 1; see docs/benchmarks.md for measured K)")
+    p.add_argument("--compile", choices=config_mod.COMPILE_MODES,
+                   help="torch.compile the training forward: auto (default: on CUDA, not on CPU), off, on, "
+                   "or cudagraphs (mode reduce-overhead); a failing compile falls back to eager")
     p.add_argument("--checkpoint-every", type=positive_int, metavar="N", help="epochs between checkpoints, uploaded in the background (default 1): a restart redoes at most N epochs; the last epoch is always checkpointed, with the best weights")
     p.add_argument("--max-concurrent", type=positive_int,
                    help="most folds/trials at once (default: all; their pending requests drive the autoscaler)")

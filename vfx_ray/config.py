@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 PROFILES = ("paper", "demo")
+COMPILE_MODES = ("auto", "off", "on", "cudagraphs")  # torch.compile of the training forward
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,8 @@ class TrainConfig:
     num_workers: int = 1
     use_gpu: bool | None = None  # None: GPUs when the cluster has or can get them
     gpu_worker_cpus: int = 2  # a GPU worker's host thread must not starve behind decode tasks
+    folds_per_gpu: int = 1  # K folds (or trials) share one GPU: each worker asks for 1/K of it
+    compile: str = "auto"  # COMPILE_MODES; auto: torch.compile on CUDA, eager on the CPU
     checkpoint_every: int = 1  # epochs between checkpoints; the last epoch always has one
     threshold: float = 0.5
 

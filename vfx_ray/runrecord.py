@@ -10,8 +10,10 @@ from typing import Any
 from vfx_ray import storage
 from vfx_ray.errors import VfxError
 
-# How a run executes, not what it computes (checkpoint_every: how much a restart redoes).
-RUNTIME_FIELDS = ("num_workers", "use_gpu", "gpu_worker_cpus", "checkpoint_every")
+# How a run executes, not what it computes (checkpoint_every: how much a restart redoes;
+# folds_per_gpu and compile: how fast). An old record without a field compares as if it had
+# none, so a run folder made before a runtime field existed still resumes.
+RUNTIME_FIELDS = ("num_workers", "use_gpu", "gpu_worker_cpus", "checkpoint_every", "folds_per_gpu", "compile")
 
 
 def without_runtime(train: dict[str, Any]) -> dict[str, Any]:

@@ -1,12 +1,14 @@
-"""Training of one fold: pure-torch ``train_one_epoch``/``evaluate``, the Ray Train loop, the trainer.
+"""Training of one fold on Ray Train: the loop each worker runs, its resources, the trainer.
 
 Laid out like torchvision's ``references/classification/train.py``: the epoch and the
-evaluation are plain functions on tensors (usable without Ray, e.g. by the benchmark), and
-``train_loop_per_worker`` only adds Ray's data shards, checkpoints and reporting.
+evaluation are plain functions on tensors (``resident``, usable without Ray, e.g. by the
+benchmarks), and ``train_loop_per_worker`` only adds Ray's data shards, checkpoints and
+reporting. Each worker reads its shard of the fold's crops once, onto its device.
 
 Recipe (Li et al. 2021): loss = mean BCE-with-logits + ``l2`` x sum of squared weights (conv
-and linear weight tensors; biases and BatchNorm affine parameters are not penalised) - an
-explicit term in the loss, as the paper describes, not Adam's weight_decay. Adam(lr, betas).
+and linear weight tensors; biases and BatchNorm affine parameters are not penalised), applied
+as Adam's coupled weight decay on exactly those weights, which gives the same gradient (see
+``resident``; ``epochs.train_one_epoch`` is the literal form). Adam(lr, betas).
 ``batch_size`` is the global batch: each of N workers takes batch_size // N. Early stopping on
 the lowest validation BCE (without the L2 term) with ``patience`` epochs; the best weights are
 what the fold keeps. Every ``checkpoint_every`` epochs, and always at the last, rank 0 reports
@@ -22,121 +24,20 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vfx_ray import model as vmodel
-from vfx_ray.augment import AffineRanges, random_affine
+from vfx_ray import resident
 from vfx_ray.config import TrainConfig, train_config_from_dict
+from vfx_ray.epochs import FitState, seed_for
 
-Batch = tuple[torch.Tensor, torch.Tensor]
 FAULT_MARKER_ENV = "VFX_RAY_FAULT_MARKER"  # test hook, see _maybe_inject_fault
-SHUFFLE_BUFFER = 2048
-
-
-def l2_penalty(model: nn.Module) -> torch.Tensor:
-    """Sum of squared conv/linear weights (parameters with more than one dimension)."""
-    return torch.stack([p.pow(2).sum() for p in model.parameters() if p.ndim > 1]).sum()
-
-
-def train_one_epoch(
-    model: nn.Module,
-    batches: Iterable[Batch],
-    optimizer: torch.optim.Optimizer,
-    *,
-    l2: float,
-    device: torch.device | str = "cpu",
-    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> dict[str, float]:
-    """One pass over ``batches`` of (images, labels); returns mean loss/BCE and images/s."""
-    model.train()
-    plain = vmodel.unwrap(model)
-    bce_sum, loss_sum, n = 0.0, 0.0, 0
-    start = time.perf_counter()
-    for x, y in batches:
-        x = x.to(device, torch.float32, non_blocking=True)
-        y = y.to(device, torch.float32, non_blocking=True)
-        if transform is not None:
-            x = transform(x)
-        bce = F.binary_cross_entropy_with_logits(model(x).flatten(), y)
-        loss = bce + l2 * l2_penalty(plain) if l2 else bce
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        bce_sum += bce.item() * len(y)
-        loss_sum += loss.item() * len(y)
-        n += len(y)
-    seconds = time.perf_counter() - start
-    return {
-        "train_loss": loss_sum / max(n, 1),
-        "train_bce": bce_sum / max(n, 1),
-        "train_images": n,
-        "train_seconds": seconds,
-        "images_per_s": n / seconds if seconds > 0 else 0.0,
-    }
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable[Batch], device: torch.device | str = "cpu") -> dict[str, float]:
-    """Summed BCE and count over ``batches`` in eval mode (sums so workers can all-reduce)."""
-    model = vmodel.unwrap(model).eval()
-    loss_sum, n = 0.0, 0
-    for x, y in batches:
-        x, y = x.to(device, torch.float32), y.to(device, torch.float32)
-        loss_sum += F.binary_cross_entropy_with_logits(model(x).flatten(), y, reduction="sum").item()
-        n += len(y)
-    return {"loss_sum": loss_sum, "n": n}
-
-
-@dataclass
-class FitState:
-    """Everything besides tensors that a resumed fold needs; stored in every checkpoint."""
-
-    epoch: int = 0
-    best_val_loss: float = math.inf
-    best_epoch: int = 0
-    epochs_without_improvement: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)
-    resumed_from: list[int] = field(default_factory=list)
-
-    def finished(self, cfg: TrainConfig, has_val: bool) -> bool:
-        stopped = has_val and self.epochs_without_improvement >= cfg.patience
-        return self.epoch >= cfg.max_epochs or stopped
-
-    def update(self, val_loss: float | None) -> bool:
-        """Count one more epoch; True when it is the new best (always, without validation)."""
-        self.epoch += 1
-        if val_loss is None or val_loss < self.best_val_loss:
-            self.best_val_loss = val_loss if val_loss is not None else math.inf
-            self.best_epoch = self.epoch
-            self.epochs_without_improvement = 0
-            return True
-        self.epochs_without_improvement += 1
-        return False
-
-
-def seed_for(*parts: int) -> int:
-    """A 63-bit seed from integers (seed, fold, epoch, pass, rank), stable across runs."""
-    h = 1469598103934665603
-    for p in parts:
-        h = ((h ^ (int(p) & 0xFFFFFFFF)) * 1099511628211) % (1 << 63)
-    return h
-
-
-def shard_batches(shard: Any, batch_size: int, seed: int | None) -> Iterator[Batch]:
-    """(images, labels) batches from a Ray Data shard; locally shuffled when seeded."""
-    kwargs: dict[str, Any] = {"batch_size": batch_size, "dtypes": {"image": torch.float32, "label": torch.float32}}
-    if seed is not None:
-        kwargs.update(local_shuffle_buffer_size=SHUFFLE_BUFFER, local_shuffle_seed=seed % (1 << 31))
-    for b in shard.iter_torch_batches(**kwargs):
-        yield b["image"], b["label"]
 
 
 def _save_checkpoint(path: str, net: nn.Module, opt: torch.optim.Optimizer, state: FitState, best: dict) -> None:
@@ -194,10 +95,40 @@ def _maybe_inject_fault(marker: str | None, epoch: int, rank: int) -> None:
         os._exit(1)
 
 
+def shard_data(shard: Any, opts: resident.DeviceOptions) -> resident.DeviceData:
+    """A worker's whole Ray Data shard, read once, in the dataset's row order, on its device."""
+    parts = list(shard.iter_torch_batches(batch_size=4096, dtypes={"row": torch.int64, "image": torch.float32,
+                                                                    "label": torch.float32}))
+    if not parts:
+        return resident.DeviceData.put(torch.zeros(0, 3, 1, 1), torch.zeros(0), opts)
+    row, images, labels = (torch.cat([b[k] for b in parts]) for k in ("row", "image", "label"))
+    order = torch.argsort(row)  # blocks may arrive in any order: the fold must not depend on it
+    return resident.DeviceData.put(images[order], labels[order], opts)
+
+
+def _restore(config: dict[str, Any], cfg: TrainConfig) -> tuple[nn.Module, FitState, dict, dict | None]:
+    """(model, fit state, best weights, optimizer state) from the run's checkpoint or the init."""
+    import ray
+    import ray.train
+
+    net = vmodel.build_model(cfg.arch, pretrained="none")
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        net.load_state_dict(ray.get(config["init"]))
+        return net, FitState(), vmodel.cpu_state(net), None
+    with ckpt.as_directory() as d:
+        saved = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
+        best = torch.load(os.path.join(d, "best.pt"), map_location="cpu", weights_only=True)
+    net.load_state_dict(saved["model"])
+    state = FitState(**saved["fit"])
+    state.resumed_from.append(state.epoch)
+    return net, state, best, saved["optimizer"]
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train loop of one fold. ``config``: train (TrainConfig dict), fold, init (ObjectRef
-    of the initial state dict), fault_marker. Data: ``train`` and ``val`` dataset shards."""
-    import ray
+    of the initial state dict), fault_marker. Data: ``train`` and ``val`` dataset shards, each
+    read once onto the worker's device (``resident``)."""
     import ray.train
     import ray.train.torch
 
@@ -206,50 +137,29 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     fold = int(config.get("fold", 0))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
+    opts = resident.DeviceOptions.for_device(ray.train.torch.get_device(), cfg.compile)
 
-    net = vmodel.build_model(cfg.arch, pretrained="none")
-    state, best, opt_state = FitState(), None, None
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            saved = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
-            best = torch.load(os.path.join(d, "best.pt"), map_location="cpu", weights_only=True)
-        net.load_state_dict(saved["model"])
-        opt_state, state = saved["optimizer"], FitState(**saved["fit"])
-        state.resumed_from.append(state.epoch)
-    else:
-        net.load_state_dict(ray.get(config["init"]))
-    if best is None:
-        best = vmodel.cpu_state(net)
+    net, state, best, opt_state = _restore(config, cfg)
+    if opts.channels_last:
+        net = net.to(memory_format=torch.channels_last)
     net = ray.train.torch.prepare_model(net)
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
+    opt = resident.adam(net, cfg, opts)
     if opt_state is not None:
         opt.load_state_dict(opt_state)
-
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val") if config.get("has_val", True) else None
-    ranges = AffineRanges.from_config(cfg)
+    train = shard_data(ray.train.get_dataset_shard("train"), opts)
+    val = shard_data(ray.train.get_dataset_shard("val"), opts) if config.get("has_val", True) else None
+    trainer = resident.Trainer(net, opt, cfg, opts)
     per_worker_batch = max(1, cfg.batch_size // world)
 
-    while not state.finished(cfg, val_shard is not None):
-        epoch = state.epoch + 1
-        gen = torch.Generator().manual_seed(seed_for(cfg.seed, fold, epoch, rank))
-
-        def views(epoch: int = epoch) -> Iterator[Batch]:
-            for p in range(max(1, cfg.augment_factor)):
-                yield from shard_batches(train_shard, per_worker_batch, seed_for(cfg.seed, fold, epoch, p, rank))
-
+    while not state.finished(cfg, val is not None):
         t0 = time.perf_counter()
-        stats = train_one_epoch(net, views(), opt, l2=cfg.l2, device=device,
-                                transform=lambda x, g=gen: random_affine(x, ranges, g))
+        gen = resident.generator(opts.device, seed_for(cfg.seed, fold, state.epoch + 1, rank))
+        stats = trainer.epoch(train, gen, per_worker_batch, max(1, cfg.augment_factor))
         val_loss = None
-        if val_shard is not None:
-            ev = evaluate(net, shard_batches(val_shard, 256, None), device)
-            loss_sum, n = _all_reduce_sums([ev["loss_sum"], float(ev["n"])], device)
+        if val is not None:
+            loss_sum, n = _all_reduce_sums(list(map(float, resident.evaluate(net, val))), opts.device)
             val_loss = loss_sum / n if n else None
-        improved = state.update(val_loss)
-        if improved:
+        if state.update(val_loss):
             best = vmodel.cpu_state(net)
         best_val = None if math.isinf(state.best_val_loss) else state.best_val_loss
         metrics = {"fold": fold, "epoch": state.epoch, "val_loss": val_loss, "best_val_loss": best_val,
@@ -260,7 +170,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             print(f"fold {fold} epoch {state.epoch}/{cfg.max_epochs} train_loss {stats['train_loss']:.4f} "
                   f"val_loss {val_loss if val_loss is None else round(val_loss, 4)} "
                   f"{stats['images_per_s']:.0f} img/s/worker", flush=True)
-            _report(metrics, state, net, opt, best, checkpoint_due(state, cfg, val_shard is not None))
+            _report(metrics, state, net, opt, best, checkpoint_due(state, cfg, val is not None))
         else:
             ray.train.report(metrics)
         _maybe_inject_fault(config.get("fault_marker"), state.epoch, rank)
@@ -277,19 +187,27 @@ class FoldFit:
 
 
 def worker_resources(cfg: TrainConfig) -> dict[str, float]:
-    """One training worker's request: a GPU also takes ``gpu_worker_cpus`` CPUs, so that decode
-    tasks packed on the same node cannot starve the thread that feeds it."""
-    return {"CPU": cfg.gpu_worker_cpus, "GPU": 1} if cfg.use_gpu else {"CPU": 1}
+    """One training worker's request. A GPU worker also takes ``gpu_worker_cpus`` CPUs, so that
+    decode tasks packed on the same node cannot starve the thread that feeds it; with
+    ``folds_per_gpu`` K it takes 1/K of a GPU and of those CPUs (at least one), so K folds
+    share a GPU: with its data on the device, a worker needs one host thread to launch kernels."""
+    if not cfg.use_gpu:
+        return {"CPU": 1}
+    k = max(1, cfg.folds_per_gpu)
+    # Ray counts resources in 1e-4 units: rounded down, K shares always fit one GPU (6 x 0.1667 would not)
+    return {"CPU": max(1, cfg.gpu_worker_cpus // k), "GPU": math.floor(1e4 / k) / 1e4}
 
 
 def to_dataset(table: pa.Table, block_rows: int = 256) -> Any:
-    """A Ray dataset of just (image, label) from an in-memory crops table, in small blocks."""
+    """A Ray dataset of (row, image, label) from an in-memory crops table, in small blocks;
+    ``row`` restores the table's order once a worker has read its shard."""
     import ray.data
 
     t = table.select(["image", "label"])
+    t = t.add_column(0, "row", pa.array(range(t.num_rows), pa.int64()))
     blocks = [t.slice(i, block_rows) for i in range(0, max(t.num_rows, 1), block_rows)]
     ds = ray.data.from_arrow(blocks)
-    # iterated augment_factor times per epoch: one progress bar per pass would flood the logs
+    # read by every fold and trial: one progress bar each would flood the logs
     ds.context.enable_progress_bars = False
     ds.context.print_on_execution_start = False
     return ds
