@@ -244,7 +244,8 @@ def add_score(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output URI")
     p.add_argument("--threshold", type=float, default=0.5, help="malignant when probability >= this")
     p.add_argument("--features", action="store_true", help="also write 2048-d pooled embeddings (features.parquet)")
-    p.add_argument("--batch-size", type=positive_int, default=64, help="crops per model call (default 64)")
+    p.add_argument("--batch-size", type=positive_int,
+                   help="crops per model call (default 1024 on GPUs, 64 on CPUs)")
     p.add_argument("--commit-every", type=positive_int, default=25, help="patients per committed part (resume granularity)")
     p.add_argument("--profile", default="paper", choices=config_mod.PROFILES)
     add_pseudonymize(p)

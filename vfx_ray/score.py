@@ -34,6 +34,7 @@ from vfx_ray.scorer import SLICE_WIRE, SliceScorer
 
 PARTS = "_parts"
 DECODE_CPUS, SCORER_CPUS = 0.95, 0.05  # per decode task and per CPU scoring actor (see run_score)
+GPU_BATCH, CPU_BATCH = 1024, 64  # crops per model call: a GPU needs big batches, a CPU gains nothing
 
 
 
@@ -167,7 +168,7 @@ def run_score(
     *,
     threshold: float = 0.5,
     features: bool = False,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     classes: tuple[str, str] = DEFAULT_CLASSES,
     commit_every: int = 25,
     progress: bool = True,
@@ -179,7 +180,8 @@ def run_score(
     A fresh ``--out`` is read in one pass (:mod:`scorepass`, resumable by chunk); a re-run
     over committed patients indexes headers only and scores the rest. Finished patients are
     committed every ``commit_every`` patients (or minute): that much work at most is redone.
-    ``gpu=None`` scores on GPUs when the cluster has or can get them.
+    ``gpu=None`` scores on GPUs when the cluster has or can get them. ``batch_size`` rows per
+    model call: default ``GPU_BATCH`` on GPUs (a big batch keeps one busy), ``CPU_BATCH`` on CPUs.
     """
     import ray
 
@@ -201,6 +203,7 @@ def run_score(
     shape = cluster_shape()
     gpus = max(1, shape.max_gpus) if use_gpu(gpu, shape) else 0  # the most GPU actors it may use
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    batch_size = batch_size or (GPU_BATCH if gpus else CPU_BATCH)
 
     def score_stage(ds):
         # Decoding (CPU tasks in already-running workers) starts at once and streams into a

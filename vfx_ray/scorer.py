@@ -20,43 +20,47 @@ SLICE_WIRE = pa.schema(
 )
 
 
+def wire_images(column: pa.Array | pa.ChunkedArray, shape: tuple[int, ...]) -> np.ndarray:
+    """(N, *shape) float32 from a binary column of equal-sized crops: one view of its data
+    buffer, no Python object per crop (the crops of one batch lie back to back)."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    n, size = len(arr), int(np.prod(shape)) * 4
+    if n == 0:
+        return np.zeros((0, *shape), np.float32)
+    width = 8 if pa.types.is_large_binary(arr.type) else 4
+    offsets = np.frombuffer(arr.buffers()[1], f"<i{width}", count=n + 1, offset=width * arr.offset)
+    if np.any(np.diff(offsets) != size):
+        raise ValueError(f"crop rows of {sorted(set(np.diff(offsets).tolist()))} bytes, expected {size}")
+    return np.frombuffer(arr.buffers()[2], np.float32, count=n * size // 4, offset=int(offsets[0])).reshape(n, *shape)
+
+
 class SliceScorer:
     """Ray Data actor: the model(s) loaded once; wire crop rows in, probabilities out."""
 
     def __init__(self, files: list[str], cfg: CropConfig, features: bool, use_gpu: bool) -> None:
         import torch
 
+        from vfx_ray.ensemble import Ensemble
         from vfx_ray.model import load_model, require_cuda
 
-        self.torch = torch
         if not use_gpu:
             torch.set_num_threads(1)  # the decode tasks keep the cores
         require_cuda(use_gpu, "this scoring actor")  # no silent CPU fallback
-        self.device = torch.device("cuda" if use_gpu else "cpu")
-        self.models = []
-        for f in files:
-            net, _ = load_model(f)
-            self.models.append(net.to(self.device, memory_format=torch.channels_last).eval())
+        self.ensemble = Ensemble([load_model(f)[0] for f in files], "cuda" if use_gpu else "cpu")
         self.shape = (cfg.channels, cfg.crop_size, cfg.crop_size)
         self.features = features
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        torch = self.torch
-        kinds = batch["kind"].to_pylist()
-        crop_rows = [i for i, k in enumerate(kinds) if k == "crop"]
+        kinds = batch["kind"].to_numpy(zero_copy_only=False)
+        crop_rows = np.flatnonzero(kinds == "crop")
         prob = np.full(len(kinds), np.nan)
         emb: list[bytes | None] = [None] * len(kinds)
-        if crop_rows:
-            images = batch["image"].take(crop_rows).to_pylist()
-            x = torch.from_numpy(np.stack([np.frombuffer(b, np.float32).reshape(self.shape) for b in images]))
-            x = x.to(self.device).contiguous(memory_format=torch.channels_last)
-            with torch.inference_mode():
-                p = torch.stack([torch.sigmoid(m(x)).flatten() for m in self.models]).mean(0)
-                prob[crop_rows] = p.double().cpu().numpy()
-                if self.features:
-                    pooled = self.embed(self.models[0], x).float().cpu().numpy()
-                    for j, i in enumerate(crop_rows):
-                        emb[i] = pooled[j].tobytes()
+        if len(crop_rows):
+            x = wire_images(batch["image"].take(pa.array(crop_rows)), self.shape)
+            prob[crop_rows] = self.ensemble.probabilities(x)
+            if self.features:
+                for i, row in zip(crop_rows, self.ensemble.embed(x), strict=True):
+                    emb[i] = row.tobytes()
         return pa.table(
             {
                 "patient_id": batch["patient_id"],
@@ -67,8 +71,3 @@ class SliceScorer:
             },
             schema=SLICE_WIRE,
         )
-
-    def embed(self, net, x):
-        """The pooled ResNet features (input of the final fc layer)."""
-        body = self.torch.nn.Sequential(*list(net.children())[:-1])
-        return body(x).flatten(1)
