@@ -145,7 +145,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     net = ray.train.torch.prepare_model(net)
     opt = resident.adam(net, cfg, opts)
     if opt_state is not None:
-        opt.load_state_dict(opt_state)
+        try:
+            opt.load_state_dict(opt_state)
+        except ValueError:  # a checkpoint from before the two parameter groups (weights, the rest)
+            print(f"fold {fold}: the checkpoint's optimizer state has another layout; Adam's moments restart",
+                  flush=True)
     train = shard_data(ray.train.get_dataset_shard("train"), opts)
     val = shard_data(ray.train.get_dataset_shard("val"), opts) if config.get("has_val", True) else None
     trainer = resident.Trainer(net, opt, cfg, opts)
