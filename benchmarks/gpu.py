@@ -12,16 +12,17 @@ same figures as JSON to $OUT/gpu.json when OUT is set:
                          (epochs.train_one_epoch: host batches, explicit L2, host affine draws,
                          .item() per step), fp32 eager: how the Ray loop trained before
   train resident         the device-resident loop (resident.Trainer): bf16, channels_last, eager
-  train compiled         the same with torch.compile: default mode, then cudagraphs
   packed K=1,2,4,8       aggregate images/s of K folds in K processes sharing the device
   score loop / vmap      crops/s of a 10-model ResNet50 ensemble (ensemble.Ensemble), batches
                          of 1024 host crops, bf16
+  train compiled         the resident loop with torch.compile: default mode, then cudagraphs
   projection             minutes for the paper's protocol (10 folds x 100 epochs x 20 passes,
                          no early stop) at the best aggregate training rate
 
 Each figure also carries the peak GPU memory of its part. Every timed window runs after a
-warm-up (compilation included in the warm-up, and reported separately). Parts that would
-overrun --budget-s are skipped and say so.
+warm-up (compilation included in the warm-up, and reported separately). A part whose expected
+cost would overrun --budget-s is skipped and says so; a part that fails says why, and the
+others still run.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ class Plan:
     packs: tuple[int, ...] = (1, 2, 4, 8)
     models: int = 10
     score_batch: int = 1024
-    budget_s: float = 450.0
+    budget_s: float = 470.0  # the issue's limit is 8 minutes, warm-up and compiling included
     compile_modes: tuple[str, ...] = ("on", "cudagraphs")
 
 
@@ -215,27 +216,29 @@ def run(plan: Plan) -> dict[str, Any]:
     out: dict[str, Any] = {"plan": plan.__dict__, "env": environment(plan)}
     print(f"# {out['env']}", flush=True)
 
-    def part(name: str, fn, *args) -> dict[str, Any] | None:
-        if time.perf_counter() - start > plan.budget_s:
-            out[name] = {"skipped": f"over the {plan.budget_s:.0f} s budget"}
+    def part(name: str, cost_s: float, fn, *args) -> None:
+        """Run one part unless its expected cost would overrun the budget; a failure is a figure too."""
+        if time.perf_counter() - start + cost_s > plan.budget_s:
+            out[name] = {"skipped": f"would overrun the {plan.budget_s:.0f} s budget"}
             print(f"{name:28s} skipped (time budget)", flush=True)
-            return None
+            return
         try:
             res = fn(plan, *args)
         except Exception as exc:  # noqa: BLE001 - one failing part must not lose the others' figures
             res = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"}
         out[name] = res
         print(f"{name:28s} {describe(res)}", flush=True)
-        return res
 
-    part("train reference fp32", reference_rate)
-    part("train resident", resident_rate, "off")
-    for mode in plan.compile_modes:
-        part(f"train compiled {mode}", resident_rate, mode)
+    # cheap and essential first; compiling (a minute or two per mode on a GPU) last
+    window = plan.seconds
+    part("train reference fp32", 3 * window, reference_rate)
+    part("train resident", 3 * window, resident_rate, "off")
     for k in plan.packs:
-        part(f"packed K={k}", packed_rate, k)
+        part(f"packed K={k}", 30 + 2 * window, packed_rate, k)
     for mode in ("loop", "vmap"):
-        part(f"score {plan.models} models {mode}", score_rate, mode)
+        part(f"score {plan.models} models {mode}", 20 + 2 * window, score_rate, mode)
+    for mode in plan.compile_modes:
+        part(f"train compiled {mode}", 150 + window, resident_rate, mode)
     rates = [r.get("images_per_s", 0) for n, r in out.items() if n.startswith(("train", "packed")) and isinstance(r, dict)]
     best = max(rates, default=0)
     if best:
@@ -271,7 +274,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny run on the CPU (seconds): checks the script works")
     ap.add_argument("--seconds", type=float, help="length of each timed window")
-    ap.add_argument("--budget-s", type=float, help="skip the parts that would start after this many seconds")
+    ap.add_argument("--budget-s", type=float, help="skip the parts expected to end after this many seconds (default 470)")
     args = ap.parse_args()
     if args.smoke:
         plan = Plan(**SMOKE)

@@ -3,10 +3,11 @@
     .venv/bin/python benchmarks/train.py [--arch resnet18] [--size 64] [--patients 48]
         [--epochs 4] [--augment-factor 2] [--workers 1 2]
 
-The plain loop runs the reference ``train_one_epoch`` + ``evaluate`` (vfx_ray.epochs) with the same
-augmentation, batch size and 1 torch thread per worker (Ray gives a 1-CPU worker
-OMP_NUM_THREADS=1). The Ray figure is the wall time between consecutive epoch reports, so it
-includes Ray Data iteration, the per-epoch checkpoint and ``ray.train.report``; the first
+The plain loop runs the reference ``train_one_epoch`` + ``evaluate`` (vfx_ray.epochs), the Ray
+workers the device-resident loop (vfx_ray.resident), with the same augmentation ranges, batch
+size and 1 torch thread per worker (Ray gives a 1-CPU worker OMP_NUM_THREADS=1). The Ray
+figure is the wall time between consecutive epoch reports, so it includes reading the shard
+(once per fold), the per-epoch checkpoint and ``ray.train.report``; the first
 epoch (start-up) is left out of both medians. Prints one line per measurement and the ratio.
 """
 

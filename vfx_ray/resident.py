@@ -105,7 +105,10 @@ def adam(model: nn.Module, cfg: TrainConfig, opts: DeviceOptions) -> torch.optim
 @torch.no_grad()
 def l2_value(weights: list[torch.Tensor]) -> torch.Tensor:
     """sum w^2 over ``weights`` as one device scalar (foreach norms: a few kernels, no sync)."""
-    return torch.nn.utils.get_total_norm(weights, norm_type=2.0).pow(2)
+    total_norm = getattr(torch.nn.utils, "get_total_norm", None)  # torch >= 2.6
+    if total_norm is None:
+        return torch.stack([w.detach().pow(2).sum() for w in weights]).sum()
+    return total_norm(weights, norm_type=2.0).pow(2)
 
 
 def compiled(model: nn.Module, opts: DeviceOptions) -> Callable[[torch.Tensor], torch.Tensor]:
