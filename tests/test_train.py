@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import time
 import uuid
@@ -9,6 +11,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 from crops_fixture import make_crops
 
 from vfx_ray import cv, folds, storage
@@ -125,6 +128,19 @@ def test_ray_job_submit_on_a_local_cluster(crops_uri, tmp_path):
     assert metrics["pooled"]["per_patient"]["n"] == 24
     assert len(pq.read_table(out / "oof_predictions.parquet")) == 72
     assert all((out / f"fold_{k}" / "done.json").exists() for k in range(2))
+
+
+def test_a_fold_on_ray_depends_on_its_seed_and_data_only(ray_session, crops_uri, tmp_path, monkeypatch):
+    """Trained twice, from crops cut into many blocks, a fold gives the same model: its result
+    does not depend on the order in which blocks reach the worker or on what else runs, which is
+    what lets K folds share one GPU (--folds-per-gpu) and train as they would alone."""
+    crops = storage.read_table(crops_uri)
+    monkeypatch.setattr(vtrain, "to_dataset", functools.partial(vtrain.to_dataset, block_rows=7))
+    cfg = dataclasses.replace(TINY, max_epochs=1)
+    ids = [vmodel.model_id(vtrain.fit_fold(crops.slice(0, 60), crops.slice(60), cfg, fold=0, storage_path=str(tmp_path),
+                                           name=f"twice_{i}").best_state) for i in range(2)]
+    torch.manual_seed(vtrain.seed_for(cfg.seed, 0))  # the fold's initial weights, as fit_fold makes them
+    assert ids[0] == ids[1] != vmodel.model_id(vmodel.build_model(cfg.arch, pretrained="none"))
 
 
 def test_checkpoints_every_n_epochs_and_always_at_the_end():
