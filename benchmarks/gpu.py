@@ -239,7 +239,8 @@ def run(plan: Plan) -> dict[str, Any]:
         part(f"score {plan.models} models {mode}", 20 + 2 * window, score_rate, mode)
     for mode in plan.compile_modes:
         part(f"train compiled {mode}", 150 + window, resident_rate, mode)
-    rates = [r.get("images_per_s", 0) for n, r in out.items() if n.startswith(("train", "packed")) and isinstance(r, dict)]
+    rates = [r.get("images_per_s", 0) for n, r in out.items()
+             if n.startswith(("train", "packed")) and isinstance(r, dict)]
     best = max(rates, default=0)
     if best:
         out["projection"] = projection(plan, best)
@@ -274,7 +275,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny run on the CPU (seconds): checks the script works")
     ap.add_argument("--seconds", type=float, help="length of each timed window")
-    ap.add_argument("--budget-s", type=float, help="skip the parts expected to end after this many seconds (default 470)")
+    ap.add_argument("--budget-s", type=float,
+                    help="skip the parts expected to end after this many seconds (default 470)")
     args = ap.parse_args()
     if args.smoke:
         plan = Plan(**SMOKE)

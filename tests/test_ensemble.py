@@ -63,7 +63,8 @@ def test_scoring_actor_scores_crop_rows_only(tmp_path, crops):
         vmodel.save_model(m, files[-1], "resnet18")
     kinds = ["headers", "crop", "crop", "headers", "crop"]
     images = [b"", crops[0].tobytes(), crops[1].tobytes(), b"", crops[2].tobytes()]
-    batch = pa.table({"patient_id": ["P"] * 5, "kind": kinds, "meta": ["{}"] * 5, "image": pa.array(images, pa.binary())})
+    batch = pa.table({"patient_id": ["P"] * 5, "kind": kinds, "meta": ["{}"] * 5,
+                      "image": pa.array(images, pa.binary())})
     scorer = SliceScorer(files, CropConfig(crop_size=SIZE), features=True, use_gpu=False)
     out = scorer(batch)
     prob = out["probability"].to_numpy(zero_copy_only=False)

@@ -71,7 +71,8 @@ class DeviceData:
     labels: torch.Tensor
 
     @classmethod
-    def put(cls, images: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor, opts: DeviceOptions) -> DeviceData:
+    def put(cls, images: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor,
+            opts: DeviceOptions) -> DeviceData:
         x = torch.as_tensor(images, dtype=torch.float32).to(opts.device)
         y = torch.as_tensor(labels, dtype=torch.float32).to(opts.device)
         return cls(opts.layout(x), y)
