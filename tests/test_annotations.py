@@ -83,3 +83,17 @@ def test_read_annotations_needs_a_roi_source(tmp_path):
     frame({"patient_id": "007"}).to_csv(path, index=False)
     df = ann.read_annotations(str(path))
     assert df["patient_id"].tolist() == ["007"]  # identifiers stay strings (leading zeros kept)
+
+
+def test_the_reports_lenient_read_needs_only_patient_ids(tmp_path):
+    """One reader for jobs and report: the report's tables carry no ROI, and ids become strings."""
+    path = tmp_path / "a.parquet"
+    pd.DataFrame({"patient_id": [7, 8], "sex": ["M", "F"], "age": [61, 70]}).to_parquet(path)
+    with pytest.raises(VfxError, match="neither the ROI box columns"):
+        ann.read_annotations(str(path))
+    df = ann.read_annotations(str(path), lenient=True)
+    assert df["patient_id"].tolist() == ["7", "8"] and df["age"].tolist() == [61, 70]
+    pd.DataFrame({"label": ["benign"]}).to_csv(tmp_path / "b.csv", index=False)
+    with pytest.raises(VfxError, match="lacks the column") as err:
+        ann.read_annotations(str(tmp_path / "b.csv"), lenient=True)
+    assert err.value.stage == "report"

@@ -13,6 +13,7 @@ import pytest
 import SimpleITK as sitk
 
 from vfx_ray.config import SynthConfig
+from vfx_ray.paper import FEATURES
 from vfx_ray.synth.anatomy import AIR_HU, anatomy_hu, build_spine
 from vfx_ray.synth.cohort import (
     COLUMNS,
@@ -24,7 +25,6 @@ from vfx_ray.synth.cohort import (
     with_features,
 )
 from vfx_ray.synth.dicom_writer import PatientInfo, voxel_lps, write_series
-from vfx_ray.synth.table1 import FEATURES
 
 SMALL = SynthConfig(patients=16, seed=11, matrix=96, pixel_spacing_mm=(0.8, 0.9))
 ALL_ON = dict.fromkeys(FEATURES, True)

@@ -7,8 +7,9 @@ import pytest
 from scipy.stats import chi2_contingency
 
 from vfx_ray.config import SynthConfig
+from vfx_ray.paper import FEATURE_COUNTS, FEATURES, PAPER_N
 from vfx_ray.synth.cohort import plan_cohort
-from vfx_ray.synth.table1 import FEATURE_COUNTS, FEATURES, PAPER_N, apportion, scaled_count
+from vfx_ray.synth.table1 import apportion, scaled_count
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from vfx_ray.errors import VfxError
 
 ROI_COLUMNS = [f"roi_{a}_{m}_mm" for a in "xyz" for m in ("min", "max")]
 REQUIRED = ["patient_id"]
+STRING_COLUMNS = ("patient_id", "series_instance_uid", "label", "vertebra", "sex")  # never parsed as numbers
 DEFAULT_CLASSES = ("benign", "malignant")  # label 0, label 1
 CT_MODALITY = "CT"
 
@@ -36,20 +37,24 @@ class PatientTask:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def read_annotations(uri: str) -> pd.DataFrame:
-    """CSV or Parquet annotations, all identifier columns as strings."""
+def read_annotations(uri: str, *, lenient: bool = False) -> pd.DataFrame:
+    """CSV or Parquet annotations, the identifier columns as strings.
+
+    Strict (the jobs): a patient_id column and an ROI source (the six box columns or
+    roi_mask_uri) are required. Lenient (the report, which reads only patient_id and optional
+    columns such as sex and age): any table with patient_id, whose ids become strings.
+    """
     data = storage.read_bytes(uri)
     if uri.endswith(".parquet"):
         df = pd.read_parquet(io.BytesIO(data))
     else:
-        df = pd.read_csv(
-            io.BytesIO(data),
-            dtype={"patient_id": str, "series_instance_uid": str, "label": str, "vertebra": str},
-            keep_default_na=True,
-        )
+        df = pd.read_csv(io.BytesIO(data), dtype=dict.fromkeys(STRING_COLUMNS, str), keep_default_na=True)
+    stage = "report" if lenient else "annotations"
     missing = [c for c in REQUIRED if c not in df.columns]
     if missing:
-        raise VfxError("annotations", f"{uri} lacks the column(s) {', '.join(missing)}")
+        raise VfxError(stage, f"{uri} lacks the column(s) {', '.join(missing)}")
+    if lenient:
+        return df.assign(patient_id=df["patient_id"].astype(str))
     has_box = all(c in df.columns for c in ROI_COLUMNS)
     if not has_box and "roi_mask_uri" not in df.columns:
         raise VfxError(

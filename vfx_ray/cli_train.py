@@ -37,13 +37,14 @@ def train_config_from_args(args: argparse.Namespace) -> config_mod.TrainConfig:
 
 
 def read_params(uri: str | None) -> dict | None:
-    """A flat JSON object of TrainConfig fields, e.g. Tune's best_params.json."""
+    """A flat JSON object of TrainConfig fields, e.g. Tune's best_params.json (or its folder)."""
     if not uri:
         return None
     import json
 
-    from vfx_ray import storage
+    from vfx_ray import layout, storage
 
+    uri = layout.params_file(uri)
     try:
         params = json.loads(storage.read_text(uri))
     except json.JSONDecodeError as exc:
@@ -119,9 +120,10 @@ def add_train_cv(sub: argparse._SubParsersAction) -> None:
             "slices). Re-running with the same --out skips finished folds and resumes the others."
         ),
     )
-    p.add_argument("--crops", required=True, help="crops.parquet (file or folder) from `vfx-ray crops`")
+    p.add_argument("--crops", required=True, help="the output folder of `vfx-ray crops` (or its crops.parquet)")
     p.add_argument("--out", required=True, help="run folder URI")
-    p.add_argument("--params", help="JSON of TrainConfig fields, e.g. best_params.json from `vfx-ray tune`")
+    p.add_argument("--params", help="JSON of TrainConfig fields: the output folder of `vfx-ray tune` (its "
+                   "best_params.json) or any such file")
     add_train_args(p)
     p.add_argument("--max-failures", type=int, default=2, help="worker-group restarts per fold")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep Ray Train checkpoints of finished folds")
@@ -158,7 +160,7 @@ def add_tune(sub: argparse._SubParsersAction) -> None:
             "OUT/best_params.json and TensorBoard event files under OUT/tensorboard."
         ),
     )
-    p.add_argument("--crops", required=True, help="crops.parquet from `vfx-ray crops`")
+    p.add_argument("--crops", required=True, help="the output folder of `vfx-ray crops` (or its crops.parquet)")
     p.add_argument("--out", required=True, help="search folder URI")
     p.add_argument("--num-samples", type=positive_int, help="trials (profile default)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted search in --out")

@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from vfx_ray.paper import PAPER_N
+
 PROFILES = ("paper", "demo")
 COMPILE_MODES = ("auto", "off", "on", "cudagraphs")  # torch.compile of the training forward
 
@@ -19,8 +21,8 @@ COMPILE_MODES = ("auto", "off", "on", "cudagraphs")  # torch.compile of the trai
 class SynthConfig:
     """Synthetic DICOM cohort (the embedded default data; no claim about real patients)."""
 
-    patients: int = 433
-    malignant_fraction: float = 296 / 433
+    patients: int = sum(PAPER_N.values())  # 433
+    malignant_fraction: float = PAPER_N["malignant"] / sum(PAPER_N.values())  # 296 / 433
     seed: int = 0
     matrix: int = 256
     slice_thickness_mm: float = 3.0

@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from vfx_ray import contracts, folds, metrics, placement, runrecord, storage
+from vfx_ray import contracts, folds, layout, metrics, paper, placement, runrecord, storage
 from vfx_ray import model as vmodel
 from vfx_ray import train as vtrain
 from vfx_ray.config import TrainConfig, with_params
@@ -55,7 +55,7 @@ def _log(msg: str) -> None:
 
 def load_or_make_splits(out_uri: str, patients: pd.DataFrame, cfg: TrainConfig) -> dict[str, Any]:
     """``splits.json`` of the run folder, made (and written) only when it is not there yet."""
-    uri = storage.join(out_uri, "splits.json")
+    uri = storage.join(out_uri, layout.SPLITS)
     if storage.exists(uri):
         splits = folds.splits_from_json(storage.read_text(uri))
         same = (splits["n_folds"], splits["val_fraction"], splits["seed"]) == (cfg.n_folds, cfg.val_fraction, cfg.seed)
@@ -69,10 +69,6 @@ def load_or_make_splits(out_uri: str, patients: pd.DataFrame, cfg: TrainConfig) 
 
 def _subset(crops: pa.Table, patient_ids: list[str]) -> pa.Table:
     return crops.filter(pc.is_in(crops["patient_id"], value_set=pa.array(patient_ids, pa.string())))
-
-
-def _fold_dir(out_uri: str, k: int) -> str:
-    return storage.join(out_uri, f"fold_{k}")
 
 
 def run_fold(
@@ -102,9 +98,9 @@ def run_fold(
         max_failures=max_failures,
         callbacks=callbacks,
     )
-    d = _fold_dir(out_uri, k)
+    d = layout.fold_dir(out_uri, k)
     summary = {key: v for key, v in fit.summary.items() if key != "history"}
-    mid = vmodel.save_model(fit.best_state, storage.join(d, "model.pt"), cfg.arch, meta={"fold": k, **summary})
+    mid = vmodel.save_model(fit.best_state, storage.join(d, layout.MODEL), cfg.arch, meta={"fold": k, **summary})
     net = vmodel.build_model(cfg.arch, pretrained="none")
     net.load_state_dict(fit.best_state)
     test = _subset(crops, part["test"]).sort_by([("patient_id", "ascending"), ("slice_index", "ascending")])
@@ -121,10 +117,10 @@ def run_fold(
             "model_id": pa.array([mid] * test.num_rows, pa.string()),
         }
     )
-    storage.write_table(preds, storage.join(d, "predictions.parquet"))
-    storage.write_text(storage.join(d, "history.json"), json.dumps(fit.summary.get("history", []), indent=1))
+    storage.write_table(preds, storage.join(d, layout.PREDICTIONS))
+    storage.write_text(storage.join(d, layout.HISTORY), json.dumps(fit.summary.get("history", []), indent=1))
     done = {"fold": k, "model_id": mid, **summary, "n_test_slices": test.num_rows, "seconds": time.time() - t0}
-    storage.write_text(storage.join(d, "done.json"), json.dumps(done, indent=2))
+    storage.write_text(storage.join(d, layout.DONE), json.dumps(done, indent=2))
     if not keep_checkpoints:
         storage.delete_tree(storage.join(out_uri, "ray_train", f"fold_{k}"))
     _log(f"fold {k}: done in {done['seconds']:.0f} s, {summary.get('epochs')} epochs, best {summary.get('best_epoch')}, model_id {mid}")
@@ -154,7 +150,8 @@ def run_train_cv(
     keep_checkpoints: bool = False,
     max_concurrent: int | None = None,
 ) -> dict[str, Any]:
-    """Cross-validate the model on a crops dataset; write the run folder; return metrics.json.
+    """Cross-validate the model on a crops dataset (its file, or the crops job's output folder);
+    write the run folder; return metrics.json.
 
     ``params`` overrides TrainConfig fields (flat dict, e.g. ``{"lr": 3e-4, "l2": 1e-5}``).
     Uses the connected Ray cluster, or starts a local one (``RAY_ADDRESS`` is honoured).
@@ -162,7 +159,7 @@ def run_train_cv(
     """
     import ray
 
-    cfg = with_params(cfg, params)
+    cfg, crops_uri = with_params(cfg, params), layout.crops_file(crops_uri)
     if cfg.pretrained == "imagenet":
         vmodel.find_imagenet_weights(cfg.arch, cfg.pretrained_path)  # fail fast, before Ray
     if cfg.use_gpu is None:
@@ -171,9 +168,9 @@ def run_train_cv(
     patients = folds.patient_labels(crops.select(["patient_id", "label"]).to_pandas())
     record = {"train": dataclasses.asdict(cfg), "crops_uri": crops_uri, "params": params or {},
               "versions": {"ray": ray.__version__, "torch": torch.__version__}}
-    runrecord.pin(out_uri, "config.json", record, lambda r: runrecord.without_runtime(r.get("train", {})), "train", "a run")
+    runrecord.pin(out_uri, layout.CONFIG, record, lambda r: runrecord.without_runtime(r.get("train", {})), "train", "a run")
     splits = load_or_make_splits(out_uri, patients, cfg)
-    pending = [k for k in range(cfg.n_folds) if not storage.exists(storage.join(_fold_dir(out_uri, k), "done.json"))]
+    pending = [k for k in range(cfg.n_folds) if not storage.exists(storage.join(layout.fold_dir(out_uri, k), layout.DONE))]
     if pending:
         run_folds(pending, crops, splits, cfg, out_uri, max_failures=max_failures,
                   keep_checkpoints=keep_checkpoints, max_concurrent=max_concurrent)
@@ -248,17 +245,16 @@ def _short(error: BaseException) -> str:
 
 def finalize(out_uri: str, cfg: TrainConfig, unlabelled: list[str] | None = None) -> dict[str, Any]:
     """oof_predictions.parquet and metrics.json from the finished folds' predictions."""
-    parts = [storage.read_table(storage.join(_fold_dir(out_uri, k), "predictions.parquet")) for k in range(cfg.n_folds)]
+    parts = [storage.read_table(storage.join(layout.fold_dir(out_uri, k), layout.PREDICTIONS)) for k in range(cfg.n_folds)]
     oof = pa.concat_tables(parts)
-    storage.write_table(oof, storage.join(out_uri, "oof_predictions.parquet"))
+    storage.write_table(oof, storage.join(out_uri, layout.OOF_PREDICTIONS))
     result = metrics.summarize(oof.select(list(PREDICTION_COLUMNS)).to_pandas(), cfg.threshold)
-    done = [json.loads(storage.read_text(storage.join(_fold_dir(out_uri, k), "done.json"))) for k in range(cfg.n_folds)]
+    done = [json.loads(storage.read_text(storage.join(layout.fold_dir(out_uri, k), layout.DONE))) for k in range(cfg.n_folds)]
     result["fold_runs"] = [
         {key: d.get(key) for key in ("fold", "model_id", "epochs", "best_epoch", "best_val_loss", "resumed_from")}
         for d in done
     ]
     result["unlabelled_patients_excluded"] = unlabelled or []
-    result["paper"] = {"per_slice": {"sensitivity": 0.90, "specificity": 0.79, "accuracy": 0.85},
-                       "per_patient": {"sensitivity": 0.95, "specificity": 0.80, "accuracy": 0.88}}
-    storage.write_text(storage.join(out_uri, "metrics.json"), json.dumps(result, indent=2))
+    result["paper"] = paper.RESULTS
+    storage.write_text(storage.join(out_uri, layout.METRICS), json.dumps(result, indent=2))
     return result

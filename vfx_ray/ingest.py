@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from vfx_ray import annotations as ann_mod
-from vfx_ray import contracts, dicom, geometry, pseudonym, storage
+from vfx_ray import contracts, dicom, geometry, layout, pseudonym, storage
 from vfx_ray.config import CropConfig
 from vfx_ray.errors import VfxError, error_row
 
@@ -273,13 +273,13 @@ def run_crops(archive_uri: str, annotations_uri: str, out_uri: str, cfg: CropCon
         if pseudo:
             pseudo.know_patients([t.patient_id for t in tasks] + [s.get("patient_id") for s in index])
         hide = pseudo.table if pseudo else (lambda t: t)
-        storage.write_table(hide(index_table(index)), storage.join(out_uri, "series_index.parquet"))
+        storage.write_table(hide(index_table(index)), storage.join(out_uri, layout.SERIES_INDEX))
         n_crops = 0
         patients_with_crops: set[str] = set()
         metadata = {"vfx_ray.crop_config": json.dumps(dataclasses.asdict(cfg)), "vfx_ray.archive": archive_uri,
                     "vfx_ray.pseudonyms": json.dumps(pseudonym.metadata(pseudo))}
         schema = contracts.crops_schema(cfg.channels, cfg.crop_size).with_metadata(metadata)
-        with storage.atomic_output(storage.join(out_uri, "crops.parquet")) as sink:
+        with storage.atomic_output(storage.join(out_uri, layout.CROPS)) as sink:
             with pq.ParquetWriter(sink, schema) as writer:
                 results = onepass.accepted_rows(spill, read_once, cfg)
                 if second:
@@ -293,7 +293,7 @@ def run_crops(archive_uri: str, annotations_uri: str, out_uri: str, cfg: CropCon
     if pseudo:
         pseudo.know_patients(e.get("patient_id") for e in errors)
         errors = [pseudo.row(e) for e in errors]
-    storage.write_table(contracts.errors_table(errors), storage.join(out_uri, "errors.parquet"))
+    storage.write_table(contracts.errors_table(errors), storage.join(out_uri, layout.ERRORS))
     summary = {
         "archive": archive_uri,
         "annotations": annotations_uri,
@@ -308,5 +308,5 @@ def run_crops(archive_uri: str, annotations_uri: str, out_uri: str, cfg: CropCon
         "config": dataclasses.asdict(cfg),
         **pseudonym.metadata(pseudo),
     }
-    storage.write_text(storage.join(out_uri, "manifest.json"), json.dumps(summary, indent=2))
+    storage.write_text(storage.join(out_uri, layout.MANIFEST), json.dumps(summary, indent=2))
     return summary

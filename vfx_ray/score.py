@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 from tqdm import tqdm
 
 from vfx_ray import annotations as ann_mod
-from vfx_ray import contracts, dicom, ingest, metrics, pseudonym, scorepass, storage
+from vfx_ray import contracts, dicom, ingest, layout, metrics, pseudonym, scorepass, storage
 from vfx_ray.annotations import DEFAULT_CLASSES
 from vfx_ray.config import CropConfig
 from vfx_ray.errors import VfxError
@@ -104,7 +104,7 @@ def patient_row(pid: str, slices: list[dict], model: dict, threshold: float, cla
 def committed(out_uri: str, model_id: str) -> pa.Table | None:
     """Rows already committed for this model (final file and parts), one per patient."""
     tables = []
-    final = storage.join(out_uri, "scores.parquet")
+    final = storage.join(out_uri, layout.SCORES)
     if storage.exists(final):
         tables.append(storage.read_table(final))
     parts = storage.join(out_uri, PARTS)
@@ -308,23 +308,23 @@ def finalize(out_uri, model, errors, cfg, *, threshold, features, classes, archi
     table = table.sort_by("patient_id") if table is not None else pa.Table.from_pylist([], schema=scores_schema())
     run_config = {"crops": dataclasses.asdict(cfg), "threshold": threshold, "classes": list(classes), "model": model, "archive": archive_uri, **pseudonyms}
     meta = {"vfx_ray.config": json.dumps(run_config), "vfx_ray.model_id": model["model_id"]}
-    storage.write_table(table, storage.join(out_uri, "scores.parquet"), metadata=meta)
+    storage.write_table(table, storage.join(out_uri, layout.SCORES), metadata=meta)
     if features:
         fdir = storage.join(out_uri, PARTS, "features")
         parts = [storage.read_table(e.uri) for e in storage.list_files(fdir, suffix=".parquet")] if storage.exists(fdir) else []
         feats = pa.concat_tables(parts) if parts else pa.table({"patient_id": pa.array([], pa.string())})
-        storage.write_table(feats, storage.join(out_uri, "features.parquet"), metadata={**meta, "vfx_ray.features": "pooled ResNet features of the first ensemble member"})
+        storage.write_table(feats, storage.join(out_uri, layout.FEATURES), metadata={**meta, "vfx_ray.features": "pooled ResNet features of the first ensemble member"})
     chunks = storage.join(out_uri, PARTS, scorepass.CHUNK_DIR)
     if storage.exists(chunks):  # every patient is committed now: the first pass is not resumed
         storage.delete_tree(chunks)
     scored_ids = set(table["patient_id"].to_pylist())
     errors = [e for e in errors if e.get("patient_id") not in scored_ids]  # a re-run healed them
-    storage.write_table(contracts.errors_table(errors), storage.join(out_uri, "errors.parquet"))
+    storage.write_table(contracts.errors_table(errors), storage.join(out_uri, layout.ERRORS))
     summary = {"patients_planned": planned, "scored_now": scored, "skipped_already_scored": skipped, "rows": table.num_rows, "errors": len(errors), "model_id": model["model_id"], "n_models": model["n_models"], "seconds": round(seconds, 1), **passes, **pseudonyms}
     labelled = table.filter(pc.is_valid(table["label"]))
     if labelled.num_rows:
         summary["metrics"] = label_metrics(labelled, threshold, classes)
-        storage.write_text(storage.join(out_uri, "metrics.json"), json.dumps(summary["metrics"], indent=2))
+        storage.write_text(storage.join(out_uri, layout.METRICS), json.dumps(summary["metrics"], indent=2))
     return summary
 
 

@@ -43,7 +43,7 @@ import ray.tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.logger import TBXLoggerCallback
 
-from vfx_ray import placement, runrecord, storage
+from vfx_ray import layout, placement, runrecord, storage
 from vfx_ray.config import Config, TrainConfig, TuneConfig, train_config_from_dict
 from vfx_ray.errors import VfxError
 from vfx_ray.orphans import ReleaseOrphanedWorkers
@@ -130,7 +130,7 @@ class TensorBoardCallback(TBXLoggerCallback):
 
     def _dir(self, trial_id: str) -> str:
         if not storage.is_s3(self.out_uri):
-            return storage.join(self.out_uri, "tensorboard", trial_id)
+            return storage.join(self.out_uri, layout.TENSORBOARD, trial_id)
         self._staging = self._staging or tempfile.mkdtemp(prefix="vfx-tb-")
         return os.path.join(self._staging, trial_id)
 
@@ -167,7 +167,7 @@ class TensorBoardCallback(TBXLoggerCallback):
             local = self._dir(trial.trial_id)
             for name in sorted(os.listdir(local)):
                 with open(os.path.join(local, name), "rb") as f:
-                    storage.write_bytes(storage.join(self.out_uri, "tensorboard", trial.trial_id, name), f.read())
+                    storage.write_bytes(storage.join(self.out_uri, layout.TENSORBOARD, trial.trial_id, name), f.read())
 
     def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
         for trial in trials:  # an interrupted search: keep what the running trials wrote
@@ -269,6 +269,7 @@ def run_tune(
 
     if not storage.is_s3(out_uri):
         out_uri = os.path.abspath(out_uri)  # trial actors run in their own working folders
+    crops_uri = layout.crops_file(crops_uri)  # the crops job's output folder works too
     tc = cfg.tune
     train_cfg = dataclasses.replace(cfg.train, max_epochs=min(cfg.train.max_epochs, tc.max_epochs))  # ASHA's max_t
     if train_cfg.pretrained == "imagenet":
@@ -276,7 +277,7 @@ def run_tune(
     started = storage.exists(storage.join(out_uri, EXPERIMENT, "tuner.pkl"))
     if started and not resume:
         raise VfxError("tune", f"{out_uri} already holds a search: pass --resume to continue it, or use a new --out")
-    recorded = storage.join(out_uri, "search.json")
+    recorded = storage.join(out_uri, layout.SEARCH)
     if num_samples is None and resume and storage.exists(recorded):
         num_samples = json.loads(storage.read_text(recorded))["tune"]["num_samples"]
     n = num_samples or tc.num_samples
@@ -286,7 +287,7 @@ def run_tune(
     patients = folds.patient_labels(crops.select(["patient_id", "label"]).to_pandas())
     splits = cv.load_or_make_splits(out_uri, patients, train_cfg)
     train_ids, val_ids = tune_split(splits, fold)
-    runrecord.pin(out_uri, "search.json", _record(crops_uri, train_cfg, tc, fold, splits), _comparable, "tune", "a search")
+    runrecord.pin(out_uri, layout.SEARCH, _record(crops_uri, train_cfg, tc, fold, splits), _comparable, "tune", "a search")
     _log(f"{n} trials on outer fold {fold}: {len(train_ids)} training and {len(val_ids)} validation "
          f"patients; its {len(splits['folds'][fold]['test'])} test patients are left out")
 
@@ -332,7 +333,7 @@ def run_tune(
 
     trials = ray.tune.ExperimentAnalysis(f"{root}/{EXPERIMENT}", storage_filesystem=fs).trials  # statuses
     table = trials_table(trials, train_cfg)
-    storage.write_table(table, storage.join(out_uri, "trials.parquet"))
+    storage.write_table(table, storage.join(out_uri, layout.TRIALS))
     for tid in table.filter(pc.equal(table["status"], "terminated"))["trial_id"].to_pylist():
         storage.delete_tree(storage.join(out_uri, "ray_train", tid))  # a killed run may write late
     finished = table.num_rows - table["status"].to_pylist().count("unfinished")
@@ -340,7 +341,7 @@ def run_tune(
         raise VfxError("tune", f"the search was interrupted after {finished} of {n} trials; "
                                "run again with --resume to complete it")  # fmt: skip
     best = best_params(table)
-    storage.write_text(storage.join(out_uri, "best_params.json"), json.dumps(best, indent=2))
+    storage.write_text(storage.join(out_uri, layout.BEST_PARAMS), json.dumps(best, indent=2))
     stopped = int(pc.sum(table["stopped_early"]).as_py() or 0)
     errors = table["status"].to_pylist().count("error")
     _log(f"{table.num_rows} trials, {stopped} stopped early by ASHA, {errors} failed; best {best}")

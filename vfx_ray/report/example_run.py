@@ -19,9 +19,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from vfx_ray import contracts, metrics, storage
-from vfx_ray.config import TrainConfig
-from vfx_ray.report.inputs import PAPER
+from vfx_ray import contracts, layout, metrics, paper, storage
+from vfx_ray.config import SynthConfig, TrainConfig
 from vfx_ray.synth.table1 import allocate
 
 WRONG = {"malignant": (0.42, 0.18), "benign": (0.72, 0.61)}  # peaks of the misclassified patients
@@ -48,7 +47,7 @@ def _crop(label: int, rng: np.random.Generator, size: int = 64) -> np.ndarray:
 def example_slices(n_patients: int = 30, n_folds: int = 3, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(out-of-fold slice predictions, annotations) of a fake cohort."""
     rng = np.random.default_rng(seed)
-    demo = allocate(n_patients, 296 / 433, seed)
+    demo = allocate(n_patients, SynthConfig().malignant_fraction, seed)
     labels = [d.label for d in demo]
     peaks = _peaks(labels, rng)
     rows, ann = [], []
@@ -79,7 +78,7 @@ def write_example_run(root_uri: str, n_patients: int = 30, n_folds: int = 3, see
     """
     oof, ann = example_slices(n_patients, n_folds, seed)
     run, crops_dir = storage.join(root_uri, "run"), storage.join(root_uri, "crops")
-    ann_uri, crops_uri = storage.join(root_uri, "annotations.csv"), storage.join(crops_dir, "crops.parquet")
+    ann_uri, crops_uri = storage.join(root_uri, layout.ANNOTATIONS), storage.join(crops_dir, layout.CROPS)
     buf = io.StringIO()
     ann.to_csv(buf, index=False)
     storage.write_text(ann_uri, buf.getvalue())
@@ -89,16 +88,16 @@ def write_example_run(root_uri: str, n_patients: int = 30, n_folds: int = 3, see
             {"patient_id": r.patient_id, "series_instance_uid": f"1.2.826.0.1.{r.patient_id}", "vertebra": "L2",
              "slice_index": r.slice_index, "slice_x_mm": 3.0 * r.slice_index, "label": r.label,
              "image": _crop(r.label, rng)} for r in oof.itertuples()), crops_uri)
-        storage.write_text(storage.join(crops_dir, "manifest.json"),
+        storage.write_text(storage.join(crops_dir, layout.MANIFEST),
                            json.dumps({"annotations": ann_uri, "crops": len(oof), "example": True}, indent=2))
     cfg = TrainConfig(n_folds=n_folds)
-    storage.write_text(storage.join(run, "config.json"), json.dumps(
+    storage.write_text(storage.join(run, layout.CONFIG), json.dumps(
         {"train": dataclasses.asdict(cfg), "crops_uri": crops_uri, "params": {}, "versions": {"example": True}}, indent=2))
     table = pa.Table.from_pandas(oof, preserve_index=False).cast(pa.schema(
         [("patient_id", pa.string()), ("fold", pa.int32()), ("slice_index", pa.int32()),
          ("probability", pa.float64()), ("label", pa.int8())]))
-    storage.write_table(table, storage.join(run, "oof_predictions.parquet"))
+    storage.write_table(table, storage.join(run, layout.OOF_PREDICTIONS))
     summary = metrics.summarize(oof, cfg.threshold)
-    summary.update(unlabelled_patients_excluded=[], paper=PAPER)
-    storage.write_text(storage.join(run, "metrics.json"), json.dumps(summary, indent=2))
+    summary.update(unlabelled_patients_excluded=[], paper=paper.RESULTS)
+    storage.write_text(storage.join(run, layout.METRICS), json.dumps(summary, indent=2))
     return run

@@ -10,7 +10,6 @@ report, never fatal: they only decorate the results.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import posixpath
@@ -22,15 +21,11 @@ import pandas as pd
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from vfx_ray import contracts, metrics, storage
+from vfx_ray import annotations as ann_mod
+from vfx_ray import contracts, layout, metrics, paper, storage
 from vfx_ray.annotations import DEFAULT_CLASSES
 from vfx_ray.errors import VfxError
 
-# Li et al. 2021, Results; train-cv runs carry the same figures in metrics.json["paper"].
-PAPER = {
-    "per_slice": {"sensitivity": 0.90, "specificity": 0.79, "accuracy": 0.85},
-    "per_patient": {"sensitivity": 0.95, "specificity": 0.80, "accuracy": 0.88},
-}
 TRAIN_CV, SCORES = "train-cv", "scores"
 
 
@@ -73,11 +68,11 @@ def _json(uri: str) -> dict[str, Any] | None:
 
 def run_kind(run_uri: str) -> str:
     """``train-cv`` or ``scores``, from the files in the folder; a clear error otherwise."""
-    if storage.exists(storage.join(run_uri, "oof_predictions.parquet")):
+    if storage.exists(storage.join(run_uri, layout.OOF_PREDICTIONS)):
         return TRAIN_CV
-    if storage.exists(storage.join(run_uri, "scores.parquet")):
+    if storage.exists(storage.join(run_uri, layout.SCORES)):
         return SCORES
-    if storage.exists(storage.join(run_uri, "config.json")):
+    if storage.exists(storage.join(run_uri, layout.CONFIG)):
         raise VfxError("report", f"{run_uri} is a train-cv run without oof_predictions.parquet: "
                        "it has not finished; re-run the same train-cv command to complete it")
     raise VfxError("report", f"{run_uri} holds neither oof_predictions.parquet (a train-cv run) "
@@ -86,19 +81,19 @@ def run_kind(run_uri: str) -> str:
 
 def _load_train_cv(run_uri: str) -> RunData:
     cols = ["patient_id", "fold", "slice_index", "probability", "label"]
-    slices = storage.read_table(storage.join(run_uri, "oof_predictions.parquet")).select(cols).to_pandas()
-    config = _json(storage.join(run_uri, "config.json")) or {}
-    found = _json(storage.join(run_uri, "metrics.json"))
+    slices = storage.read_table(storage.join(run_uri, layout.OOF_PREDICTIONS)).select(cols).to_pandas()
+    config = _json(storage.join(run_uri, layout.CONFIG)) or {}
+    found = _json(storage.join(run_uri, layout.METRICS))
     threshold = float((found or {}).get("threshold", config.get("train", {}).get("threshold", 0.5)))
     slices = slices.astype({"label": int, "fold": int})
     summary = found if found is not None else metrics.summarize(slices, threshold)
     notes = [] if found is not None else ["metrics.json is missing: metrics were computed from oof_predictions.parquet."]
-    return RunData(run_uri, TRAIN_CV, slices, summary, summary.get("paper") or PAPER, threshold,
+    return RunData(run_uri, TRAIN_CV, slices, summary, summary.get("paper") or paper.RESULTS, threshold,
                    DEFAULT_CLASSES, config, crops_uri=config.get("crops_uri"), notes=notes)
 
 
 def _load_scores(run_uri: str) -> RunData:
-    table = storage.read_table(storage.join(run_uri, "scores.parquet"))
+    table = storage.read_table(storage.join(run_uri, layout.SCORES))
     meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
     config = json.loads(meta.get("vfx_ray.config", "{}"))
     classes = tuple(config.get("classes") or DEFAULT_CLASSES)
@@ -115,27 +110,19 @@ def _load_scores(run_uri: str) -> RunData:
                   "label": classes.index(label)} for i, p in zip(idx, probs, strict=True)]
     slices = pd.DataFrame(rows, columns=["patient_id", "slice_index", "probability", "label"])
     threshold = float(config.get("threshold", labelled["threshold"][0].as_py() if "threshold" in labelled.column_names else 0.5))
-    found = _json(storage.join(run_uri, "metrics.json"))
+    found = _json(storage.join(run_uri, layout.METRICS))
     pooled = {k: found[k] for k in ("per_slice", "per_patient")} if found else metrics.level_metrics(slices, threshold)
     notes = []
     if labelled.num_rows < table.num_rows:
         notes.append(f"{table.num_rows - labelled.num_rows} scored patients have no label and are left out.")
-    return RunData(run_uri, SCORES, slices, {"pooled": pooled, "folds": [], "fold_mean": None}, PAPER,
+    return RunData(run_uri, SCORES, slices, {"pooled": pooled, "folds": [], "fold_mean": None}, paper.RESULTS,
                    threshold, classes, config, notes=notes)
-
-
-def resolve_crops_file(crops_uri: str) -> str:
-    """A crops Parquet file from a file URI or a crops job's output folder."""
-    if crops_uri.endswith(".parquet"):
-        return crops_uri
-    inside = storage.join(crops_uri, "crops.parquet")
-    return inside if storage.exists(inside) else crops_uri
 
 
 def annotations_from_crops(crops_uri: str) -> str | None:
     """The annotations URI recorded in the crops job's manifest.json, if there is one."""
     folder = crops_uri if not crops_uri.endswith(".parquet") else parent(crops_uri)
-    manifest = _json(storage.join(folder, "manifest.json"))
+    manifest = _json(storage.join(folder, layout.MANIFEST))
     return (manifest or {}).get("annotations") or None
 
 
@@ -162,7 +149,7 @@ def read_crops(crops_uri: str, patient_ids: list[str]) -> dict[tuple[str, int], 
 
     Reads just those rows (a Parquet filter), so a large crops dataset costs little.
     """
-    fs, path = storage.filesystem(resolve_crops_file(crops_uri))
+    fs, path = storage.filesystem(layout.crops_file(crops_uri))
     table = pq.read_table(path, filesystem=fs, columns=["patient_id", "slice_index", "image"],
                           filters=[("patient_id", "in", list(patient_ids))])
     if table.num_rows == 0:
@@ -174,12 +161,6 @@ def read_crops(crops_uri: str, patient_ids: list[str]) -> dict[tuple[str, int], 
 
 
 def read_annotations(uri: str) -> pd.DataFrame:
-    """Annotations (CSV or Parquet) as they are: the report needs only some optional columns."""
-    data = storage.read_bytes(uri)
-    if uri.endswith(".parquet"):
-        frame = pd.read_parquet(io.BytesIO(data))
-    else:
-        frame = pd.read_csv(io.BytesIO(data), dtype={"patient_id": str, "label": str, "sex": str})
-    if "patient_id" not in frame.columns:
-        raise VfxError("report", f"{uri} has no patient_id column")
-    return frame.assign(patient_id=frame["patient_id"].astype(str))
+    """Annotations as they are (``annotations.read_annotations``, lenient): the report needs only
+    patient_id and some optional columns."""
+    return ann_mod.read_annotations(uri, lenient=True)

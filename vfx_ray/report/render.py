@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from vfx_ray import storage
+from vfx_ray import layout, storage
 from vfx_ray.report import curves, document, slices, tables
 from vfx_ray.report.document import Image, Section
 from vfx_ray.report.inputs import TRAIN_CV, RunData, load_run, read_annotations, read_crops
@@ -145,7 +145,7 @@ def render_report(run_uri: str, out_dir: str, crops_uri: str | None = None,
     sections = build_sections(run, per_outcome)
     title = f"vfx_ray report: {run.kind} run"
     meta = _meta(run)
-    html_uri, md_uri = storage.join(out_dir, "report.html"), storage.join(out_dir, "report.md")
+    html_uri, md_uri = storage.join(out_dir, layout.REPORT_HTML), storage.join(out_dir, layout.REPORT_MD)
     figures = []
     for im in (im for s in sections for im in s.images):
         uri = storage.join(out_dir, "figures", f"{im.name}.png")

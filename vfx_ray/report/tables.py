@@ -13,8 +13,8 @@ import numpy as np
 import pandas as pd
 from scipy.stats import chi2_contingency, ttest_ind, ttest_ind_from_stats
 
+from vfx_ray.paper import AGE, FEATURE_COUNTS, FEATURES, MALE_COUNTS, PAPER_N
 from vfx_ray.report.inputs import RunData
-from vfx_ray.synth.table1 import AGE, FEATURE_COUNTS, FEATURES, MALE_COUNTS, PAPER_N
 
 LEVELS = {"per_slice": "Per slice", "per_patient": "Per patient"}
 FEATURE_NAMES = {

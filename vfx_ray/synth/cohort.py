@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 from pydicom.uid import generate_uid
 
-from vfx_ray import storage
+from vfx_ray import layout, storage
 from vfx_ray.config import SynthConfig
+from vfx_ray.paper import FEATURES
 from vfx_ray.synth.anatomy import Spine, anatomy_hu, build_spine, sample_volume
 from vfx_ray.synth.dicom_writer import (
     TRANSFER_SYNTAXES,
@@ -28,7 +29,7 @@ from vfx_ray.synth.dicom_writer import (
     write_series,
 )
 from vfx_ray.synth.lesions import Lesion, apply_lesions, plan_lesion, roi_box
-from vfx_ray.synth.table1 import FEATURES, Features, allocate
+from vfx_ray.synth.table1 import Features, allocate
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -249,7 +250,7 @@ def generate_cohort(out_uri: str, cfg: SynthConfig, *, workers: int | None = Non
     frame = pd.DataFrame(rows, columns=COLUMNS).sort_values("patient_id", ignore_index=True)
     buf = io.StringIO()
     frame.to_csv(buf, index=False)
-    storage.write_text(storage.join(out_uri, "annotations.csv"), buf.getvalue())
+    storage.write_text(storage.join(out_uri, layout.ANNOTATIONS), buf.getvalue())
     return frame
 
 

@@ -1,4 +1,4 @@
-"""Li et al. 2021, Table 1, as exact per-class counts, and their allocation to a cohort.
+"""Li et al. 2021, Table 1 (``vfx_ray.paper``), allocated to a cohort as exact per-class counts.
 
 Features are allocated by a seeded shuffle of exact counts (not coin flips), so the default
 433-patient cohort reproduces Table 1 exactly; smaller cohorts scale each count with
@@ -12,25 +12,7 @@ from statistics import NormalDist
 
 import numpy as np
 
-PAPER_N = {"malignant": 296, "benign": 137}
-FEATURES = (
-    "compression",
-    "cortex_interruption",
-    "soft_tissue_mass",
-    "transverse_fracture_line",
-    "multiple_segments",
-    "bone_destruction",
-)
-# Table 1: patients with each feature present, per class.
-FEATURE_COUNTS = {
-    "malignant": {"compression": 250, "cortex_interruption": 290, "soft_tissue_mass": 276,
-                  "transverse_fracture_line": 3, "multiple_segments": 161, "bone_destruction": 294},
-    "benign": {"compression": 133, "cortex_interruption": 125, "soft_tissue_mass": 2,
-               "transverse_fracture_line": 109, "multiple_segments": 30, "bone_destruction": 1},
-}
-MALE_COUNTS = {"malignant": 170, "benign": 53}
-# (mean, sd, min, max) of age in years.
-AGE = {"malignant": (57.8, 11.3, 27, 84), "benign": (62.8, 16.1, 14, 93)}
+from vfx_ray.paper import AGE, FEATURE_COUNTS, FEATURES, MALE_COUNTS, PAPER_N
 
 
 @dataclass(frozen=True)
@@ -69,7 +51,7 @@ def apportion(total: int, weights: list[float]) -> list[int]:
     return out.tolist()
 
 
-def class_sizes(n_patients: int, malignant_fraction: float = 296 / 433) -> dict[str, int]:
+def class_sizes(n_patients: int, malignant_fraction: float = PAPER_N["malignant"] / sum(PAPER_N.values())) -> dict[str, int]:
     n_mal, n_ben = apportion(n_patients, [malignant_fraction, 1 - malignant_fraction])
     return {"malignant": n_mal, "benign": n_ben}
 
