@@ -32,18 +32,16 @@ import pyarrow.fs as pafs
 import torch
 from torch import nn
 
+from vfx_ray import layout, resident
 from vfx_ray import model as vmodel
-from vfx_ray import resident
 from vfx_ray.config import TrainConfig, train_config_from_dict
 from vfx_ray.epochs import FitState, seed_for
-
-FAULT_MARKER_ENV = "VFX_RAY_FAULT_MARKER"  # test hook, see _maybe_inject_fault
 
 
 def _save_checkpoint(path: str, net: nn.Module, opt: torch.optim.Optimizer, state: FitState, best: dict) -> None:
     torch.save({"model": vmodel.cpu_state(net), "optimizer": opt.state_dict(), "fit": dataclasses.asdict(state)},
-               os.path.join(path, "state.pt"))
-    torch.save(best, os.path.join(path, "best.pt"))
+               os.path.join(path, layout.CHECKPOINT_STATE))
+    torch.save(best, os.path.join(path, layout.CHECKPOINT_BEST))
 
 
 def _all_reduce_sums(values: list[float], device: torch.device) -> list[float]:
@@ -79,22 +77,6 @@ def _report(metrics: dict[str, Any], state: FitState, net: nn.Module, opt: torch
                      delete_local_checkpoint_after_upload=True)
 
 
-def _maybe_inject_fault(marker: str | None, epoch: int, rank: int) -> None:
-    """Test hook: with a marker path set, rank 0 dies once (os._exit) after reporting epoch 2.
-
-    It first waits until the controller has committed every checkpoint reported so far (they
-    upload in the background), so the restarted group must resume from a checkpoint.
-    """
-    if marker and rank == 0 and epoch == 2 and not os.path.exists(marker):
-        import ray.train
-
-        ray.train.get_all_reported_checkpoints(
-            consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=300)
-        with open(marker, "w") as f:
-            f.write(f"killed after epoch {epoch} pid {os.getpid()}\n")
-        os._exit(1)
-
-
 def shard_data(shard: Any, opts: resident.DeviceOptions) -> resident.DeviceData:
     """A worker's whole Ray Data shard, read once, in the dataset's row order, on its device."""
     parts = list(shard.iter_torch_batches(batch_size=4096, dtypes={"row": torch.int64, "image": torch.float32,
@@ -117,8 +99,8 @@ def _restore(config: dict[str, Any], cfg: TrainConfig) -> tuple[nn.Module, FitSt
         net.load_state_dict(ray.get(config["init"]))
         return net, FitState(), vmodel.cpu_state(net), None
     with ckpt.as_directory() as d:
-        saved = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
-        best = torch.load(os.path.join(d, "best.pt"), map_location="cpu", weights_only=True)
+        saved = torch.load(os.path.join(d, layout.CHECKPOINT_STATE), map_location="cpu", weights_only=True)
+        best = torch.load(os.path.join(d, layout.CHECKPOINT_BEST), map_location="cpu", weights_only=True)
     net.load_state_dict(saved["model"])
     state = FitState(**saved["fit"])
     state.resumed_from.append(state.epoch)
@@ -127,7 +109,7 @@ def _restore(config: dict[str, Any], cfg: TrainConfig) -> tuple[nn.Module, FitSt
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train loop of one fold. ``config``: train (TrainConfig dict), fold, init (ObjectRef
-    of the initial state dict), fault_marker. Data: ``train`` and ``val`` dataset shards, each
+    of the initial state dict), has_val. Data: ``train`` and ``val`` dataset shards, each
     read once onto the worker's device (``resident``)."""
     import ray.train
     import ray.train.torch
@@ -168,7 +150,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         best_val = None if math.isinf(state.best_val_loss) else state.best_val_loss
         metrics = {"fold": fold, "epoch": state.epoch, "val_loss": val_loss, "best_val_loss": best_val,
                    "best_epoch": state.best_epoch, "epochs_without_improvement": state.epochs_without_improvement,
-                   "epoch_seconds": time.perf_counter() - t0, "ended_at": time.time(), **stats}
+                   "epoch_seconds": time.perf_counter() - t0, "ended_at": time.time(),
+                   "worker_pid": os.getpid(), **stats}  # the process, to find its log lines
         state.history.append(metrics)
         if rank == 0:
             print(f"fold {fold} epoch {state.epoch}/{cfg.max_epochs} train_loss {stats['train_loss']:.4f} "
@@ -177,7 +160,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             _report(metrics, state, net, opt, best, checkpoint_due(state, cfg, val is not None))
         else:
             ray.train.report(metrics)
-        _maybe_inject_fault(config.get("fault_marker"), state.epoch, rank)
 
     return {"epochs": state.epoch, "best_epoch": state.best_epoch,
             "best_val_loss": None if math.isinf(state.best_val_loss) else state.best_val_loss,
@@ -255,7 +237,6 @@ def fit_fold(
             "fold": fold,
             "init": ray.put(init),
             "has_val": has_val,
-            "fault_marker": os.environ.get(FAULT_MARKER_ENV),
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=bool(cfg.use_gpu),
@@ -273,6 +254,6 @@ def fit_fold(
     )
     result = trainer.fit()
     with result.checkpoint.as_directory() as d:
-        best = torch.load(os.path.join(d, "best.pt"), map_location="cpu", weights_only=True)
+        best = torch.load(os.path.join(d, layout.CHECKPOINT_BEST), map_location="cpu", weights_only=True)
     summary = dict(result.return_value or {})
     return FoldFit(best_state=best, summary=summary)
