@@ -14,13 +14,13 @@ from vfx_ray.contracts import crops_table
 from vfx_ray.dicom import load_volume
 from vfx_ray.errors import VfxError
 from vfx_ray.geometry import (
-    RoiBox,
     crop_samples,
     sagittal_reformat,
     select_slices,
     to_sitk,
     zscore,
 )
+from vfx_ray.roi import RoiBox
 from vfx_ray.synth.dicom_writer import voxel_lps
 
 CUBE_CENTRE = (3.0, 5.0, 10.0)
@@ -61,15 +61,15 @@ def test_to_sitk_maps_voxels_to_their_lps_position(name):
 
 
 @pytest.mark.parametrize("bounds, words", [
-    ((0, 1, 0, math.nan, 0, 1), "non-finite"),
-    ((0, 1, 5, 2, 0, 1), "roi_y_min_mm 5.0 > roi_y_max_mm 2.0"),
+    ((0, 1, 0, math.nan, 0, 1), "non-finite values in roi_y_max_mm"),
+    ((0, 1, 5, 2, 0, 1), "roi_y_min_mm=5.0 > roi_y_max_mm=2.0; swap them"),
     ((0, 1, 3, 3, 7, 7), "no extent"),
 ])
 def test_invalid_roi_boxes(bounds, words):
     with pytest.raises(VfxError) as info:
         RoiBox(*bounds, patient_id="P7")
     err = info.value
-    assert (err.stage, err.error_type, err.patient_id) == ("annotations", "InvalidRoi", "P7")
+    assert (err.stage, err.error_type, err.patient_id) == ("annotations", "BadROI", "P7")
     assert words in err.message
 
 

@@ -20,6 +20,7 @@ from phantoms import edit
 
 from vfx_ray import contracts, dicom, geometry, ingest, onepass, storage
 from vfx_ray.config import CropConfig, SynthConfig
+from vfx_ray.roi import RoiBox
 from vfx_ray.synth.cohort import patient_files, plan_cohort
 
 CFG = CropConfig(max_file_bytes=4 * 1024 * 1024)
@@ -138,7 +139,7 @@ def crops_run(corpus, ray_session):
 
 def expected_crops(files, row):
     volume = dicom.load_volume(files, CFG)
-    return geometry.crop_samples(volume, geometry.RoiBox.from_record(row), CFG)
+    return geometry.crop_samples(volume, RoiBox.from_record(row), CFG)
 
 
 def test_every_bad_case_has_its_error_row(corpus, crops_run):

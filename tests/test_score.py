@@ -21,6 +21,7 @@ import torch
 from vfx_ray import dicom, geometry, onepass, score, scorepass, storage
 from vfx_ray.config import CropConfig, SynthConfig
 from vfx_ray.model import build_model, load_model, predict_proba, save_model
+from vfx_ray.roi import RoiBox
 from vfx_ray.synth.cohort import generate_cohort
 
 CFG = CropConfig()
@@ -43,7 +44,7 @@ def pure_slice_probabilities(cohort, pid):
     """What the pipeline must reproduce: pure crops + eager predict_proba."""
     row = cohort["ann"].set_index("patient_id").loc[pid]
     files = [(e.uri, storage.read_bytes(e.uri)) for e in storage.list_files(os.path.join(cohort["root"], "dicom", pid))]
-    crops = geometry.crop_samples(dicom.load_volume(files, CFG), geometry.RoiBox.from_record(row), CFG)
+    crops = geometry.crop_samples(dicom.load_volume(files, CFG), RoiBox.from_record(row), CFG)
     net, _ = load_model(cohort["model"])
     return predict_proba(net, np.stack([c["image"] for c in crops]))
 

@@ -15,8 +15,8 @@ import pandas as pd
 
 from vfx_ray import storage
 from vfx_ray.errors import VfxError
+from vfx_ray.roi import ROI_COLUMNS, RoiBox
 
-ROI_COLUMNS = [f"roi_{a}_{m}_mm" for a in "xyz" for m in ("min", "max")]
 REQUIRED = ["patient_id"]
 STRING_COLUMNS = ("patient_id", "series_instance_uid", "label", "vertebra", "sex")  # never parsed as numbers
 DEFAULT_CLASSES = ("benign", "malignant")  # label 0, label 1
@@ -83,23 +83,14 @@ def parse_label(value: Any, classes: tuple[str, str] = DEFAULT_CLASSES) -> int |
 
 
 def parse_roi(row: pd.Series) -> tuple[float, ...] | None:
-    """The ROI box from the six columns; None when the row gives a mask instead."""
+    """The ROI box's bounds from the six columns, validated (``roi.RoiBox``); None when the row
+    gives a mask instead."""
     if not all(c in row.index for c in ROI_COLUMNS):
         return None
     raw = [row[c] for c in ROI_COLUMNS]
     if all(_text(v) is None for v in raw) and _text(row.get("roi_mask_uri")):
         return None
-    try:
-        vals = [float(v) for v in raw]
-    except (TypeError, ValueError):
-        raise VfxError("annotations", f"ROI box values are not numbers: {raw}", error_type="BadROI") from None
-    bad = [c for c, v in zip(ROI_COLUMNS, vals, strict=True) if not math.isfinite(v)]
-    if bad:
-        raise VfxError("annotations", f"ROI box has missing or non-finite values in {', '.join(bad)}", error_type="BadROI")
-    for axis, lo, hi in zip("xyz", vals[0::2], vals[1::2], strict=True):
-        if lo > hi:
-            raise VfxError("annotations", f"ROI box roi_{axis}_min_mm={lo} > roi_{axis}_max_mm={hi}", error_type="BadROI")
-    return tuple(vals)
+    return RoiBox.parse(raw).bounds
 
 
 def plan_tasks(

@@ -1,4 +1,4 @@
-"""Pure geometry: volumes as SimpleITK images, ROI boxes, sagittal 3 mm slabs and the paper's crops.
+"""Pure geometry: volumes as SimpleITK images, sagittal 3 mm slabs around an ROI box, the paper's crops.
 
 Everything is sampled in DICOM patient coordinates (LPS, mm; SimpleITK's physical space is the
 same), so head-first, feet-first, oblique and gantry-tilted acquisitions give the same crops.
@@ -12,8 +12,7 @@ so a slice index means the same position whatever the acquisition's extent.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -22,10 +21,9 @@ import SimpleITK as sitk
 from vfx_ray.config import CropConfig
 from vfx_ray.dicom import AIR_HU, Volume
 from vfx_ray.errors import VfxError
+from vfx_ray.roi import RoiBox
 
 SLICE_ANCHOR_MM = 0.0
-ROI_COLUMNS = ("roi_x_min_mm", "roi_x_max_mm", "roi_y_min_mm", "roi_y_max_mm",
-               "roi_z_min_mm", "roi_z_max_mm")
 
 
 def to_sitk(volume: Volume) -> sitk.Image:
@@ -35,59 +33,6 @@ def to_sitk(volume: Volume) -> sitk.Image:
     image.SetSpacing([float(v) for v in volume.spacing])
     image.SetDirection([float(v) for v in np.asarray(volume.direction).ravel()])
     return image
-
-
-@dataclass(frozen=True)
-class RoiBox:
-    """Axis-aligned box around the abnormal area, LPS mm; x picks slices, (y, z) the crop."""
-
-    x_min: float
-    x_max: float
-    y_min: float
-    y_max: float
-    z_min: float
-    z_max: float
-    patient_id: str | None = field(default=None, compare=False)
-
-    def __post_init__(self) -> None:
-        values = np.array(self.bounds, dtype=float)
-        if not np.all(np.isfinite(values)):
-            raise VfxError("annotations", f"ROI box {self._text()} has missing or non-finite "
-                           "values; fill all six roi_*_mm columns", patient_id=self.patient_id,
-                           error_type="InvalidRoi")
-        for axis, lo, hi in zip("xyz", values[::2], values[1::2], strict=True):
-            if lo > hi:
-                raise VfxError("annotations", f"ROI box {self._text()}: roi_{axis}_min_mm {lo} > "
-                               f"roi_{axis}_max_mm {hi}; swap them", patient_id=self.patient_id,
-                               error_type="InvalidRoi")
-        if max(values[3] - values[2], values[5] - values[4]) <= 0:
-            raise VfxError("annotations", f"ROI box {self._text()} has no extent in y or z; "
-                           "draw the box around the abnormal area", patient_id=self.patient_id,
-                           error_type="InvalidRoi")
-
-    @classmethod
-    def from_record(cls, record: Mapping[str, Any], patient_id: str | None = None) -> RoiBox:
-        """From an annotations row with the ``roi_*_mm`` columns (None/missing -> NaN)."""
-        pid = patient_id if patient_id is not None else record.get("patient_id")
-        vals = [record.get(c) for c in ROI_COLUMNS]
-        return cls(*(math.nan if v is None else float(v) for v in vals), patient_id=pid)
-
-    @property
-    def bounds(self) -> tuple[float, float, float, float, float, float]:
-        return (self.x_min, self.x_max, self.y_min, self.y_max, self.z_min, self.z_max)
-
-    @property
-    def centre(self) -> np.ndarray:
-        return np.array(self.bounds, dtype=float).reshape(3, 2).mean(axis=1)
-
-    def square(self) -> tuple[float, float, float, float]:
-        """Smallest square (y_min, y_max, z_min, z_max) holding the (y, z) extent, same centre."""
-        half = max(self.y_max - self.y_min, self.z_max - self.z_min) / 2
-        _, cy, cz = self.centre
-        return (cy - half, cy + half, cz - half, cz + half)
-
-    def _text(self) -> str:
-        return "(" + ", ".join(f"{v:g}" for v in self.bounds) + ")"
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from vfx_ray import annotations as ann_mod
 from vfx_ray import contracts, dicom, geometry, layout, pseudonym, storage
 from vfx_ray.config import CropConfig
 from vfx_ray.errors import VfxError, error_row
+from vfx_ray.roi import RoiBox
 
 WIRE_SCHEMA = pa.schema(
     [("patient_id", pa.string()), ("kind", pa.string()), ("meta", pa.string()), ("image", pa.binary())]
@@ -176,7 +177,7 @@ def crops_from_files(task: dict[str, Any], files: list[tuple[str, bytes]], cfg: 
     try:
         volume = dicom.load_volume(files, cfg, parsed=parsed)
         stage = "crop"
-        roi = geometry.RoiBox(*task["roi"])
+        roi = RoiBox(*task["roi"])
         crops = geometry.crop_samples(volume, roi, cfg)
     except Exception as exc:  # noqa: BLE001 - one bad study never stops the batch
         return [error_wire(exc, stage, task)]

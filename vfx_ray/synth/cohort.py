@@ -21,6 +21,7 @@ from pydicom.uid import generate_uid
 from vfx_ray import layout, storage
 from vfx_ray.config import SynthConfig
 from vfx_ray.paper import FEATURES
+from vfx_ray.roi import ROI_COLUMNS
 from vfx_ray.synth.anatomy import Spine, anatomy_hu, build_spine, sample_volume
 from vfx_ray.synth.dicom_writer import (
     TRANSFER_SYNTAXES,
@@ -34,8 +35,6 @@ from vfx_ray.synth.table1 import Features, allocate
 if TYPE_CHECKING:
     import pandas as pd
 
-ROI_COLUMNS = ["roi_x_min_mm", "roi_x_max_mm", "roi_y_min_mm", "roi_y_max_mm",
-               "roi_z_min_mm", "roi_z_max_mm"]
 COLUMNS = ["patient_id", "series_instance_uid", "label", "vertebra", *ROI_COLUMNS, "age", "sex",
            *FEATURES, "study_instance_uid", "patient_position", "oblique_deg", "transfer_syntax",
            "enhanced", "pixel_spacing_mm", "slice_thickness_mm", "n_slices", "n_files"]
