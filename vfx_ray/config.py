@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from vfx_ray.paper import PAPER_N
+from vfx_ray import paper
 
 PROFILES = ("paper", "demo")
 COMPILE_MODES = ("auto", "off", "on", "cudagraphs")  # torch.compile of the training forward
@@ -21,8 +21,8 @@ COMPILE_MODES = ("auto", "off", "on", "cudagraphs")  # torch.compile of the trai
 class SynthConfig:
     """Synthetic DICOM cohort (the embedded default data; no claim about real patients)."""
 
-    patients: int = sum(PAPER_N.values())  # 433
-    malignant_fraction: float = PAPER_N["malignant"] / sum(PAPER_N.values())  # 296 / 433
+    patients: int = paper.PATIENTS
+    malignant_fraction: float = paper.MALIGNANT_FRACTION
     seed: int = 0
     matrix: int = 256
     slice_thickness_mm: float = 3.0

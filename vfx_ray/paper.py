@@ -8,6 +8,8 @@ from __future__ import annotations
 
 # Table 1: patients per class.
 PAPER_N = {"malignant": 296, "benign": 137}
+PATIENTS = sum(PAPER_N.values())  # 433
+MALIGNANT_FRACTION = PAPER_N["malignant"] / PATIENTS  # 296 / 433
 FEATURES = (
     "compression",
     "cortex_interruption",

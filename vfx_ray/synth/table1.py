@@ -12,7 +12,7 @@ from statistics import NormalDist
 
 import numpy as np
 
-from vfx_ray.paper import AGE, FEATURE_COUNTS, FEATURES, MALE_COUNTS, PAPER_N
+from vfx_ray.paper import AGE, FEATURE_COUNTS, FEATURES, MALE_COUNTS, MALIGNANT_FRACTION, PAPER_N
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ def apportion(total: int, weights: list[float]) -> list[int]:
     return out.tolist()
 
 
-def class_sizes(n_patients: int, malignant_fraction: float = PAPER_N["malignant"] / sum(PAPER_N.values())) -> dict[str, int]:
+def class_sizes(n_patients: int, malignant_fraction: float = MALIGNANT_FRACTION) -> dict[str, int]:
     n_mal, n_ben = apportion(n_patients, [malignant_fraction, 1 - malignant_fraction])
     return {"malignant": n_mal, "benign": n_ben}
 
