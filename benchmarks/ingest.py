@@ -22,7 +22,21 @@ from common import cohorts_in_s3, peak_rss_of, plain_patients
 def measure_memory(archive: str, annotations_uri: str) -> int:
     """Peak RSS of a fresh `vfx-ray crops` process tree (driver, raylet, workers)."""
     out = tempfile.mkdtemp(prefix="bench-crops-")
-    return peak_rss_of([sys.executable, "-m", "vfx_ray.cli", "crops", "--archive", archive, "--annotations", annotations_uri, "--out", out, "--quiet"])
+    return peak_rss_of(
+        [
+            sys.executable,
+            "-m",
+            "vfx_ray.cli",
+            "crops",
+            "--archive",
+            archive,
+            "--annotations",
+            annotations_uri,
+            "--out",
+            out,
+            "--quiet",
+        ]
+    )
 
 
 def main() -> None:
@@ -34,13 +48,15 @@ def main() -> None:
 
     import ray
 
-    from vfx_ray.ingest import run_crops
+    from vfx_ray.crops import run_crops
 
     sizes = sorted({args.patients, *[int(s) for s in args.memory_sizes.split(",") if s]})
     with cohorts_in_s3(sizes, args.matrix) as cohorts:
         base = cohorts[args.patients]
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-        run_crops(f"{cohorts[sizes[0]]}/dicom", f"{cohorts[sizes[0]]}/annotations.csv", "s3://vfx/warmup", progress=False)
+        run_crops(
+            f"{cohorts[sizes[0]]}/dicom", f"{cohorts[sizes[0]]}/annotations.csv", "s3://vfx/warmup", progress=False
+        )
         t = time.perf_counter()
         summary = run_crops(f"{base}/dicom", f"{base}/annotations.csv", "s3://vfx/bench-out", progress=False)
         ray_s = time.perf_counter() - t

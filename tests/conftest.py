@@ -67,3 +67,45 @@ def ray_session(objectstore_server):
     yield ray
     ray.shutdown()
     os.environ.pop(STATE_API_ENV, None)
+
+
+@pytest.fixture(scope="session")
+def synth_cohort(tmp_path_factory):
+    """A factory: the local synthetic cohort of (patients, seed, matrix), written once per run.
+
+    Its folder (``dicom/``, ``annotations.csv``) is shared: tests write their outputs elsewhere.
+    """
+    from vfx_ray.config import SynthConfig
+    from vfx_ray.synth.cohort import generate_cohort
+
+    made: dict[tuple[int, int, int], str] = {}
+
+    def make(patients: int, seed: int, matrix: int = 128) -> str:
+        key = (patients, seed, matrix)
+        if key not in made:
+            root = str(tmp_path_factory.mktemp(f"cohort-{patients}-{seed}-{matrix}"))
+            generate_cohort(root, SynthConfig(patients=patients, matrix=matrix, seed=seed), workers=1, progress=False)
+            made[key] = root
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_crops(tmp_path_factory):
+    """A factory: the path of a tiny learnable crops table (``crops_fixture.make_crops``), one
+    file per set of arguments."""
+    import pyarrow.parquet as pq
+    from crops_fixture import make_crops
+
+    made: dict[tuple, str] = {}
+
+    def make(n_patients: int, slices: int = 3, size: int = 32) -> str:
+        key = (n_patients, slices, size)
+        if key not in made:
+            path = tmp_path_factory.mktemp("crops") / "crops.parquet"
+            pq.write_table(make_crops(n_patients=n_patients, slices=slices, size=size), path)
+            made[key] = str(path)
+        return made[key]
+
+    return make

@@ -10,7 +10,7 @@ import torch
 from vfx_ray import model as vmodel
 from vfx_ray.config import CropConfig
 from vfx_ray.ensemble import Ensemble
-from vfx_ray.scorer import SliceScorer, wire_images
+from vfx_ray.scorer import SliceScorer
 
 SIZE = 32
 
@@ -42,17 +42,6 @@ def test_ensemble_equals_eager_fp32_and_bf16_stays_close(crops, mode):
     bf16 = Ensemble(models, "cpu", bf16=True, mode=mode).probabilities(crops)
     np.testing.assert_allclose(bf16, expected, atol=2e-2, rtol=0)
     assert not np.array_equal(bf16, fp32)  # autocast did run in bf16
-
-
-def test_wire_images_views_equal_sized_crops_and_refuses_others(crops):
-    arr = pa.array([c.tobytes() for c in crops], pa.binary())
-    np.testing.assert_array_equal(wire_images(arr, (3, SIZE, SIZE)), crops)
-    np.testing.assert_array_equal(wire_images(arr.slice(7, 5), (3, SIZE, SIZE)), crops[7:12])
-    chunked = pa.chunked_array([arr.slice(0, 3), arr.slice(3, 4)])
-    np.testing.assert_array_equal(wire_images(chunked, (3, SIZE, SIZE)), crops[:7])
-    assert wire_images(arr.slice(0, 0), (3, SIZE, SIZE)).shape == (0, 3, SIZE, SIZE)
-    with pytest.raises(ValueError, match="expected 12288"):
-        wire_images(pa.array([crops[0].tobytes(), b"\0" * 8]), (3, SIZE, SIZE))
 
 
 def test_scoring_actor_scores_crop_rows_only(tmp_path, crops):

@@ -31,11 +31,12 @@ import pytest
 import torch
 from ray_nodes import Cluster, _node, alive_nodes, local_cluster
 
-from vfx_ray import objectstore, scorepass, storage
+from vfx_ray import objectstore, score_parts, storage
 from vfx_ray.config import SynthConfig
-from vfx_ray.ingest import run_crops
+from vfx_ray.crops import run_crops
 from vfx_ray.model import build_model, save_model
-from vfx_ray.score import PARTS, run_score
+from vfx_ray.score import run_score
+from vfx_ray.score_parts import PARTS
 from vfx_ray.synth.cohort import generate_cohort
 
 pytestmark = pytest.mark.slow
@@ -45,7 +46,9 @@ N = 12
 def restart(store: objectstore.ObjectStore, read_only: bool = False) -> None:
     """The same server again (same root, port and keys), optionally refusing writes."""
     store.stop()
-    new = objectstore.start(store.root, port=store.port, buckets=(), keys=(store.access_key, store.secret_key), read_only=read_only)
+    new = objectstore.start(
+        store.root, port=store.port, buckets=(), keys=(store.access_key, store.secret_key), read_only=read_only
+    )
     store.pid = new.pid
 
 
@@ -109,7 +112,7 @@ def store_back_up(objectstore_server):
 
 def chunk_files(out: str) -> list[storage.FileEntry]:
     """The first pass's committed chunks (``score`` reads an archive once, a chunk at a time)."""
-    folder = storage.join(out, PARTS, scorepass.CHUNK_DIR)
+    folder = storage.join(out, PARTS, score_parts.CHUNK_DIR)
     return storage.list_files(folder, suffix=".parquet") if storage.exists(folder) else []
 
 
@@ -174,7 +177,9 @@ def test_store_outage_during_score_is_ridden_out(cohort, objectstore_server):
     out = f"{cohort['root']}/score-outage"
     no_stage_running()
     fault = Fault(objectstore_server, lambda: bool(stage_workers(os.getpid(), SCORING)))  # mid-batch
-    summary = run_with(fault, lambda: run_score(cohort["archive"], cohort["ann"], cohort["model"], out, progress=False, commit_every=2))
+    summary = run_with(
+        fault, lambda: run_score(cohort["archive"], cohort["ann"], cohort["model"], out, progress=False, commit_every=2)
+    )
     assert fault.back_at is not None and summary["rows"] == N, summary
     assert summary["skipped_already_scored"] == 0  # one run scored all, across the outage
     one_row_per_patient(out)
@@ -184,7 +189,10 @@ def test_store_gone_for_good_fails_clearly_and_keeps_committed_work(cohort, obje
     out = f"{cohort['root']}/score-gone"
     fault = Fault(objectstore_server, lambda: bool(chunk_files(out)), down_s=None)  # mid first pass
     with pytest.raises(storage.StoreUnavailable, match="unreachable") as err:
-        run_with(fault, lambda: run_score(cohort["archive"], cohort["ann"], cohort["model"], out, progress=False, commit_every=2))
+        run_with(
+            fault,
+            lambda: run_score(cohort["archive"], cohort["ann"], cohort["model"], out, progress=False, commit_every=2),
+        )
     failed_after = time.monotonic() - fault.struck_at
     print(f"gave up {failed_after:.0f} s after the store went away")
     # storage waits S3_OUTAGE_SECONDS for the store, then the job stops; not much more
@@ -217,7 +225,12 @@ def test_read_only_destination_leaves_nothing_looking_complete(cohort, objectsto
 
     fault = Fault(objectstore_server, lambda: bool(chunk_files(score_out)), read_only=True)
     with pytest.raises(OSError, match=WRITE_REFUSED) as err:
-        run_with(fault, lambda: run_score(cohort["archive"], cohort["ann"], cohort["model"], score_out, progress=False, commit_every=2))
+        run_with(
+            fault,
+            lambda: run_score(
+                cohort["archive"], cohort["ann"], cohort["model"], score_out, progress=False, commit_every=2
+            ),
+        )
     assert not isinstance(err.value, storage.StoreUnavailable), err.value
     assert not storage.exists(f"{score_out}/scores.parquet")
     parts = storage.list_files(f"{score_out}/{PARTS}")
@@ -229,7 +242,7 @@ def test_read_only_destination_leaves_nothing_looking_complete(cohort, objectsto
 
 NODE_DRIVER = """
 import json, sys, ray
-from vfx_ray.ingest import run_crops
+from vfx_ray.crops import run_crops
 from vfx_ray.score import run_score
 root, model = sys.argv[1], sys.argv[2]
 ray.init()  # RAY_ADDRESS names the cluster
@@ -253,8 +266,12 @@ def add_worker(cluster: Cluster, log: Path) -> subprocess.Popen:
     """Start a one-CPU worker node and wait until it has joined. One at a time: nodes that
     share a session folder and start together can pick the same socket name (plasma_store.N)
     and one raylet dies with 'bind: Address already in use'."""
-    args = [f"--address={cluster.gcs_address}", "--num-cpus=1",
-            f"--dashboard-agent-listen-port={objectstore.free_port()}", f"--metrics-export-port={objectstore.free_port()}"]
+    args = [
+        f"--address={cluster.gcs_address}",
+        "--num-cpus=1",
+        f"--dashboard-agent-listen-port={objectstore.free_port()}",
+        f"--metrics-export-port={objectstore.free_port()}",
+    ]
     node = _node(args, cluster.env, log, cluster.temp_dirs[0])
     cluster.procs.append(node)  # stopped with the cluster
     deadline = time.monotonic() + 120
@@ -305,7 +322,9 @@ def test_worker_node_killed_during_crops_and_score(tmp_path):
     with three_nodes(tmp_path) as cluster:
         env = {**cluster.env, "RAY_ADDRESS": cluster.gcs_address}
         log = open(tmp_path / "driver.log", "w")
-        driver = subprocess.Popen([sys.executable, "-c", NODE_DRIVER, str(root), model], env=env, stdout=log, stderr=subprocess.STDOUT)
+        driver = subprocess.Popen(
+            [sys.executable, "-c", NODE_DRIVER, str(root), model], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
         try:
             workers = cluster.procs[1:]
             first = wait_for(lambda: busy_node(workers, CROPS_TASK), driver)

@@ -18,8 +18,10 @@ import pydicom
 import pytest
 from phantoms import edit
 
-from vfx_ray import contracts, dicom, geometry, ingest, onepass, storage
+from vfx_ray import contracts, dicom, geometry, storage
 from vfx_ray.config import CropConfig, SynthConfig
+from vfx_ray.crops import run_crops
+from vfx_ray.pipeline import tasks
 from vfx_ray.roi import RoiBox
 from vfx_ray.synth.cohort import patient_files, plan_cohort
 
@@ -125,13 +127,20 @@ def corpus(tmp_path_factory):
     os.symlink(outside, os.path.join(archive, "junk", "link.dcm"))
     ann_uri = str(base / "annotations.csv")
     pd.DataFrame(rows).to_csv(ann_uri, index=False)
-    return {"archive": archive, "annotations": ann_uri, "expected": expected_errors, "good": good, "trunc": f"{archive}/BAD_TRUNC/{name}", "base": base}
+    return {
+        "archive": archive,
+        "annotations": ann_uri,
+        "expected": expected_errors,
+        "good": good,
+        "trunc": f"{archive}/BAD_TRUNC/{name}",
+        "base": base,
+    }
 
 
 @pytest.fixture(scope="module")
 def crops_run(corpus, ray_session):
     out = str(corpus["base"] / "out")
-    summary = ingest.run_crops(corpus["archive"], corpus["annotations"], out, CFG, progress=False)
+    summary = run_crops(corpus["archive"], corpus["annotations"], out, CFG, progress=False)
     crops = storage.read_table(storage.join(out, "crops.parquet"))
     errors = storage.read_table(storage.join(out, "errors.parquet")).to_pandas()
     return summary, crops, errors, out
@@ -172,7 +181,14 @@ def test_good_patients_get_exactly_the_pure_crops(corpus, crops_run):
     assert summary["patients_with_crops"] == len(corpus["good"]) + 3
     assert storage.exists(storage.join(out, "manifest.json"))
     index = storage.read_table(storage.join(out, "series_index.parquet")).to_pandas()
-    assert {"series_instance_uid", "patient_id", "modality", "object_keys", "instance_count", "transfer_syntax_uid"} <= set(index.columns)
+    assert {
+        "series_instance_uid",
+        "patient_id",
+        "modality",
+        "object_keys",
+        "instance_count",
+        "transfer_syntax_uid",
+    } <= set(index.columns)
 
 
 def test_lossless_codecs_give_the_same_crops(crops_run):
@@ -194,26 +210,15 @@ def test_s3_archive_gives_identical_crops(corpus, crops_run, objectstore_server)
         rows.append(row)
     ann_uri = f"{prefix}/annotations.csv"
     storage.write_text(ann_uri, pd.DataFrame(rows).to_csv(index=False))
-    summary = ingest.run_crops(f"{prefix}/dicom", ann_uri, f"{prefix}/crops", CFG, progress=False)
+    summary = run_crops(f"{prefix}/dicom", ann_uri, f"{prefix}/crops", CFG, progress=False)
     assert summary["errors"] == 0
     s3_crops = storage.read_table(f"{prefix}/crops/crops.parquet")
     good = {r["patient_id"] for _, r in corpus["good"]}
     local = local_crops.filter(pd.Series(local_crops["patient_id"].to_pylist()).isin(good).to_numpy())
     assert s3_crops.drop(["image"]).equals(local.drop(["image"]))
-    np.testing.assert_array_equal(contracts.images_from_arrow(s3_crops["image"]), contracts.images_from_arrow(local["image"]))
-
-
-@pytest.mark.parametrize(
-    "archive, key, escapes",
-    [
-        ("s3://b/archive", "s3://b/archive/p/1.dcm", False),
-        ("s3://b/archive", "s3://b/archive/../secret.dcm", True),
-        ("s3://b/archive", "s3://b/archive/p/../../x.dcm", True),
-        ("s3://b/archive", "s3://b/archive2/x.dcm", True),
-    ],
-)
-def test_escaping_keys(archive, key, escapes):
-    assert ingest.escapes_prefix(archive, key) is escapes
+    np.testing.assert_array_equal(
+        contracts.images_from_arrow(s3_crops["image"]), contracts.images_from_arrow(local["image"])
+    )
 
 
 def test_one_pass_reads_good_patients_once_and_the_second_pass_agrees(corpus, crops_run, monkeypatch):
@@ -221,9 +226,9 @@ def test_one_pass_reads_good_patients_once_and_the_second_pass_agrees(corpus, cr
     chunks of 5 objects and every patient takes the second pass: same crops, same errors."""
     summary, crops, errors, _ = crops_run
     assert summary["patients_read_once"] >= len(corpus["good"]) + 3, summary
-    monkeypatch.setattr(onepass, "CHUNK_OBJECTS", 5)
+    monkeypatch.setattr(tasks, "CHUNK_OBJECTS", 5)
     out = str(corpus["base"] / "out-second-pass")
-    again = ingest.run_crops(corpus["archive"], corpus["annotations"], out, CFG, progress=False)
+    again = run_crops(corpus["archive"], corpus["annotations"], out, CFG, progress=False)
     # only tiny bad series (a handful of objects) still fit a chunk; every good one is cut
     assert again["patients_second_pass"] >= summary["patients_with_crops"], again
     assert again["patients_read_once"] + again["patients_second_pass"] == summary["patients_planned"], again
@@ -238,26 +243,3 @@ def test_one_pass_reads_good_patients_once_and_the_second_pass_agrees(corpus, cr
     assert sorted(map(tuple, errors[cols].fillna("").values)) == sorted(map(tuple, e2[cols].fillna("").values))
 
 
-def test_chunks_keep_folders_whole_within_limits():
-    def e(path, size=10):
-        return storage.FileEntry(uri=f"s3://b/{path}", size=size)
-
-    entries = [e(f"p1/s/{i}") for i in range(3)] + [e(f"p2/s/{i}") for i in range(4)] + [e(f"p3/s/{i}", 100) for i in range(2)]
-    chunks = onepass.chunk_entries(entries, max_objects=5, max_bytes=150)
-    assert [len(c) for c in chunks] == [3, 5, 1]  # p1 | p2 (cannot join p1) + first piece of p3 (cut by bytes) | rest
-    assert [x for c in chunks for x in c] == entries
-    assert onepass.chunk_entries(entries, max_objects=100, max_bytes=10**6) == [entries]
-    assert [len(c) for c in onepass.chunk_entries(entries[:3] + entries[3:7], max_objects=2)] == [2, 1, 2, 2]
-    assert onepass.chunk_entries([]) == []
-    # a small target packs fewer folders per chunk but never cuts one
-    assert [len(c) for c in onepass.chunk_entries(entries, max_objects=100, max_bytes=10**6, target_objects=3)] == [3, 4, 2]
-
-
-def test_decode_tasks_reserve_their_memory_within_a_cap():
-    typical = 512 * 512 * 600  # a large CT series: 0.6 GB as float32
-    need = ingest.decode_memory(onepass.CHUNK_BYTES, max_voxels=typical)
-    assert need == ingest.DECODE_WORKER_BYTES + onepass.CHUNK_BYTES + 2 * 4 * typical  # bytes + volume + copy
-    assert ingest.decode_memory(onepass.CHUNK_BYTES) == ingest.DECODE_MEMORY_CAP  # the refusal limit is capped
-    assert ingest.decode_memory(0, max_voxels=10**12, cap=3 << 30) == 3 << 30
-    # a 2-core, 24 GiB machine gives Ray ~13 GiB of memory: both cores still decode
-    assert 2 * ingest.decode_memory(ingest.SERIES_BYTES_PER_VOXEL * dicom.MAX_VOXELS) <= 13 << 30

@@ -17,7 +17,7 @@ import json, sys, ray
 from ray.util.state import list_tasks
 from vfx_ray.config import CropConfig, TrainConfig
 from vfx_ray.cv import run_train_cv
-from vfx_ray.ingest import run_crops
+from vfx_ray.crops import run_crops
 
 root = sys.argv[1]
 ray.init()  # RAY_ADDRESS names the cluster
@@ -25,7 +25,7 @@ crops = run_crops(f"{root}/dicom", f"{root}/annotations.csv", f"{root}/crops", C
 cfg = TrainConfig(arch="resnet18", pretrained="none", max_epochs=1, n_folds=2, augment_factor=1, batch_size=16)
 metrics = run_train_cv(f"{root}/crops/crops.parquet", f"{root}/run", cfg)
 decode_nodes = {t.node_id for t in list_tasks(limit=10000, detail=True, raise_on_missing_output=False)
-                if "crop_batch" in (t.name or "") and t.node_id}
+                if any(f in (t.name or "") for f in ("chunk_batch", "patient_batch")) and t.node_id}
 nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
 json.dump({"crops": crops, "decode_nodes": sorted(decode_nodes), "nodes": nodes,
            "n_patients": metrics["pooled"]["per_patient"]["n"]}, open(f"{root}/result.json", "w"))
@@ -38,7 +38,9 @@ def test_crops_and_train_cv_across_two_nodes(tmp_path):
     generate_cohort(str(root), SynthConfig(patients=10, matrix=128, seed=3), workers=1, progress=False)
     with local_cluster(tmp_path, head_cpus=1, worker_cpus=[1]) as cluster:
         env = {**cluster.env, "RAY_ADDRESS": cluster.gcs_address}
-        res = subprocess.run([sys.executable, "-c", DRIVER, str(root)], env=env, capture_output=True, text=True, timeout=600)
+        res = subprocess.run(
+            [sys.executable, "-c", DRIVER, str(root)], env=env, capture_output=True, text=True, timeout=600
+        )
         assert res.returncode == 0, res.stderr[-4000:]
     result = json.loads((root / "result.json").read_text())
     assert len(result["nodes"]) == 2

@@ -23,13 +23,11 @@ import torch
 from leakscan import find, needles, scan_tree
 
 from vfx_ray import storage
-from vfx_ray.config import SynthConfig
+from vfx_ray.crops import run_crops
 from vfx_ray.errors import VfxError
-from vfx_ray.ingest import run_crops
 from vfx_ray.model import build_model, save_model
 from vfx_ray.pseudonym import KEY_ENV, Pseudonymizer
 from vfx_ray.score import run_score
-from vfx_ray.synth.cohort import generate_cohort
 
 KEY = "k" * 8 + secrets.token_hex(16)
 
@@ -106,14 +104,19 @@ def plant_sentinels(src: Path, dst: Path) -> dict[str, str]:
     return ids
 
 
-def test_no_identifier_reaches_outputs_or_logs(tmp_path, ray_session, monkeypatch, capfd):
+def test_no_identifier_reaches_outputs_or_logs(synth_cohort, tmp_path, ray_session, monkeypatch, capfd):
     import ray
 
-    src, work = tmp_path / "src", tmp_path / "work"
-    generate_cohort(str(src), SynthConfig(patients=3, matrix=128, seed=21), workers=1, progress=False)
+    src, work = Path(synth_cohort(patients=3, seed=21)), tmp_path / "work"
     ids = plant_sentinels(src, work)
-    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in (work / "dicom").rglob("*.dcm") if p.name != "broken.dcm"]
-    uids = {str(h.StudyInstanceUID) for h in headers} | {str(h.SeriesInstanceUID) for h in headers} | {str(h.SOPInstanceUID) for h in headers}
+    headers = [
+        pydicom.dcmread(p, stop_before_pixels=True) for p in (work / "dicom").rglob("*.dcm") if p.name != "broken.dcm"
+    ]
+    uids = (
+        {str(h.StudyInstanceUID) for h in headers}
+        | {str(h.SeriesInstanceUID) for h in headers}
+        | {str(h.SOPInstanceUID) for h in headers}
+    )
     monkeypatch.setenv(KEY_ENV, KEY)
     torch.manual_seed(0)
     model = str(tmp_path / "model.pt")

@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 import pytest
 from scipy.stats import t as student_t
 
-from vfx_ray import score, storage
+from vfx_ray import contracts, score, storage
 from vfx_ray.report import (
     SECTION_IDS,
     cohort_table,
@@ -137,10 +137,18 @@ def test_scores_folder_with_labels(tmp_path):
     oof, _ = example_slices(n_patients=20, seed=3)
     classes = ("benign", "malignant")
     model = {"model_id": "abc123", "n_models": 3}
-    rows = [score.patient_row(pid, [{**r, "series_instance_uid": "1.2.3", "vertebra": "L1"} for r in g.to_dict("records")],
-                              model, 0.5, classes) for pid, g in oof.groupby("patient_id")]
+    rows = [
+        score.patient_row(
+            pid,
+            [{**r, "series_instance_uid": "1.2.3", "vertebra": "L1"} for r in g.to_dict("records")],
+            model,
+            0.5,
+            classes,
+        )
+        for pid, g in oof.groupby("patient_id")
+    ]
     rows[0]["label"] = None  # an unlabelled patient is scored but not evaluated
-    table = pa.Table.from_pylist(rows, schema=score.scores_schema())
+    table = pa.Table.from_pylist(rows, schema=contracts.scores_schema())
     folder = str(tmp_path / "scores")
     storage.write_table(table, storage.join(folder, "scores.parquet"),
                         metadata={"vfx_ray.config": json.dumps({"threshold": 0.5, "classes": list(classes)})})
@@ -203,9 +211,16 @@ def test_report_of_a_real_tiny_train_cv_run(ray_session, tmp_path):
     crops_dir.mkdir()
     crops = make_crops(n_patients=16, slices=3, size=64)
     pq.write_table(crops, crops_dir / "crops.parquet")
-    labels = pd.DataFrame({"patient_id": crops["patient_id"].to_pylist(), "label": crops["label"].to_pylist()}).drop_duplicates()
-    ann = labels.assign(label=labels["label"].map({0: "benign", 1: "malignant"}), age=np.arange(len(labels)) + 50,
-                        sex=["M", "F"] * (len(labels) // 2), soft_tissue_mass=labels["label"], bone_destruction=labels["label"])
+    labels = pd.DataFrame(
+        {"patient_id": crops["patient_id"].to_pylist(), "label": crops["label"].to_pylist()}
+    ).drop_duplicates()
+    ann = labels.assign(
+        label=labels["label"].map({0: "benign", 1: "malignant"}),
+        age=np.arange(len(labels)) + 50,
+        sex=["M", "F"] * (len(labels) // 2),
+        soft_tissue_mass=labels["label"],
+        bone_destruction=labels["label"],
+    )
     ann.to_csv(tmp_path / "annotations.csv", index=False)
     (crops_dir / "manifest.json").write_text(json.dumps({"annotations": str(tmp_path / "annotations.csv")}))
     cfg = TrainConfig(arch="resnet18", pretrained="none", n_folds=2, max_epochs=1, augment_factor=1, batch_size=16)

@@ -18,26 +18,28 @@ import pandas as pd
 import pytest
 import torch
 
-from vfx_ray import dicom, geometry, onepass, score, scorepass, storage
-from vfx_ray.config import CropConfig, SynthConfig
+from vfx_ray import dicom, geometry, score, score_parts, storage
+from vfx_ray.annotations import read_annotations
+from vfx_ray.config import CropConfig
 from vfx_ray.model import build_model, load_model, predict_proba, save_model
+from vfx_ray.pipeline import tasks
 from vfx_ray.roi import RoiBox
-from vfx_ray.synth.cohort import generate_cohort
 
 CFG = CropConfig()
 
 
 @pytest.fixture(scope="module")
-def cohort(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("score"))
-    ann = generate_cohort(root, SynthConfig(patients=6, matrix=128, seed=11), workers=1, progress=False)
+def cohort(synth_cohort, tmp_path_factory):
+    """The shared 6-patient cohort (read only) and this module's model and unlabelled
+    annotations (in ``work``, where the tests' outputs go too)."""
+    root, work = synth_cohort(patients=6, seed=11), str(tmp_path_factory.mktemp("score"))
+    ann = read_annotations(os.path.join(root, "annotations.csv"))
     torch.manual_seed(0)
     net = build_model("resnet18", pretrained="none")
-    model_uri = os.path.join(root, "model.pt")
+    model_uri = os.path.join(work, "model.pt")
     mid = save_model(net, model_uri, "resnet18")
-    unlabelled = ann.assign(label=None)
-    unlabelled.to_csv(os.path.join(root, "unlabelled.csv"), index=False)
-    return {"root": root, "ann": ann, "model": model_uri, "model_id": mid}
+    ann.assign(label=None).to_csv(os.path.join(work, "unlabelled.csv"), index=False)
+    return {"root": root, "work": work, "ann": ann, "model": model_uri, "model_id": mid}
 
 
 def pure_slice_probabilities(cohort, pid):
@@ -58,8 +60,16 @@ def duckdb_connect():
 
 @pytest.fixture(scope="module")
 def scored(cohort, ray_session):
-    out = os.path.join(cohort["root"], "scores_unlabelled")
-    summary = score.run_score(f"{cohort['root']}/dicom", f"{cohort['root']}/unlabelled.csv", cohort["model"], out, CFG, features=True, progress=False)
+    out = os.path.join(cohort["work"], "scores_unlabelled")
+    summary = score.run_score(
+        f"{cohort['root']}/dicom",
+        f"{cohort['work']}/unlabelled.csv",
+        cohort["model"],
+        out,
+        CFG,
+        features=True,
+        progress=False,
+    )
     return out, summary
 
 
@@ -92,20 +102,25 @@ def test_duckdb_and_pandas_read_the_scores_locally(scored):
 
 def test_rerun_skips_scored_patients(cohort, scored, ray_session):
     out, _ = scored
-    summary = score.run_score(f"{cohort['root']}/dicom", f"{cohort['root']}/unlabelled.csv", cohort["model"], out, CFG, progress=False)
+    summary = score.run_score(
+        f"{cohort['root']}/dicom", f"{cohort['work']}/unlabelled.csv", cohort["model"], out, CFG, progress=False
+    )
     assert summary["scored_now"] == 0 and summary["skipped_already_scored"] == 6 and summary["rows"] == 6
 
 
 def test_labels_give_metrics_and_s3_output_reads_in_duckdb_and_pandas(cohort, ray_session, objectstore_server):
     out = f"s3://vfx/{uuid.uuid4().hex}/scores"
-    summary = score.run_score(f"{cohort['root']}/dicom", f"{cohort['root']}/annotations.csv", cohort["model"], out, CFG, progress=False)
+    summary = score.run_score(
+        f"{cohort['root']}/dicom", f"{cohort['root']}/annotations.csv", cohort["model"], out, CFG, progress=False
+    )
     m = json.loads(storage.read_text(f"{out}/metrics.json"))
     assert m["per_patient"]["confusion_matrix"] == summary["metrics"]["per_patient"]["confusion_matrix"]
     assert sum(map(sum, m["per_patient"]["confusion_matrix"])) == 6
     con = duckdb_connect()
     env = objectstore_server.env()
     con.execute(
-        "CREATE SECRET s (TYPE s3, KEY_ID ?, SECRET ?, ENDPOINT ?, URL_STYLE 'path', USE_SSL false, REGION 'us-east-1')",
+        "CREATE SECRET s (TYPE s3, KEY_ID ?, SECRET ?, ENDPOINT ?, URL_STYLE 'path', USE_SSL false, "
+        "REGION 'us-east-1')",
         [env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"], env["AWS_ENDPOINT_URL"].removeprefix("http://")],
     )
     labels = dict(con.execute(f"select patient_id, label from read_parquet('{out}/scores.parquet')").fetchall())
@@ -119,8 +134,26 @@ def test_killed_run_resumes_with_one_row_per_patient(cohort, scored, tmp_path):
     """Killed in the first pass (a chunk per patient folder here): the re-run takes the
     committed chunks instead of reading them again, and writes one row per patient."""
     out = str(tmp_path / "killed")
-    chunks = f"{out}/_parts/{scorepass.CHUNK_DIR}/*/*.parquet"
-    cmd = [sys.executable, "-m", "vfx_ray.cli", "score", "--archive", f"{cohort['root']}/dicom", "--annotations", f"{cohort['root']}/unlabelled.csv", "--model", cohort["model"], "--out", out, "--commit-every", "1", "--batch-size", "2", "--quiet"]
+    chunks = f"{out}/_parts/{score_parts.CHUNK_DIR}/*/*.parquet"
+    cmd = [
+        sys.executable,
+        "-m",
+        "vfx_ray.cli",
+        "score",
+        "--archive",
+        f"{cohort['root']}/dicom",
+        "--annotations",
+        f"{cohort['work']}/unlabelled.csv",
+        "--model",
+        cohort["model"],
+        "--out",
+        out,
+        "--commit-every",
+        "1",
+        "--batch-size",
+        "2",
+        "--quiet",
+    ]
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
@@ -139,14 +172,22 @@ def test_killed_run_resumes_with_one_row_per_patient(cohort, scored, tmp_path):
     assert sorted(df["patient_id"]) == sorted(cohort["ann"]["patient_id"])  # exactly one row each
     assert "6 patients scored (6 now, 0 already done)" in res.stdout
     assert f"read once: 6 patients, second pass: 0; {kept} of 6 chunks taken from an interrupted run" in res.stdout
-    assert not glob.glob(f"{out}/_parts/{scorepass.CHUNK_DIR}")  # the finished run leaves no chunks
-    np.testing.assert_allclose(df.sort_values("patient_id")["probability"], pd.read_parquet(f"{cohort['root']}/scores_unlabelled/scores.parquet").sort_values("patient_id")["probability"], atol=1e-6)
+    assert not glob.glob(f"{out}/_parts/{score_parts.CHUNK_DIR}")  # the finished run leaves no chunks
+    np.testing.assert_allclose(
+        df.sort_values("patient_id")["probability"],
+        pd.read_parquet(f"{cohort['work']}/scores_unlabelled/scores.parquet").sort_values("patient_id")["probability"],
+        atol=1e-6,
+    )
 
 
-def test_patients_split_across_chunks_take_the_second_pass_with_the_same_scores(cohort, scored, ray_session, tmp_path, monkeypatch):
-    monkeypatch.setattr(onepass, "CHUNK_OBJECTS", 5)  # every series is cut: none can be vouched for
+def test_patients_split_across_chunks_take_the_second_pass_with_the_same_scores(
+    cohort, scored, ray_session, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(tasks, "CHUNK_OBJECTS", 5)  # every series is cut: none can be vouched for
     out = str(tmp_path / "second")
-    summary = score.run_score(f"{cohort['root']}/dicom", f"{cohort['root']}/unlabelled.csv", cohort["model"], out, CFG, progress=False)
+    summary = score.run_score(
+        f"{cohort['root']}/dicom", f"{cohort['work']}/unlabelled.csv", cohort["model"], out, CFG, progress=False
+    )
     assert (summary["patients_read_once"], summary["patients_second_pass"], summary["errors"]) == (0, 6, 0)
     got, want = (pd.read_parquet(f"{o}/scores.parquet").set_index("patient_id").sort_index() for o in (out, scored[0]))
     assert got.index.tolist() == want.index.tolist()
@@ -154,45 +195,37 @@ def test_patients_split_across_chunks_take_the_second_pass_with_the_same_scores(
         np.testing.assert_allclose(got.loc[pid, "slice_probabilities"], want.loc[pid, "slice_probabilities"], atol=1e-6)
 
 
-def test_rerun_over_some_committed_patients_scores_the_rest_from_the_header_index(cohort, scored, ray_session, tmp_path):
+def test_rerun_over_some_committed_patients_scores_the_rest_from_the_header_index(
+    cohort, scored, ray_session, tmp_path
+):
     out = str(tmp_path / "grown")
     first = cohort["ann"].assign(label=None).head(3)  # the archive's annotations grew since
     first.to_csv(tmp_path / "first.csv", index=False)
     score.run_score(f"{cohort['root']}/dicom", str(tmp_path / "first.csv"), cohort["model"], out, CFG, progress=False)
-    summary = score.run_score(f"{cohort['root']}/dicom", f"{cohort['root']}/unlabelled.csv", cohort["model"], out, CFG, progress=False)
+    summary = score.run_score(
+        f"{cohort['root']}/dicom", f"{cohort['work']}/unlabelled.csv", cohort["model"], out, CFG, progress=False
+    )
     assert (summary["skipped_already_scored"], summary["scored_now"], summary["rows"]) == (3, 3, 6)
     assert (summary["chunks"], summary["patients_second_pass"]) == (0, 3)  # headers only, then 3 patients
     got, want = (pd.read_parquet(f"{o}/scores.parquet").set_index("patient_id").sort_index() for o in (out, scored[0]))
     np.testing.assert_allclose(got["probability"], want["probability"], atol=1e-6)
 
 
-def test_a_chunk_is_committed_only_whole_and_without_errors():
-    def row(kind, *keys):
-        meta = json.dumps([{"object_key": k} for k in keys] if kind == "headers" else {"object_key": keys[0]} if keys else {})
-        return ("P1", kind, meta, None, None)
-
-    uris = ["s3://a/1.dcm", "s3://a/2.dcm"]
-    assert scorepass._whole([row("headers", uris[1], uris[0]), row("spec"), row("crop")], uris)
-    assert not scorepass._whole([row("headers", uris[0]), row("crop")], uris)  # rows of another chunk
-    assert not scorepass._whole([row("spec"), row("crop")], uris)  # its headers row was lost
-    assert not scorepass._whole([row("headers", *uris), row("error")], uris)
-    assert not scorepass._whole([row("headers", uris[0]), row("header_error", uris[1])], uris)
-
-
 @pytest.mark.slow
-def test_fold_checkpoint_reproduces_its_out_of_fold_probabilities(tmp_path, ray_session):
+def test_fold_checkpoint_reproduces_its_out_of_fold_probabilities(synth_cohort, tmp_path, ray_session):
     """crops -> train-cv -> score with fold 0's model.pt: the fold's test slices agree to 1e-5."""
     from vfx_ray.config import TrainConfig
+    from vfx_ray.crops import run_crops
     from vfx_ray.cv import run_train_cv
-    from vfx_ray.ingest import run_crops
 
-    root = str(tmp_path)
-    generate_cohort(root, SynthConfig(patients=12, matrix=128, seed=5), workers=1, progress=False)
-    run_crops(f"{root}/dicom", f"{root}/annotations.csv", f"{root}/crops", CFG, progress=False)
+    data, root = synth_cohort(patients=12, seed=5), str(tmp_path)
+    run_crops(f"{data}/dicom", f"{data}/annotations.csv", f"{root}/crops", CFG, progress=False)
     cfg = TrainConfig(arch="resnet18", pretrained="none", max_epochs=1, n_folds=2, augment_factor=1, batch_size=16)
     run_train_cv(f"{root}/crops/crops.parquet", f"{root}/run", cfg)
     out = f"{root}/scores"
-    summary = score.run_score(f"{root}/dicom", f"{root}/annotations.csv", f"{root}/run/fold_0/model.pt", out, CFG, progress=False)
+    summary = score.run_score(
+        f"{data}/dicom", f"{data}/annotations.csv", f"{root}/run/fold_0/model.pt", out, CFG, progress=False
+    )
     assert summary["n_models"] == 1
     oof = pd.read_parquet(f"{root}/run/oof_predictions.parquet")
     fold0 = oof[oof["fold"] == 0].sort_values(["patient_id", "slice_index"])
@@ -202,5 +235,7 @@ def test_fold_checkpoint_reproduces_its_out_of_fold_probabilities(tmp_path, ray_
         assert scores.loc[pid, "slice_indices"].tolist() == part["slice_index"].tolist()
         np.testing.assert_allclose(scores.loc[pid, "slice_probabilities"], part["probability"], atol=1e-5)
     # the ensemble of both folds is a different model with its own id
-    ens = score.run_score(f"{root}/dicom", f"{root}/annotations.csv", f"{root}/run", f"{root}/scores_ens", CFG, progress=False)
+    ens = score.run_score(
+        f"{data}/dicom", f"{data}/annotations.csv", f"{root}/run", f"{root}/scores_ens", CFG, progress=False
+    )
     assert ens["n_models"] == 2 and ens["model_id"] != summary["model_id"]

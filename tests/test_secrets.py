@@ -30,7 +30,7 @@ from PIL import Image, PngImagePlugin
 
 from vfx_ray import storage
 from vfx_ray.config import SynthConfig
-from vfx_ray.ingest import run_crops
+from vfx_ray.crops import run_crops
 from vfx_ray.model import build_model, save_model
 from vfx_ray.report import render_report
 from vfx_ray.score import run_score

@@ -151,7 +151,7 @@ def add_pseudonymize(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_crops(args: argparse.Namespace) -> int:
-    from vfx_ray.ingest import run_crops
+    from vfx_ray.crops import run_crops
 
     cfg = config_mod.replace(
         config_mod.profile(args.profile).crops,
@@ -161,7 +161,9 @@ def cmd_crops(args: argparse.Namespace) -> int:
         max_file_bytes=args.max_file_bytes,
     )
     prepare_cluster(args, {"--archive": args.archive, "--annotations": args.annotations, "--out": args.out})
-    summary = run_crops(args.archive, args.annotations, args.out, cfg, progress=not args.quiet, pseudonymize=args.pseudonymize)
+    summary = run_crops(
+        args.archive, args.annotations, args.out, cfg, progress=not args.quiet, pseudonymize=args.pseudonymize
+    )
     print(
         f"{summary['crops']} crops of {summary['patients_with_crops']}/{summary['patients_planned']} "
         f"patients from {summary['series']} series in {summary['seconds']} s; "
@@ -199,16 +201,15 @@ def add_crops(sub: argparse._SubParsersAction) -> None:
 
 # ---------------------------------------------------------------- score
 def cmd_score(args: argparse.Namespace) -> int:
-    from vfx_ray.score import run_score
+    from vfx_ray.score import ScoreOptions, run_score
 
     cfg = config_mod.profile(args.profile).crops
     prepare_cluster(args, {"--archive": args.archive, "--annotations": args.annotations,
                            "--model": args.model, "--out": args.out})
-    summary = run_score(
-        args.archive, args.annotations, args.model, args.out, cfg,
-        threshold=args.threshold, features=args.features, batch_size=args.batch_size,
-        commit_every=args.commit_every, progress=not args.quiet, pseudonymize=args.pseudonymize, gpu=args.gpu,
-    )
+    options = ScoreOptions(threshold=args.threshold, features=args.features, batch_size=args.batch_size,
+                           commit_every=args.commit_every, progress=not args.quiet, pseudonymize=args.pseudonymize,
+                           gpu=args.gpu)  # fmt: skip
+    summary = run_score(args.archive, args.annotations, args.model, args.out, cfg, options)
     line = (
         f"{summary['rows']} patients scored ({summary['scored_now']} now, "
         f"{summary['skipped_already_scored']} already done) with model {summary['model_id']} "
@@ -246,7 +247,9 @@ def add_score(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--features", action="store_true", help="also write 2048-d pooled embeddings (features.parquet)")
     p.add_argument("--batch-size", type=positive_int,
                    help="crops per model call (default 1024 on GPUs, 64 on CPUs)")
-    p.add_argument("--commit-every", type=positive_int, default=25, help="patients per committed part (resume granularity)")
+    p.add_argument(
+        "--commit-every", type=positive_int, default=25, help="patients per committed part (resume granularity)"
+    )
     p.add_argument("--profile", default="paper", choices=config_mod.PROFILES)
     add_pseudonymize(p)
     add_cluster_args(p, gpu=True)

@@ -49,6 +49,27 @@ ERRORS_SCHEMA = pa.schema(
 )
 
 
+def scores_schema() -> pa.Schema:
+    """``scores.parquet``: one row per scored patient (DESIGN.md)."""
+    return pa.schema(
+        [
+            ("patient_id", pa.string()),
+            ("series_instance_uid", pa.string()),
+            ("vertebra", pa.string()),
+            ("n_slices", pa.int32()),
+            ("slice_indices", pa.list_(pa.int32())),
+            ("slice_probabilities", pa.list_(pa.float64())),
+            ("probability", pa.float64()),
+            ("prediction", pa.string()),
+            ("threshold", pa.float64()),
+            ("label", pa.string()),
+            ("model_id", pa.string()),
+            ("n_models", pa.int32()),
+            ("scored_at", pa.timestamp("us", tz="UTC")),
+        ]
+    )
+
+
 def crops_table(rows: Iterable[Mapping[str, Any]], channels: int = 3, size: int = 64) -> pa.Table:
     """Rows (dicts with an ``image`` ndarray of shape (C, S, S)) as a crops table."""
     rows = list(rows)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 from vfx_ray import config as config_mod
 from vfx_ray import objectstore, storage
@@ -23,13 +24,6 @@ def banner(text: str) -> None:
 
 def run_demo(workdir: str | Path, *, patients: int | None = None, seed: int = 0) -> dict[str, str]:
     """Run every stage on the demo profile; returns the output URIs by stage."""
-    from vfx_ray.cv import run_train_cv
-    from vfx_ray.ingest import run_crops
-    from vfx_ray.report import render_report
-    from vfx_ray.score import run_score
-    from vfx_ray.synth.cohort import generate_cohort
-    from vfx_ray.tune import run_tune
-
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     cfg = config_mod.profile("demo")
@@ -41,32 +35,11 @@ def run_demo(workdir: str | Path, *, patients: int | None = None, seed: int = 0)
     print(f"endpoint {store.endpoint}; bucket s3://{BUCKET} is the folder {workdir / 's3' / BUCKET}")
     base = f"s3://{BUCKET}/demo"
     storage.delete_tree(base)  # each demo is a whole fresh run
-    outputs = {"cohort": f"{base}/cohort", "crops": f"{base}/crops", "tune": f"{base}/tune", "run": f"{base}/run", "scores": f"{base}/scores"}
+    outputs = {stage: f"{base}/{stage}" for stage in ("cohort", "crops", "tune", "run", "scores")}
     try:
-        banner(f"synth: {synth_cfg.patients} patients -> {outputs['cohort']}")
-        ann = generate_cohort(outputs["cohort"], synth_cfg, progress=True)
-        print(f"{len(ann)} patients, {int((ann['label'] == 'malignant').sum())} malignant")
-        banner(f"crops (Ray Data): {outputs['cohort']}/dicom -> {outputs['crops']}")
-        summary = run_crops(f"{outputs['cohort']}/dicom", f"{outputs['cohort']}/annotations.csv", outputs["crops"], cfg.crops)
-        print(f"{summary['crops']} crops of {summary['patients_with_crops']} patients, {summary['errors']} error rows")
-        banner(f"tune (Ray Tune, ASHA, {cfg.tune.num_samples} trials of lr x L2) -> {outputs['tune']}")
-        searched = run_tune(f"{outputs['crops']}/crops.parquet", outputs["tune"], cfg)
-        best = searched["best_params"]
-        print(f"{searched['trials']} trials, {searched['stopped_early']} stopped early; best {best}")
-        banner(f"train-cv (Ray Train, demo profile: {cfg.train.arch}, {cfg.train.n_folds} folds, tuned lr/l2) -> {outputs['run']}")
-        result = run_train_cv(f"{outputs['crops']}/crops.parquet", outputs["run"], cfg.train, params=best)
-        for level in ("per_slice", "per_patient"):
-            m = result["pooled"][level]
-            print(f"{level}: sensitivity {m['sensitivity']}, specificity {m['specificity']}, accuracy {m['accuracy']}, AUC {m['auc']}")
-        auc = result["pooled"]["per_patient"]["auc"]
-        if auc is None or auc < MIN_DEMO_AUC:
-            raise VfxError("demo", f"the demo model did not learn (per-patient AUC {auc} < {MIN_DEMO_AUC}): "
-                           "the synthetic lesions are strong, so something upstream is broken")
-        banner(f"score (Ray Data + model actors, {cfg.train.n_folds}-fold ensemble) -> {outputs['scores']}")
-        scored = run_score(f"{outputs['cohort']}/dicom", f"{outputs['cohort']}/annotations.csv", outputs["run"], outputs["scores"], cfg.crops)
-        print(f"{scored['rows']} patients scored, {scored['errors']} error rows, model {scored['model_id']}")
-        banner(f"report -> {workdir / 'report'}")
-        report = render_report(outputs["run"], str(workdir / "report"))
+        make_data(outputs, cfg, synth_cfg)
+        train(outputs, cfg)
+        report = score_and_report(outputs, cfg, workdir)
     finally:
         store.stop()
     banner(f"done in {time.monotonic() - t0:.0f} s; outputs (S3 URI -> local folder):")
@@ -74,3 +47,52 @@ def run_demo(workdir: str | Path, *, patients: int | None = None, seed: int = 0)
         print(f"  {stage:8s} {uri}  ->  {workdir / 's3' / uri[len('s3://'):]}")
     print(f"\nreport: {report['html']}")
     return outputs
+
+
+def make_data(outputs: dict[str, str], cfg: config_mod.Config, synth_cfg: config_mod.SynthConfig) -> None:
+    """synth, then crops."""
+    from vfx_ray.crops import run_crops
+    from vfx_ray.synth.cohort import generate_cohort
+
+    banner(f"synth: {synth_cfg.patients} patients -> {outputs['cohort']}")
+    ann = generate_cohort(outputs["cohort"], synth_cfg, progress=True)
+    print(f"{len(ann)} patients, {int((ann['label'] == 'malignant').sum())} malignant")
+    banner(f"crops (Ray Data): {outputs['cohort']}/dicom -> {outputs['crops']}")
+    cohort = outputs["cohort"]
+    summary = run_crops(f"{cohort}/dicom", f"{cohort}/annotations.csv", outputs["crops"], cfg.crops)
+    print(f"{summary['crops']} crops of {summary['patients_with_crops']} patients, {summary['errors']} error rows")
+
+
+def train(outputs: dict[str, str], cfg: config_mod.Config) -> None:
+    """tune, then train-cv with the best parameters; fails when the model did not learn."""
+    from vfx_ray.cv import run_train_cv
+    from vfx_ray.tune import run_tune
+
+    banner(f"tune (Ray Tune, ASHA, {cfg.tune.num_samples} trials of lr x L2) -> {outputs['tune']}")
+    searched = run_tune(outputs["crops"], outputs["tune"], cfg)  # each stage takes the previous one's folder
+    best = searched["best_params"]
+    print(f"{searched['trials']} trials, {searched['stopped_early']} stopped early; best {best}")
+    banner(f"train-cv (Ray Train, demo profile: {cfg.train.arch}, {cfg.train.n_folds} folds, tuned lr/l2) "
+           f"-> {outputs['run']}")
+    result = run_train_cv(outputs["crops"], outputs["run"], cfg.train, params=best)
+    for level in ("per_slice", "per_patient"):
+        m = result["pooled"][level]
+        print(f"{level}: sensitivity {m['sensitivity']}, specificity {m['specificity']}, "
+              f"accuracy {m['accuracy']}, AUC {m['auc']}")
+    auc = result["pooled"]["per_patient"]["auc"]
+    if auc is None or auc < MIN_DEMO_AUC:
+        raise VfxError("demo", f"the demo model did not learn (per-patient AUC {auc} < {MIN_DEMO_AUC}): "
+                       "the synthetic lesions are strong, so something upstream is broken")
+
+
+def score_and_report(outputs: dict[str, str], cfg: config_mod.Config, workdir: Path) -> dict[str, Any]:
+    """score the archive with the fold ensemble, then the report of the train-cv run."""
+    from vfx_ray.report import render_report
+    from vfx_ray.score import run_score
+
+    banner(f"score (Ray Data + model actors, {cfg.train.n_folds}-fold ensemble) -> {outputs['scores']}")
+    cohort = outputs["cohort"]
+    scored = run_score(f"{cohort}/dicom", f"{cohort}/annotations.csv", outputs["run"], outputs["scores"], cfg.crops)
+    print(f"{scored['rows']} patients scored, {scored['errors']} error rows, model {scored['model_id']}")
+    banner(f"report -> {workdir / 'report'}")
+    return render_report(outputs["run"], str(workdir / "report"))

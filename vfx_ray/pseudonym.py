@@ -41,7 +41,12 @@ class Pseudonymizer:
 
     def __init__(self, key: str, archive_uri: str | None = None) -> None:
         if len(key) < MIN_KEY_CHARS:
-            raise VfxError("config", f"{KEY_ENV} is shorter than {MIN_KEY_CHARS} characters; use a long random secret (e.g. `openssl rand -hex 32`)", error_type="WeakPseudonymKey")
+            raise VfxError(
+                "config",
+                f"{KEY_ENV} is shorter than {MIN_KEY_CHARS} characters; use a long random secret "
+                "(e.g. `openssl rand -hex 32`)",
+                error_type="WeakPseudonymKey",
+            )
         self._key = key.encode("utf-8")
         self.archive = archive_uri.rstrip("/") if archive_uri else None
         self._patients: dict[str, str] = {}
@@ -51,7 +56,12 @@ class Pseudonymizer:
     def from_env(cls, archive_uri: str | None = None) -> Pseudonymizer:
         key = os.environ.get(KEY_ENV)
         if not key:
-            raise VfxError("config", f"--pseudonymize needs the key in the environment variable {KEY_ENV} (a long random secret; keep it: the same key gives the same pseudonyms)", error_type="MissingPseudonymKey")
+            raise VfxError(
+                "config",
+                f"--pseudonymize needs the key in the environment variable {KEY_ENV} "
+                "(a long random secret; keep it: the same key gives the same pseudonyms)",
+                error_type="MissingPseudonymKey",
+            )
         return cls(key, archive_uri)
 
     def _digest(self, kind: str, value: str) -> str:
@@ -114,6 +124,12 @@ class Pseudonymizer:
         self.know_patients([row.get("patient_id")])
         mappers = {**self._mappers(), "message": lambda m: self.scrub(m, [row.get("object_key") or ""])}
         return {k: mappers[k](v) if k in mappers else v for k, v in row.items()}
+
+    def rows(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Error rows as a job writes them: every patient they name learnt first, so that no
+        message keeps an id that another row names."""
+        self.know_patients(r.get("patient_id") for r in rows)
+        return [self.row(r) for r in rows]
 
     def table(self, table: pa.Table) -> pa.Table:
         """A table with identifier columns replaced and free-text columns emptied."""

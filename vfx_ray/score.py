@@ -1,11 +1,16 @@
-"""Batch scoring of a DICOM archive: ingestion streams into model actors, per-patient max.
+"""Batch scoring of a DICOM archive: the pipeline's crops stream into model actors.
 
-One Ray Data pipeline: decode tasks (the one-pass chunks of :mod:`scorepass`, or the
-per-patient crops of ``ingest``) feed ``map_batches`` on an actor pool that loads the
-model(s) once per actor (a GPU each when the cluster has GPUs). The driver groups slice
-probabilities per patient and commits Parquet parts (and first-pass chunks) as it goes, so
-a killed run re-run with the same ``--out`` and model redoes only what was not committed;
-the final ``scores.parquet`` holds exactly one row per patient.
+One Ray Data pipeline: the decode tasks of :mod:`vfx_ray.pipeline` (first-pass chunks, then
+second-pass patients) feed ``map_batches`` on a small actor pool that loads the model(s)
+once per actor (:mod:`scorer`; a GPU each when the cluster has GPUs). The driver takes each
+patient's slice probabilities, keeps the maximum (the paper's rule) and commits Parquet
+parts as it goes (:mod:`score_parts`), so a killed run re-run with the same ``--out`` and
+model redoes only what was not committed; ``scores.parquet`` holds one row per patient.
+
+The job in steps: :meth:`ScoreJob.score_chunks` (the first pass: index, crop and score every
+chunk; a re-run over committed patients indexes headers only), plan (:func:`passes.plan`),
+:meth:`ScoreJob.score_rest` (the patients the first pass could not vouch for) and
+:meth:`ScoreJob.write` (the final files).
 """
 
 from __future__ import annotations
@@ -13,52 +18,64 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import itertools
 import json
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm import tqdm
 
-from vfx_ray import annotations as ann_mod
-from vfx_ray import contracts, dicom, ingest, layout, metrics, pseudonym, scorepass, storage
-from vfx_ray.annotations import DEFAULT_CLASSES
+from vfx_ray import contracts, layout, metrics, pseudonym, score_parts, storage
+from vfx_ray.annotations import DEFAULT_CLASSES, PatientTask, read_annotations
 from vfx_ray.config import CropConfig
 from vfx_ray.errors import VfxError
-from vfx_ray.scorer import SLICE_WIRE, SliceScorer
+from vfx_ray.pipeline import passes, wire
+from vfx_ray.pipeline.wire import Kind
 
-PARTS = "_parts"
-DECODE_CPUS, SCORER_CPUS = 0.95, 0.05  # per decode task and per CPU scoring actor (see run_score)
+DECODE_CPUS, SCORER_CPUS = 0.95, 0.05  # per decode task and per CPU scoring actor (see ScoreJob.scoring)
 GPU_BATCH, CPU_BATCH = 1024, 64  # crops per model call: a GPU needs big batches, a CPU gains nothing
 
 
+@dataclasses.dataclass(frozen=True)
+class ScoreOptions:
+    """How to score: threshold and classes of the decision, outputs, resources."""
 
-def scores_schema() -> pa.Schema:
-    return pa.schema(
-        [
-            ("patient_id", pa.string()),
-            ("series_instance_uid", pa.string()),
-            ("vertebra", pa.string()),
-            ("n_slices", pa.int32()),
-            ("slice_indices", pa.list_(pa.int32())),
-            ("slice_probabilities", pa.list_(pa.float64())),
-            ("probability", pa.float64()),
-            ("prediction", pa.string()),
-            ("threshold", pa.float64()),
-            ("label", pa.string()),
-            ("model_id", pa.string()),
-            ("n_models", pa.int32()),
-            ("scored_at", pa.timestamp("us", tz="UTC")),
-        ]
-    )
+    threshold: float = 0.5
+    features: bool = False  # also write each slice's pooled ResNet features
+    batch_size: int | None = None  # rows per model call: GPU_BATCH on GPUs, CPU_BATCH on CPUs
+    classes: tuple[str, str] = DEFAULT_CLASSES
+    commit_every: int = 25  # patients per committed part (or a minute): at most this is redone
+    progress: bool = True
+    pseudonymize: bool = False
+    gpu: bool | None = None  # None: on GPUs when the cluster has or can get them
 
 
-# ---------------------------------------------------------------- models
+@dataclasses.dataclass(frozen=True)
+class Models:
+    """One checkpoint or a train-cv run's fold ensemble, with the id its scores carry."""
+
+    files: list[str]
+    ids: list[str]
+
+    @classmethod
+    def load(cls, model_uri: str) -> Models:
+        from vfx_ray.model import model_record
+
+        files = model_files(model_uri)
+        return cls(files, [model_record(f)["model_id"] for f in files])
+
+    @property
+    def model_id(self) -> str:
+        return ensemble_id(self.ids)
+
+    def record(self) -> dict[str, Any]:
+        return {"model_id": self.model_id, "n_models": len(self.files), "members": self.ids, "files": self.files}
+
+
 def model_files(model_uri: str) -> list[str]:
     """One checkpoint, or every ``fold_*/model.pt`` of a train-cv run (the fold ensemble)."""
     if model_uri.endswith(".pt"):
@@ -78,8 +95,18 @@ def ensemble_id(ids: list[str]) -> str:
     return hashlib.sha256(",".join(sorted(ids)).encode()).hexdigest()[:16]
 
 
-# ---------------------------------------------------------------- per patient
+def run_score(archive_uri: str, annotations_uri: str, model_uri: str, out_uri: str, cfg: CropConfig | None = None,
+              options: ScoreOptions | None = None, **overrides: Any) -> dict[str, Any]:
+    """Score every annotated patient of an archive; write scores.parquet + errors.parquet.
+
+    ``overrides``: fields of :class:`ScoreOptions` (``threshold=0.4``). Returns the summary.
+    """
+    options = dataclasses.replace(options or ScoreOptions(), **overrides)
+    return ScoreJob(archive_uri, out_uri, cfg or CropConfig(), options, Models.load(model_uri)).run(annotations_uri)
+
+
 def patient_row(pid: str, slices: list[dict], model: dict, threshold: float, classes: tuple[str, str]) -> dict:
+    """One ``scores.parquet`` row: the slices in order and their maximum (the paper's rule)."""
     slices = sorted(slices, key=lambda s: s["slice_index"])
     probs = [float(s["probability"]) for s in slices]
     p = max(probs)
@@ -101,237 +128,197 @@ def patient_row(pid: str, slices: list[dict], model: dict, threshold: float, cla
     }
 
 
-def committed(out_uri: str, model_id: str) -> pa.Table | None:
-    """Rows already committed for this model (final file and parts), one per patient."""
-    tables = []
-    final = storage.join(out_uri, layout.SCORES)
-    if storage.exists(final):
-        tables.append(storage.read_table(final))
-    parts = storage.join(out_uri, PARTS)
-    if storage.exists(parts):
-        found = storage.list_files(parts, suffix=".parquet")  # score parts, not features or chunks
-        tables += [storage.read_table(e.uri) for e in found if "/" not in e.uri.rsplit(f"/{PARTS}/", 1)[1]]
-    tables = [t.select(scores_schema().names).cast(scores_schema()) for t in tables if t.num_rows]
-    if not tables:
-        return None
-    table = pa.concat_tables(tables)
-    table = table.filter(pc.equal(table["model_id"], model_id))
-    _, first = np.unique(np.array(table["patient_id"].to_pylist(), dtype=object), return_index=True)
-    return table.take(sorted(first))
+def scored_slices(rows: pa.Table) -> list[dict[str, Any]]:
+    """A patient's scored CROP rows as slice records with their probability (and embedding)."""
+    crops = wire.of_kind(rows, (Kind.CROP,))
+    return [{**meta, "probability": p, "embedding": e} for meta, p, e in
+            zip(wire.metas(crops), crops["probability"].to_pylist(), crops["embedding"].to_pylist(), strict=True)]
 
 
-class PartWriter:
-    """Commits finished patients as numbered Parquet parts (atomic each)."""
+@dataclasses.dataclass
+class FirstPassResults:
+    """The first pass's scored slices and error rows per patient (kept for those it vouches for)."""
 
-    def __init__(self, out_uri: str, every: int = 25, seconds: float = 60.0) -> None:
-        self.dir = storage.join(out_uri, PARTS)
-        self.rows: list[dict] = []
-        self.features: list[pa.Table] = []
-        self.every, self.seconds, self.last = every, seconds, time.monotonic()
-        self.stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
-        self.n = 0
+    slices: dict[str, list[dict[str, Any]]] = dataclasses.field(default_factory=dict)
+    errors: dict[str, list[dict[str, Any]]] = dataclasses.field(default_factory=dict)
+    chunks: int = 0
+    chunks_reused: int = 0
 
-    def add(self, row: dict, features: pa.Table | None) -> None:
-        self.rows.append(row)
-        if features is not None:
-            self.features.append(features)
-        if len(self.rows) >= self.every or time.monotonic() - self.last > self.seconds:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self.rows:
-            return
-        name = f"part-{self.stamp}-{self.n:05d}"
-        if self.features:  # features first: a committed score part implies its features
-            storage.write_table(pa.concat_tables(self.features), storage.join(self.dir, "features", name + ".parquet"))
-        storage.write_table(pa.Table.from_pylist(self.rows, schema=scores_schema()), storage.join(self.dir, name + ".parquet"))
-        self.rows, self.features, self.n, self.last = [], [], self.n + 1, time.monotonic()
+    def take(self, rows: pa.Table) -> None:
+        for s in scored_slices(rows):
+            self.slices.setdefault(s["patient_id"], []).append(s)
+        for e in wire.metas(wire.of_kind(rows, (Kind.ERROR,))):
+            self.errors.setdefault(e["patient_id"], []).append(e)
 
 
-def features_table(pid: str, slices: list[dict]) -> pa.Table:
-    emb = np.stack([np.frombuffer(s["embedding"], np.float32) for s in slices])
-    return pa.table(
-        {
-            "patient_id": [pid] * len(slices),
-            "slice_index": pa.array([int(s["slice_index"]) for s in slices], pa.int32()),
-            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel()), emb.shape[1]),
-        }
-    )
+class PatientSink:
+    """Turns each finished patient's slices into its scores row and commits it in parts."""
 
+    def __init__(self, job: ScoreJob, total: int) -> None:
+        self.job, self.model, self.scored = job, job.models.record(), 0
+        self.writer = score_parts.PartWriter(job.out_uri, every=job.options.commit_every)
+        self.bar = tqdm(total=total, desc="score: patients", unit="patient", disable=not job.options.progress)
 
-def run_score(
-    archive_uri: str,
-    annotations_uri: str,
-    model_uri: str,
-    out_uri: str,
-    cfg: CropConfig | None = None,
-    *,
-    threshold: float = 0.5,
-    features: bool = False,
-    batch_size: int | None = None,
-    classes: tuple[str, str] = DEFAULT_CLASSES,
-    commit_every: int = 25,
-    progress: bool = True,
-    pseudonymize: bool = False,
-    gpu: bool | None = None,
-) -> dict[str, Any]:
-    """Score every annotated patient of an archive; write scores.parquet + errors.parquet.
-
-    A fresh ``--out`` is read in one pass (:mod:`scorepass`, resumable by chunk); a re-run
-    over committed patients indexes headers only and scores the rest. Finished patients are
-    committed every ``commit_every`` patients (or minute): that much work at most is redone.
-    ``gpu=None`` scores on GPUs when the cluster has or can get them. ``batch_size`` rows per
-    model call: default ``GPU_BATCH`` on GPUs (a big batch keeps one busy), ``CPU_BATCH`` on CPUs.
-    """
-    import ray
-
-    from vfx_ray.model import model_record
-    from vfx_ray.placement import use_gpu
-    from vfx_ray.raysession import cluster_shape, ensure_ray
-
-    cfg = cfg or CropConfig()
-    pseudo = pseudonym.maybe(pseudonymize, archive_uri)
-    files = model_files(model_uri)
-    ids = [model_record(f)["model_id"] for f in files]
-    model = {"model_id": ensemble_id(ids), "n_models": len(files), "members": ids, "files": files}
-    ensure_ray()
-    t0 = time.monotonic()
-    entries, errors = ingest.list_archive(archive_uri, cfg)
-    annotations = ann_mod.read_annotations(annotations_uri)
-    done = committed(out_uri, model["model_id"])
-    done_ids = set(done["patient_id"].to_pylist()) if done is not None else set()
-    shape = cluster_shape()
-    gpus = max(1, shape.max_gpus) if use_gpu(gpu, shape) else 0  # the most GPU actors it may use
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    batch_size = batch_size or (GPU_BATCH if gpus else CPU_BATCH)
-
-    def score_stage(ds):
-        # Decoding (CPU tasks in already-running workers) starts at once and streams into a
-        # small actor pool that scores: from 1 up to one actor per GPU the cluster can have
-        # (it starts with what it gets: no waiting for GPU nodes), or on CPU one per 8 cores
-        # (ResNet50 on 64x64 crops scores ~8x faster than a core decodes) asking for
-        # SCORER_CPUS, so that it fits beside a decode task on any node (DECODE_CPUS) and
-        # its start (torch, the models) overlaps the decoding instead of delaying it.
-        if gpus:
-            pool, resources = ray.data.ActorPoolStrategy(min_size=1, max_size=gpus), {"num_gpus": 1, "num_cpus": 1}
-        else:
-            pool, resources = ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, cpus // 8)), {"num_cpus": SCORER_CPUS}
-        return ds.map_batches(
-            SliceScorer,
-            fn_constructor_kwargs={"files": files, "cfg": cfg, "features": features, "use_gpu": gpus > 0},
-            batch_size=batch_size,
-            batch_format="pyarrow",
-            compute=pool,
-            **resources,
-        )
-
-    speculative = scorepass.Speculative()
-    if done_ids:  # most of the archive is done: ranged header reads, not whole objects
-        index, header_errors = ingest.build_index(entries, cfg)
-    else:  # pseudonymised runs keep real ids out of the output store: no chunk commits
-        cache = None if pseudo else storage.join(out_uri, PARTS, scorepass.CHUNK_DIR, scorepass.cache_key(model["model_id"], cfg, features, annotations))
-        speculative = scorepass.first_pass(entries, annotations, cfg, score_stage, SLICE_WIRE, cpus, cache, progress, DECODE_CPUS)
-        index, header_errors = dicom.group_series(speculative.first.headers), speculative.first.errors
-    tasks, plan_errors = ann_mod.plan_tasks(annotations, index)
-    errors += header_errors + plan_errors
-    read_once = speculative.first.accepted(tasks)
-    if pseudo:
-        pseudo.know_patients([t.patient_id for t in tasks] + [s.get("patient_id") for s in index])
-    shown = pseudo.patient if pseudo else (lambda pid: pid)  # the id as written out
-    todo = [t for t in tasks if shown(t.patient_id) not in done_ids]
-    second = [t for t in todo if t.patient_id not in read_once]
-    writer = PartWriter(out_uri, every=commit_every)
-    bar = tqdm(total=len(todo), desc="score: patients", unit="patient", disable=not progress)
-    scored = 0
-
-    def finish(pid: str, rows: list[dict]) -> None:
-        nonlocal scored
-        if rows:
-            row, feats = patient_row(pid, rows, model, threshold, classes), features_table(pid, rows) if features else None
+    def add(self, pid: str, slices: list[dict[str, Any]]) -> None:
+        o, pseudo = self.job.options, self.job.pseudo
+        if slices:
+            row = patient_row(pid, slices, self.model, o.threshold, o.classes)
+            feats = score_parts.features_table(pid, slices) if o.features else None
             if pseudo:
                 row, feats = pseudo.row(row), feats if feats is None else pseudo.table(feats)
-            writer.add(row, feats)
-            scored += 1
-        bar.update(1)
+            self.writer.add(row, feats)
+            self.scored += 1
+        self.bar.update(1)
 
-    try:
+    def close(self) -> None:
+        self.bar.close()
+        self.writer.flush()
+
+
+class ScoreJob:
+    """One ``score`` run; :meth:`run` reads top-down through its steps."""
+
+    def __init__(self, archive_uri: str, out_uri: str, cfg: CropConfig, options: ScoreOptions, models: Models) -> None:
+        self.archive_uri, self.out_uri, self.cfg, self.options, self.models = archive_uri, out_uri, cfg, options, models
+        self.pseudo = pseudonym.maybe(options.pseudonymize, archive_uri)
+
+    def run(self, annotations_uri: str) -> dict[str, Any]:
+        from vfx_ray.raysession import ensure_ray
+
+        ensure_ray()
+        t0 = time.monotonic()
+        self._place()
+        entries, errors = passes.list_archive(self.archive_uri, self.cfg)
+        annotations = read_annotations(annotations_uri)
+        done = score_parts.committed(self.out_uri, self.models.model_id)
+        done_ids = set(done["patient_id"].to_pylist()) if done is not None else set()
+        index, first = self.score_chunks(entries, annotations, bool(done_ids))
+        plan = passes.plan(annotations, index, self.pseudo)
+        shown = self.pseudo.patient if self.pseudo else (lambda pid: pid)  # the id as written out
+        todo = [t for t in plan.tasks if shown(t.patient_id) not in done_ids]
+        errors += plan.errors
+        sink = PatientSink(self, len(todo))
+        second = plan.second_pass(skip=lambda pid: shown(pid) in done_ids)
+        try:
+            errors += self.score_rest(todo, plan.read_once, first, second, sink)
+        except BaseException:
+            with contextlib.suppress(Exception):  # keep what is finished, if the output takes it
+                sink.writer.flush()
+            raise
+        sink.close()
+        head = {"patients_planned": len(plan.tasks), "scored_now": sink.scored, "skipped_already_scored": len(done_ids)}
+        reads = {"patients_read_once": len(plan.read_once & {t.patient_id for t in todo}),
+                 "patients_second_pass": len(second), "chunks": first.chunks, "chunks_reused": first.chunks_reused}
+        return self.write(errors, head, reads, time.monotonic() - t0)
+
+    def _place(self) -> None:
+        """Where the model runs: up to one actor per GPU the cluster can have, or CPU actors."""
+        import ray
+
+        from vfx_ray.placement import use_gpu
+        from vfx_ray.raysession import cluster_shape
+
+        shape = cluster_shape()
+        self.gpus = max(1, shape.max_gpus) if use_gpu(self.options.gpu, shape) else 0
+        self.cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        self.batch_size = self.options.batch_size or (GPU_BATCH if self.gpus else CPU_BATCH)
+
+    def scoring(self, ds: Any) -> Any:
+        """The scoring stage on a dataset of wire rows.
+
+        Decoding (CPU tasks in already-running workers) starts at once and streams into a
+        small actor pool that scores: from 1 up to one actor per GPU the cluster can have
+        (it starts with what it gets: no waiting for GPU nodes), or on CPU one per 8 cores
+        (ResNet50 on 64x64 crops scores ~8x faster than a core decodes) asking for
+        SCORER_CPUS, so that it fits beside a decode task on any node (DECODE_CPUS) and its
+        start (torch, the models) overlaps the decoding instead of delaying it.
+        """
+        import ray
+
+        from vfx_ray.scorer import SliceScorer
+
+        if self.gpus:
+            pool, resources = ray.data.ActorPoolStrategy(min_size=1, max_size=self.gpus), {"num_gpus": 1, "num_cpus": 1}
+        else:
+            pool = ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, self.cpus // 8))
+            resources = {"num_cpus": SCORER_CPUS}
+        kwargs = {
+            "files": self.models.files,
+            "cfg": self.cfg,
+            "features": self.options.features,
+            "use_gpu": self.gpus > 0,
+        }
+        return ds.map_batches(SliceScorer, fn_constructor_kwargs=kwargs, batch_size=self.batch_size,
+                              batch_format="pyarrow", compute=pool, **resources)
+
+    def score_chunks(self, entries: list[storage.FileEntry], annotations: pd.DataFrame,
+                   resumed: bool) -> tuple[passes.ArchiveIndex, FirstPassResults]:
+        """A fresh ``--out``: index, crop and score each chunk, committing finished chunks
+        (resumable by chunk). A re-run over committed patients: ranged header reads only."""
+        first = FirstPassResults()
+        if resumed:
+            return passes.index_headers(entries, self.cfg), first
+        cache = None  # pseudonymised runs keep real ids out of the output store: no chunk commits
+        if not self.pseudo:
+            key = score_parts.cache_key(self.models.model_id, self.cfg, self.options.features, annotations)
+            cache = score_parts.ChunkCache(self.out_uri, key)
+        items = passes.chunk_items(entries, self.cpus)
+        first.chunks = len(items)
+        reused = [i for i in items if cache and i["chunk"] in cache.names]
+        fresh = [i for i in items if i not in reused]
+        first.chunks_reused = len(reused)
+        uris = {i["chunk"]: i["uris"] for i in fresh}
+
+        def keep(chunk: str | None, rows: pa.Table) -> None:
+            if cache and chunk in uris:
+                cache.commit(chunk, rows, uris[chunk])
+            first.take(rows)
+
+        chunks = [(i["chunk"], cache.read(i["chunk"])) for i in reused] if cache else []
+        fresh_chunks = passes.first_pass_chunks(entries, self.cfg, annotations, self.scoring, DECODE_CPUS, fresh)
+        index = passes.first_pass(itertools.chain(chunks, fresh_chunks), entries, keep, "score: objects read",
+                                  self.options.progress)
+        return index, first
+
+    def score_rest(self, todo: list[PatientTask], read_once: set[str], first: FirstPassResults,
+                   second: list[PatientTask], sink: PatientSink) -> list[dict[str, Any]]:
+        """Every patient to do into ``sink``: first-pass results, then the second pass."""
+        errors: list[dict[str, Any]] = []
         for t in todo:
             if t.patient_id in read_once:
-                errors += speculative.errors.get(t.patient_id, [])
-                finish(t.patient_id, speculative.slices.get(t.patient_id, []))
-        if second:
-            errors += score_tasks(score_stage(ingest.crops_dataset(second, cfg, DECODE_CPUS)), second, finish)
-    except BaseException:
-        with contextlib.suppress(Exception):  # keep what is finished, if the output takes it
-            writer.flush()
-        raise
-    bar.close()
-    writer.flush()
-    if pseudo:
-        pseudo.know_patients(e.get("patient_id") for e in errors)
-        errors = [pseudo.row(e) for e in errors]
-    passes = {"patients_read_once": len(read_once & {t.patient_id for t in todo}), "patients_second_pass": len(second), "chunks": speculative.chunks, "chunks_reused": speculative.chunks_reused}
-    return finalize(out_uri, model, errors, cfg, threshold=threshold, features=features, classes=classes, archive_uri=archive_uri, planned=len(tasks), scored=scored, skipped=len(done_ids), seconds=time.monotonic() - t0, pseudonyms=pseudonym.metadata(pseudo), passes=passes)
+                errors += first.errors.get(t.patient_id, [])
+                sink.add(t.patient_id, first.slices.get(t.patient_id, []))
+        for patient in passes.second_pass(second, self.cfg, "score", self.scoring, DECODE_CPUS):
+            errors += patient.errors
+            sink.add(patient.task.patient_id, scored_slices(patient.rows) if patient.rows is not None else [])
+        return errors
 
-
-def score_tasks(ds, tasks: list[ann_mod.PatientTask], finish: Callable[[str, list[dict]], None]) -> list[dict]:
-    """Stream scored rows of whole patients (rows arrive in task order) into ``finish``;
-    returns the error rows, one per patient whose task was lost."""
-    order = [t.patient_id for t in tasks]
-    position = {pid: i for i, pid in enumerate(order)}
-    slices: dict[str, list[dict]] = {}
-    errors: list[dict] = []
-    next_open, seen = 0, set()
-    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        for pid, kind, meta, prob, emb in zip(*(batch[c].to_pylist() for c in SLICE_WIRE.names), strict=True):
-            seen.add(pid)
-            row = json.loads(meta)
-            if kind == "error":
-                errors.append(row)
-                ingest.raise_if_store_down([row])
-            else:
-                slices.setdefault(pid, []).append({**row, "probability": prob, "embedding": emb})
-            while next_open < position[pid]:  # (preserve_order): earlier patients are complete
-                finish(order[next_open], slices.pop(order[next_open], []))
-                next_open += 1
-    while next_open < len(order):
-        finish(order[next_open], slices.pop(order[next_open], []))
-        next_open += 1
-    return errors + [
-        VfxError("score", "the task scoring this patient was lost after Ray's retries", patient_id=t.patient_id, series_instance_uid=t.series_instance_uid, error_type="TaskLost").row()
-        for t in tasks if t.patient_id not in seen
-    ]
-
-
-def finalize(out_uri, model, errors, cfg, *, threshold, features, classes, archive_uri, planned, scored, skipped, seconds, pseudonyms, passes) -> dict[str, Any]:
-    table = committed(out_uri, model["model_id"])
-    table = table.sort_by("patient_id") if table is not None else pa.Table.from_pylist([], schema=scores_schema())
-    run_config = {"crops": dataclasses.asdict(cfg), "threshold": threshold, "classes": list(classes), "model": model, "archive": archive_uri, **pseudonyms}
-    meta = {"vfx_ray.config": json.dumps(run_config), "vfx_ray.model_id": model["model_id"]}
-    storage.write_table(table, storage.join(out_uri, layout.SCORES), metadata=meta)
-    if features:
-        fdir = storage.join(out_uri, PARTS, "features")
-        parts = [storage.read_table(e.uri) for e in storage.list_files(fdir, suffix=".parquet")] if storage.exists(fdir) else []
-        feats = pa.concat_tables(parts) if parts else pa.table({"patient_id": pa.array([], pa.string())})
-        storage.write_table(feats, storage.join(out_uri, layout.FEATURES), metadata={**meta, "vfx_ray.features": "pooled ResNet features of the first ensemble member"})
-    chunks = storage.join(out_uri, PARTS, scorepass.CHUNK_DIR)
-    if storage.exists(chunks):  # every patient is committed now: the first pass is not resumed
-        storage.delete_tree(chunks)
-    scored_ids = set(table["patient_id"].to_pylist())
-    errors = [e for e in errors if e.get("patient_id") not in scored_ids]  # a re-run healed them
-    storage.write_table(contracts.errors_table(errors), storage.join(out_uri, layout.ERRORS))
-    summary = {"patients_planned": planned, "scored_now": scored, "skipped_already_scored": skipped, "rows": table.num_rows, "errors": len(errors), "model_id": model["model_id"], "n_models": model["n_models"], "seconds": round(seconds, 1), **passes, **pseudonyms}
-    labelled = table.filter(pc.is_valid(table["label"]))
-    if labelled.num_rows:
-        summary["metrics"] = label_metrics(labelled, threshold, classes)
-        storage.write_text(storage.join(out_uri, layout.METRICS), json.dumps(summary["metrics"], indent=2))
-    return summary
+    def write(self, errors: list[dict[str, Any]], head: dict[str, int], reads: dict[str, int],
+              seconds: float) -> dict[str, Any]:
+        """The final files (scores, features, errors, metrics with labels) and the summary."""
+        o, model, pseudonyms = self.options, self.models.record(), pseudonym.metadata(self.pseudo)
+        errors = self.pseudo.rows(errors) if self.pseudo else errors
+        run_config = {"crops": dataclasses.asdict(self.cfg), "threshold": o.threshold, "classes": list(o.classes),
+                      "model": model, "archive": self.archive_uri, **pseudonyms}
+        meta = {"vfx_ray.config": json.dumps(run_config), "vfx_ray.model_id": model["model_id"]}
+        table = score_parts.write_final(self.out_uri, model["model_id"], meta, o.features)
+        scored_ids = set(table["patient_id"].to_pylist())
+        errors = [e for e in errors if e.get("patient_id") not in scored_ids]  # a re-run healed them
+        storage.write_table(contracts.errors_table(errors), storage.join(self.out_uri, layout.ERRORS))
+        summary = {**head, "rows": table.num_rows, "errors": len(errors), "model_id": model["model_id"],
+                   "n_models": model["n_models"], "seconds": round(seconds, 1), **reads, **pseudonyms}
+        labelled = table.filter(pc.is_valid(table["label"]))
+        if labelled.num_rows:
+            summary["metrics"] = label_metrics(labelled, o.threshold, o.classes)
+            storage.write_text(storage.join(self.out_uri, layout.METRICS), json.dumps(summary["metrics"], indent=2))
+        return summary
 
 
 def label_metrics(table: pa.Table, threshold: float, classes: tuple[str, str]) -> dict[str, Any]:
     """The paper's per-slice and per-patient metrics when the annotations carry labels."""
     rows = []
-    for pid, label, probs in zip(table["patient_id"].to_pylist(), table["label"].to_pylist(), table["slice_probabilities"].to_pylist(), strict=True):
+    for pid, label, probs in zip(table["patient_id"].to_pylist(), table["label"].to_pylist(),
+                                 table["slice_probabilities"].to_pylist(), strict=True):
         y = classes.index(label)
         rows += [{"patient_id": pid, "label": y, "probability": p} for p in probs]
     return {"threshold": threshold, **metrics.level_metrics(pd.DataFrame(rows), threshold)}

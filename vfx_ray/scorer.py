@@ -8,30 +8,7 @@ import numpy as np
 import pyarrow as pa
 
 from vfx_ray.config import CropConfig
-
-SLICE_WIRE = pa.schema(
-    [
-        ("patient_id", pa.string()),
-        ("kind", pa.string()),
-        ("meta", pa.string()),
-        ("probability", pa.float64()),
-        ("embedding", pa.binary()),
-    ]
-)
-
-
-def wire_images(column: pa.Array | pa.ChunkedArray, shape: tuple[int, ...]) -> np.ndarray:
-    """(N, *shape) float32 from a binary column of equal-sized crops: one view of its data
-    buffer, no Python object per crop (the crops of one batch lie back to back)."""
-    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    n, size = len(arr), int(np.prod(shape)) * 4
-    if n == 0:
-        return np.zeros((0, *shape), np.float32)
-    width = 8 if pa.types.is_large_binary(arr.type) else 4
-    offsets = np.frombuffer(arr.buffers()[1], f"<i{width}", count=n + 1, offset=width * arr.offset)
-    if np.any(np.diff(offsets) != size):
-        raise ValueError(f"crop rows of {sorted(set(np.diff(offsets).tolist()))} bytes, expected {size}")
-    return np.frombuffer(arr.buffers()[2], np.float32, count=n * size // 4, offset=int(offsets[0])).reshape(n, *shape)
+from vfx_ray.pipeline.wire import SCORED_WIRE, Kind, images
 
 
 class SliceScorer:
@@ -52,11 +29,11 @@ class SliceScorer:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         kinds = batch["kind"].to_numpy(zero_copy_only=False)
-        crop_rows = np.flatnonzero(kinds == "crop")
+        crop_rows = np.flatnonzero(kinds == Kind.CROP)
         prob = np.full(len(kinds), np.nan)
         emb: list[bytes | None] = [None] * len(kinds)
         if len(crop_rows):
-            x = wire_images(batch["image"].take(pa.array(crop_rows)), self.shape)
+            x = images(batch["image"].take(pa.array(crop_rows)), self.shape)
             prob[crop_rows] = self.ensemble.probabilities(x)
             if self.features:
                 for i, row in zip(crop_rows, self.ensemble.embed(x), strict=True):
@@ -69,5 +46,5 @@ class SliceScorer:
                 "probability": pa.array(prob, pa.float64(), mask=np.isnan(prob)),
                 "embedding": pa.array(emb, pa.binary()),
             },
-            schema=SLICE_WIRE,
+            schema=SCORED_WIRE,
         )

@@ -1,0 +1,123 @@
+"""The crops job: an archive and its annotations in, the paper's crops out.
+
+Writes ``crops.parquet``, ``errors.parquet``, ``series_index.parquet`` and ``manifest.json``
+(names in :mod:`layout`). The reading is :mod:`vfx_ray.pipeline`'s: a first pass reads each
+object once, indexes and crops; the patients it could not vouch for take a second pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from vfx_ray import contracts, layout, pseudonym, storage
+from vfx_ray.annotations import read_annotations
+from vfx_ray.config import CropConfig
+from vfx_ray.pipeline import passes, wire
+
+
+def run_crops(archive_uri: str, annotations_uri: str, out_uri: str, cfg: CropConfig | None = None, *,
+              progress: bool = True, pseudonymize: bool = False) -> dict[str, Any]:
+    """The crops job (see the module's docstring). ``pseudonymize``: identifiers in every
+    output replaced by keyed hashes (:mod:`pseudonym`). Returns the manifest."""
+    from vfx_ray.raysession import ensure_ray
+
+    cfg = cfg or CropConfig()
+    pseudo = pseudonym.maybe(pseudonymize, archive_uri)
+    ensure_ray()
+    t0 = time.monotonic()
+    entries, errors = passes.list_archive(archive_uri, cfg)
+    annotations = read_annotations(annotations_uri)
+    with tempfile.TemporaryDirectory(prefix="vfx-crops-") as tmp:
+        spill = os.path.join(tmp, "first_pass.parquet")  # candidates on disk: memory stays flat
+        with pq.ParquetWriter(spill, wire.CROP_WIRE) as spill_writer:
+            def keep(_chunk: str | None, rows: pa.Table) -> None:
+                spill_writer.write_table(wire.of_kind(rows, wire.RESULT_KINDS))
+
+            index = passes.first_pass(passes.first_pass_chunks(entries, cfg, annotations), entries, keep,
+                                      "crops: objects read", progress)
+        plan = passes.plan(annotations, index, pseudo)
+        storage.write_table(_hide(pseudo, series_table(plan.series)), storage.join(out_uri, layout.SERIES_INDEX))
+        second = plan.second_pass()
+        stream = tqdm(passes.second_pass(second, cfg, "crop"), total=len(second), desc="crops: patients",
+                      unit="patient", disable=not progress)
+        results = itertools.chain(read_once_results(spill, plan.read_once, cfg), second_pass_results(stream, cfg))
+        written = write_crops(results, storage.join(out_uri, layout.CROPS), cfg, archive_uri, pseudo)
+    errors += plan.errors + written.errors
+    errors = pseudo.rows(errors) if pseudo else errors
+    storage.write_table(contracts.errors_table(errors), storage.join(out_uri, layout.ERRORS))
+    summary = {
+        "archive": archive_uri,
+        "annotations": annotations_uri,
+        "patients_planned": len(plan.tasks),
+        "patients_with_crops": len(written.patients),
+        "crops": written.crops,
+        "errors": len(errors),
+        "series": len(plan.series),
+        "patients_read_once": len(plan.read_once),
+        "patients_second_pass": len(second),
+        "seconds": round(time.monotonic() - t0, 1),
+        "config": dataclasses.asdict(cfg),
+        **pseudonym.metadata(pseudo),
+    }
+    storage.write_text(storage.join(out_uri, layout.MANIFEST), json.dumps(summary, indent=2))
+    return summary
+
+
+def series_table(series: list[dict]) -> pa.Table:
+    return pa.Table.from_pylist(series) if series else pa.table({"series_instance_uid": pa.array([], pa.string())})
+
+
+def _hide(pseudo: pseudonym.Pseudonymizer | None, table: pa.Table) -> pa.Table:
+    return pseudo.table(table) if pseudo else table
+
+
+def read_once_results(spill: str, read_once: set[str], cfg: CropConfig) -> Iterator[tuple[pa.Table, list[dict]]]:
+    """The first pass's rows of the patients it vouched for, as (crops table, error rows)."""
+    keep = pa.array(sorted(read_once), pa.string())
+    for batch in pq.ParquetFile(spill).iter_batches(batch_size=512):
+        table = pa.Table.from_batches([batch])
+        yield wire.to_crops(table.filter(pc.is_in(table["patient_id"], keep)), cfg)
+
+
+def second_pass_results(stream: Iterable[passes.PatientRows], cfg: CropConfig) -> Iterator[tuple[pa.Table, list[dict]]]:
+    for patient in stream:
+        if patient.rows is None:  # its task was lost: a TaskLost error row
+            yield contracts.crops_table([], cfg.channels, cfg.crop_size), patient.errors
+        else:
+            yield wire.to_crops(patient.rows, cfg)[0], patient.errors
+
+
+@dataclasses.dataclass
+class Written:
+    crops: int = 0
+    patients: set[str] = dataclasses.field(default_factory=set)
+    errors: list[dict] = dataclasses.field(default_factory=list)
+
+
+def write_crops(results: Iterable[tuple[pa.Table, list[dict]]], uri: str, cfg: CropConfig, archive_uri: str,
+                pseudo: pseudonym.Pseudonymizer | None) -> Written:
+    """Stream crops tables into one Parquet file (atomic), its settings in the file's metadata."""
+    metadata = {"vfx_ray.crop_config": json.dumps(dataclasses.asdict(cfg)), "vfx_ray.archive": archive_uri,
+                "vfx_ray.pseudonyms": json.dumps(pseudonym.metadata(pseudo))}
+    schema = contracts.crops_schema(cfg.channels, cfg.crop_size).with_metadata(metadata)
+    written = Written()
+    with storage.atomic_output(uri) as sink, pq.ParquetWriter(sink, schema) as writer:
+        for table, errors in results:
+            written.errors += errors
+            if table.num_rows:
+                writer.write_table(_hide(pseudo, table).replace_schema_metadata(metadata))
+                written.crops += table.num_rows
+                written.patients |= set(table["patient_id"].to_pylist())
+    return written

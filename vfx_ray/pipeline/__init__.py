@@ -1,0 +1,6 @@
+"""DICOM to crops on Ray Data, shared by the ``crops`` and ``score`` jobs.
+
+Read top-down: ``wire`` (row schemas, no Ray) → ``tasks`` (what a Ray task does, pure over
+bytes) → ``datasets`` (the Ray Data datasets; the only module here that imports Ray) →
+``passes`` (driver side: list, chunk, first pass, plan, the ordered patient stream).
+"""
