@@ -48,8 +48,21 @@ def main() -> None:
             assert rows == n and errors == 0, (n, rows, errors)
             results[f"peak_rss_mb_{n}"] = round(peak / 2**20)
             results[f"patients_per_s_{n}"] = round(n / seconds, 2)
-            print(json.dumps({"patients": n, "rows": rows, "errors": errors, "seconds": round(seconds), "peak_rss_mb": round(peak / 2**20)}), flush=True)
-    results["rss_ratio_largest_vs_smallest"] = round(results[f"peak_rss_mb_{sizes[-1]}"] / results[f"peak_rss_mb_{sizes[0]}"], 2)
+            print(
+                json.dumps(
+                    {
+                        "patients": n,
+                        "rows": rows,
+                        "errors": errors,
+                        "seconds": round(seconds),
+                        "peak_rss_mb": round(peak / 2**20),
+                    }
+                ),
+                flush=True,
+            )
+    results["rss_ratio_largest_vs_smallest"] = round(
+        results[f"peak_rss_mb_{sizes[-1]}"] / results[f"peak_rss_mb_{sizes[0]}"], 2
+    )
     print(json.dumps(results), flush=True)
 
 

@@ -80,7 +80,9 @@ def local_cluster(log_dir: Path, head_cpus: int = 2, worker_cpus: list[int] | No
             env, log_dir / "head.log", head_tmp))  # fmt: skip
         deadline = time.time() + timeout
         while cluster.ray("job", "list", "--address", cluster.dashboard).returncode != 0:
-            assert time.time() < deadline and cluster.procs[0].poll() is None, (log_dir / "head.log").read_text()[-3000:]
+            assert time.time() < deadline and cluster.procs[0].poll() is None, (log_dir / "head.log").read_text()[
+                -3000:
+            ]
             time.sleep(2)
         for i, cpus in enumerate(worker_cpus or []):
             # each node of a cluster shares the head's session dir; the worker gets its own ports.
@@ -149,7 +151,9 @@ def run_job(cluster: Cluster, entry: list[str], working_dir: Path, timeout: floa
     # this process may have them set for its own Ray session (conftest): not for this cluster.
     hidden = {k: os.environ.pop(k) for k in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS") if k in os.environ}
     try:
-        client = JobSubmissionClient(cluster.dashboard, headers={"Authorization": f"Bearer {cluster.env['RAY_AUTH_TOKEN']}"})
+        client = JobSubmissionClient(
+            cluster.dashboard, headers={"Authorization": f"Bearer {cluster.env['RAY_AUTH_TOKEN']}"}
+        )
     finally:
         os.environ.update(hidden)
     job_id = until_agent_ready(lambda: client.submit_job(

@@ -10,11 +10,18 @@ import pytest
 from vfx_ray import annotations as ann
 from vfx_ray.errors import VfxError
 
-BOX = dict(roi_x_min_mm=-6.0, roi_x_max_mm=6.0, roi_y_min_mm=10.0, roi_y_max_mm=40.0, roi_z_min_mm=-20.0, roi_z_max_mm=10.0)
+BOX = dict(
+    roi_x_min_mm=-6.0, roi_x_max_mm=6.0, roi_y_min_mm=10.0, roi_y_max_mm=40.0, roi_z_min_mm=-20.0, roi_z_max_mm=10.0
+)
 
 
 def series(uid: str, pid: str, modality: str = "CT") -> dict:
-    return {"series_instance_uid": uid, "patient_id": pid, "modality": modality, "object_keys": [f"{uid}/a.dcm", f"{uid}/b.dcm"]}
+    return {
+        "series_instance_uid": uid,
+        "patient_id": pid,
+        "modality": modality,
+        "object_keys": [f"{uid}/a.dcm", f"{uid}/b.dcm"],
+    }
 
 
 INDEX = [
@@ -32,7 +39,9 @@ def frame(*rows: dict) -> pd.DataFrame:
 
 
 def test_good_rows_become_tasks_with_series_resolved():
-    tasks, errors = ann.plan_tasks(frame({"patient_id": "P1", "label": "Malignant"}, {"patient_id": "P3", "series_instance_uid": "3.2"}), INDEX)
+    tasks, errors = ann.plan_tasks(
+        frame({"patient_id": "P1", "label": "Malignant"}, {"patient_id": "P3", "series_instance_uid": "3.2"}), INDEX
+    )
     assert errors == []
     assert [(t.patient_id, t.series_instance_uid, t.label) for t in tasks] == [("P1", "1.1", 1), ("P3", "3.2", 0)]
     assert tasks[0].object_keys == ["1.1/a.dcm", "1.1/b.dcm"]
@@ -71,7 +80,11 @@ def test_duplicate_patient_rows_keep_the_first():
 
 
 def test_empty_label_is_allowed_for_scoring_and_custom_class_names():
-    tasks, errors = ann.plan_tasks(frame({"patient_id": "P1", "label": None}, {"patient_id": "P2", "label": "osteoporotic"}), INDEX, classes=("osteoporotic", "metastatic"))
+    tasks, errors = ann.plan_tasks(
+        frame({"patient_id": "P1", "label": None}, {"patient_id": "P2", "label": "osteoporotic"}),
+        INDEX,
+        classes=("osteoporotic", "metastatic"),
+    )
     assert errors == [] and [t.label for t in tasks] == [None, 0]
 
 

@@ -64,11 +64,15 @@ def test_node_types_and_resources(config):
     assert cpu[0]["resources"]["CPU"] >= 8
     for name, t in types.items():
         vcpu, gpus = INSTANCES[t["node_config"]["InstanceType"]]
-        assert t["resources"].get("CPU", vcpu) <= vcpu and t["resources"].get("GPU", 0) == (gpus if name != "head" else 0)
+        assert t["resources"].get("CPU", vcpu) <= vcpu and t["resources"].get("GPU", 0) == (
+            gpus if name != "head" else 0
+        )
         assert t["node_config"]["IamInstanceProfile"]["Name"].startswith("vfx-ray-")  # S3 via instance profiles
         assert t["node_config"]["ImageId"].startswith(("ami-", "resolve:ssm:"))
         assert t.get("min_workers", 0) <= t.get("max_workers", 0)
-    assert config["max_workers"] >= sum(t.get("max_workers", 0) for n, t in types.items() if n != config["head_node_type"])
+    assert config["max_workers"] >= sum(
+        t.get("max_workers", 0) for n, t in types.items() if n != config["head_node_type"]
+    )
 
 
 def test_one_prebuilt_image_and_nothing_installed_at_boot(config):

@@ -41,7 +41,9 @@ print("RESULT", json.dumps({"driver_sees": os.path.exists(path), "workers_see": 
 
 def _three_nodes(tmp_path: Path):
     (tmp_path / "node-local").mkdir()
-    return local_cluster(tmp_path, head_cpus=0, worker_cpus=[1, 1], driver_resource=True, node_local=tmp_path / "node-local")
+    return local_cluster(
+        tmp_path, head_cpus=0, worker_cpus=[1, 1], driver_resource=True, node_local=tmp_path / "node-local"
+    )
 
 
 def _result(job: dict) -> dict:
@@ -53,7 +55,9 @@ def _placements(cluster: Cluster) -> dict:
     """Node ids of the head, the Tune trial drivers (train-cv folds, tune trials) and the Ray
     Data tasks, from the cluster's state API."""
     def listing(kind: str) -> list[dict]:
-        res = cluster.ray("list", kind, "--address", cluster.gcs_address, "--detail", "--format", "json", "--limit", "10000")
+        res = cluster.ray(
+            "list", kind, "--address", cluster.gcs_address, "--detail", "--format", "json", "--limit", "10000"
+        )
         assert res.returncode == 0, res.stderr
         return json.loads(res.stdout)
 
@@ -72,15 +76,66 @@ def test_crops_tune_train_cv_and_score_as_jobs_on_three_nodes(objectstore_server
     train = ["--profile", "demo", "--arch", "resnet18", "--pretrained", "imagenet", "--epochs", "1",
              "--augment-factor", "1", "--pretrained-path", f"{data}/weights/resnet18-standin.pth"]
     jobs = {
-        "weights": [str(Path(PY).parent / "vfx-ray"), "weights", "put", "--arch", "resnet18", "--from", str(weights), "--to", f"{data}/weights/"],
-        "crops": [PY, "jobs/crops.py", "--archive", f"{data}/cohort/dicom", "--annotations",
-                  f"{data}/cohort/annotations.csv", "--out", f"{data}/crops", "--quiet"],
-        "tune": [PY, "jobs/tune.py", "--crops", f"{data}/crops/crops.parquet", "--out", f"{data}/tune",
-                 "--num-samples", "2", *train, "--quiet"],
-        "train-cv": [PY, "jobs/train_cv.py", "--crops", f"{data}/crops/crops.parquet", "--out", f"{data}/run",
-                     "--folds", "2", "--params", f"{data}/tune/best_params.json", *train],
-        "score": [PY, "jobs/score.py", "--archive", f"{data}/cohort/dicom", "--annotations",
-                  f"{data}/cohort/annotations.csv", "--model", f"{data}/run", "--out", f"{data}/scores", "--quiet"],
+        "weights": [
+            str(Path(PY).parent / "vfx-ray"),
+            "weights",
+            "put",
+            "--arch",
+            "resnet18",
+            "--from",
+            str(weights),
+            "--to",
+            f"{data}/weights/",
+        ],
+        "crops": [
+            PY,
+            "jobs/crops.py",
+            "--archive",
+            f"{data}/cohort/dicom",
+            "--annotations",
+            f"{data}/cohort/annotations.csv",
+            "--out",
+            f"{data}/crops",
+            "--quiet",
+        ],
+        "tune": [
+            PY,
+            "jobs/tune.py",
+            "--crops",
+            f"{data}/crops/crops.parquet",
+            "--out",
+            f"{data}/tune",
+            "--num-samples",
+            "2",
+            *train,
+            "--quiet",
+        ],
+        "train-cv": [
+            PY,
+            "jobs/train_cv.py",
+            "--crops",
+            f"{data}/crops/crops.parquet",
+            "--out",
+            f"{data}/run",
+            "--folds",
+            "2",
+            "--params",
+            f"{data}/tune/best_params.json",
+            *train,
+        ],
+        "score": [
+            PY,
+            "jobs/score.py",
+            "--archive",
+            f"{data}/cohort/dicom",
+            "--annotations",
+            f"{data}/cohort/annotations.csv",
+            "--model",
+            f"{data}/run",
+            "--out",
+            f"{data}/scores",
+            "--quiet",
+        ],
     }
     import subprocess
 

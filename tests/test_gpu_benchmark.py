@@ -16,7 +16,9 @@ BLOCKED = ("ray", "pydicom", "SimpleITK", "pandas")  # not on that machine (pand
 def test_gpu_benchmark_smoke_runs_without_ray_or_dicom_libraries(tmp_path):
     for name in BLOCKED:  # packages that shadow the real ones and fail on import, in every process
         (tmp_path / "site" / name).mkdir(parents=True)
-        (tmp_path / "site" / name / "__init__.py").write_text(f"raise ImportError('{name} is not on the GPU machine')\n")
+        (tmp_path / "site" / name / "__init__.py").write_text(
+            f"raise ImportError('{name} is not on the GPU machine')\n"
+        )
     out = tmp_path / "out"
     out.mkdir()
     env = {**os.environ, "PYTHONPATH": f"{tmp_path / 'site'}:.", "OUT": str(out)}

@@ -46,7 +46,12 @@ def test_imagenet_missing_offline_is_one_clear_line(torch_home):
     msg = str(e.value)
     assert isinstance(e.value, errors.VfxError) and isinstance(e.value, ValueError)
     assert "\n" not in msg
-    for needle in ("resnet50-0676ba61.pth", str(torch_home / "hub" / "checkpoints"), "--pretrained-path", "--pretrained none"):
+    for needle in (
+        "resnet50-0676ba61.pth",
+        str(torch_home / "hub" / "checkpoints"),
+        "--pretrained-path",
+        "--pretrained none",
+    ):
         assert needle in msg
     with pytest.raises(vmodel.PretrainedWeightsError, match="not found"):
         vmodel.build_model("resnet18", pretrained="imagenet", pretrained_path=str(torch_home / "nope.pth"))

@@ -18,7 +18,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "vfx_ray"
 def is_private(dotted: str) -> bool:
     """Whether a dotted name under ``ray`` goes through a private component."""
     parts = dotted.split(".")
-    return parts[0] == "ray" and any(p.startswith("_") and not (p.startswith("__") and p.endswith("__")) for p in parts[1:])
+    return parts[0] == "ray" and any(
+        p.startswith("_") and not (p.startswith("__") and p.endswith("__")) for p in parts[1:]
+    )
 
 
 def _bindings(tree: ast.AST) -> dict[str, str]:

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from vfx_ray import contracts, storage
+from vfx_ray import contracts, raystorage, storage
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -156,13 +156,13 @@ def test_marker_free_filesystem_only_for_custom_endpoints(monkeypatch, tmp_path)
         monkeypatch.setenv(name, "WHEN_REQUIRED")
     monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # an S3-compatible server
-    path, fs = storage.marker_free_filesystem("s3://bkt/run/ray_train")
+    path, fs = raystorage.marker_free_filesystem("s3://bkt/run/ray_train")
     assert path == "bkt/run/ray_train" and isinstance(fs, pafs.PyFileSystem)
-    assert isinstance(fs.handler, storage.NoDirMarkers)
+    assert isinstance(fs.handler, raystorage.NoDirMarkers)
     monkeypatch.delenv("AWS_ENDPOINT_URL")  # AWS S3: the URI, for Ray to open with pyarrow's own
-    assert storage.marker_free_filesystem("s3://bkt/run/ray_train") == ("s3://bkt/run/ray_train", None)
+    assert raystorage.marker_free_filesystem("s3://bkt/run/ray_train") == ("s3://bkt/run/ray_train", None)
     monkeypatch.chdir(tmp_path)
-    assert storage.marker_free_filesystem("runs/x") == (str(tmp_path / "runs" / "x"), None)
+    assert raystorage.marker_free_filesystem("runs/x") == (str(tmp_path / "runs" / "x"), None)
 
 
 def test_credentials_held_back_leave_the_environment_but_not_storage(monkeypatch):
@@ -181,7 +181,7 @@ def test_credentials_held_back_leave_the_environment_but_not_storage(monkeypatch
 def test_marker_free_filesystem_pickles_without_credentials(objectstore_server):
     import pickle
 
-    path, fs = storage.marker_free_filesystem("s3://test/pickled/run")
+    path, fs = raystorage.marker_free_filesystem("s3://test/pickled/run")
     blob = pickle.dumps(fs)  # what Ray Tune writes into tuner.pkl in the output folder
     assert objectstore_server.secret_key.encode() not in blob
     assert os.environ["AWS_ACCESS_KEY_ID"].encode() not in blob

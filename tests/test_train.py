@@ -14,7 +14,6 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
-from crops_fixture import make_crops
 
 from vfx_ray import cv, folds, storage
 from vfx_ray import model as vmodel
@@ -28,10 +27,8 @@ TINY = TrainConfig(arch="resnet18", pretrained="none", lr=1e-3, batch_size=16, m
 
 
 @pytest.fixture(scope="module")
-def crops_uri(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("crops") / "crops.parquet"
-    pq.write_table(make_crops(n_patients=24, slices=3, size=32), path)
-    return str(path)
+def crops_uri(tiny_crops) -> str:
+    return tiny_crops(n_patients=24, slices=3, size=32)
 
 
 def test_params_resolve_onto_the_config_and_gpu_workers_reserve_cpus():

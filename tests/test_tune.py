@@ -15,7 +15,6 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from crops_fixture import make_crops
 
 from vfx_ray import cv, storage
 from vfx_ray import tune as vtune
@@ -35,10 +34,8 @@ TINY = Config(
 
 
 @pytest.fixture(scope="module")
-def crops_uri(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("tune-crops") / "crops.parquet"
-    pq.write_table(make_crops(n_patients=16, slices=3, size=32), path)
-    return str(path)
+def crops_uri(tiny_crops) -> str:
+    return tiny_crops(n_patients=16, slices=3, size=32)
 
 
 def read_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
@@ -167,7 +164,9 @@ def test_resume_completes_the_search_without_redoing_finished_trials(search, cro
         assert files == [search["event_files"][t["trial_id"]]]  # ... and no second run's event file
     with pytest.raises(VfxError, match="--resume"):  # a finished search is not silently overwritten
         vtune.run_tune("unused", str(out), TINY)
-    other = Config(profile="test", train=TINY.train, tune=TuneConfig(num_samples=4, max_epochs=2, lr_range=(1e-4, 1e-2)))
+    other = Config(
+        profile="test", train=TINY.train, tune=TuneConfig(num_samples=4, max_epochs=2, lr_range=(1e-4, 1e-2))
+    )
     with pytest.raises(VfxError, match="tune.lr_range"):  # resuming with other settings is refused
         vtune.run_tune(crops_uri, str(out), other, resume=True)
 
@@ -197,7 +196,10 @@ def test_tune_as_a_ray_job_on_a_local_cluster(objectstore_server, crops_uri, tmp
         job = run_job(cluster, entry, REPO, timeout=240)
         assert job["status"] == "SUCCEEDED", f"{job['status']}\n{job['logs'][-4000:]}"
     trials = storage.read_table(storage.join(out, "trials.parquet")).to_pylist()
-    assert len(trials) == 2 and json.loads(storage.read_text(storage.join(out, "best_params.json"))).keys() == {"lr", "l2"}
+    assert len(trials) == 2 and json.loads(storage.read_text(storage.join(out, "best_params.json"))).keys() == {
+        "lr",
+        "l2",
+    }
     for t in trials:  # event files were written locally by the job and uploaded
         local = tmp_path / "tb" / t["trial_id"]
         local.mkdir(parents=True)

@@ -20,7 +20,9 @@ def _one_line_errors(monkeypatch):
     monkeypatch.delenv("VFX_RAY_DEBUG", raising=False)
 
 
-def stand_in(folder: Path, name: str | None = None, *, wrong_hash: bool = False, arch: str = "resnet18") -> tuple[Path, dict]:
+def stand_in(
+    folder: Path, name: str | None = None, *, wrong_hash: bool = False, arch: str = "resnet18"
+) -> tuple[Path, dict]:
     """A random ``arch`` state dict saved as ``name``, or as torchvision names it: arch-<sha256[:8]>.pth."""
     torch.manual_seed(7)
     state = torchvision.models.get_model(arch, weights=None).state_dict()

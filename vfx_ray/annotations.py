@@ -79,7 +79,11 @@ def parse_label(value: Any, classes: tuple[str, str] = DEFAULT_CLASSES) -> int |
     names = [c.lower() for c in classes]
     if lowered in names:
         return names.index(lowered)
-    raise VfxError("annotations", f"unknown label {text!r}; expected one of {', '.join(classes)} or empty", error_type="UnknownLabel")
+    raise VfxError(
+        "annotations",
+        f"unknown label {text!r}; expected one of {', '.join(classes)} or empty",
+        error_type="UnknownLabel",
+    )
 
 
 def parse_roi(row: pd.Series) -> tuple[float, ...] | None:
@@ -93,6 +97,9 @@ def parse_roi(row: pd.Series) -> tuple[float, ...] | None:
     return RoiBox.parse(raw).bounds
 
 
+BOOKKEEPING_COLUMNS = {*ROI_COLUMNS, "patient_id", "series_instance_uid", "label", "vertebra", "roi_mask_uri"}
+
+
 def plan_tasks(
     annotations: pd.DataFrame,
     series_index: list[dict[str, Any]],
@@ -100,58 +107,67 @@ def plan_tasks(
     require_roi: bool = True,
 ) -> tuple[list[PatientTask], list[dict[str, Any]]]:
     """Join annotations to the series index: (tasks, error rows)."""
-    by_uid = {s["series_instance_uid"]: s for s in series_index}
-    ct_by_patient: dict[str, list[dict]] = {}
-    for s in series_index:
-        localizer = "LOCALIZER" in (s.get("image_type") or "").upper()
-        if (s.get("modality") or "").upper() == CT_MODALITY and not localizer:
-            ct_by_patient.setdefault(str(s.get("patient_id")), []).append(s)
+    finder = SeriesFinder(series_index)
     tasks: list[PatientTask] = []
     errors: list[dict[str, Any]] = []
     seen: set[str] = set()
-    extra_cols = [c for c in annotations.columns if c not in {*ROI_COLUMNS, "patient_id", "series_instance_uid", "label", "vertebra", "roi_mask_uri"}]
+    extra_cols = [c for c in annotations.columns if c not in BOOKKEEPING_COLUMNS]
     for i, row in annotations.iterrows():
         pid = _text(row.get("patient_id"))
         uid = _text(row.get("series_instance_uid"))
         try:
             if pid is None:
-                raise VfxError("annotations", f"annotation row {i + 2} has no patient_id", error_type="MissingPatientId")
+                message = f"annotation row {i + 2} has no patient_id"
+                raise VfxError("annotations", message, error_type="MissingPatientId")
             if pid in seen:
-                raise VfxError("annotations", f"patient {pid} is annotated more than once; keep one row per patient", error_type="DuplicatePatient")
+                message = f"patient {pid} is annotated more than once; keep one row per patient"
+                raise VfxError("annotations", message, error_type="DuplicatePatient")
             seen.add(pid)
             label = parse_label(row.get("label"), classes)
             roi = parse_roi(row)
             mask = _text(row.get("roi_mask_uri"))
             if require_roi and roi is None and mask is None:
-                raise VfxError("annotations", "no ROI: give the six roi_*_mm columns or roi_mask_uri", error_type="BadROI")
-            if uid is not None:
-                series = by_uid.get(uid)
-                if series is None:
-                    raise VfxError("annotations", f"series {uid} is not in the archive", error_type="SeriesNotFound")
-                if str(series.get("patient_id")) != pid:
-                    raise VfxError("annotations", f"series {uid} belongs to patient {series.get('patient_id')}, not {pid}", error_type="PatientMismatch")
-            else:
-                candidates = ct_by_patient.get(pid, [])
-                if not candidates:
-                    raise VfxError("annotations", f"no CT series of patient {pid} in the archive", error_type="SeriesNotFound")
-                if len(candidates) > 1:
-                    uids = ", ".join(sorted(c["series_instance_uid"] for c in candidates))
-                    raise VfxError("annotations", f"patient {pid} has {len(candidates)} CT series ({uids}); name one in series_instance_uid", error_type="AmbiguousSeries")
-                series = candidates[0]
-            tasks.append(
-                PatientTask(
-                    patient_id=pid,
-                    series_instance_uid=series["series_instance_uid"],
-                    object_keys=list(series["object_keys"]),
-                    roi=roi,
-                    label=label,
-                    vertebra=_text(row.get("vertebra")),
-                    roi_mask_uri=mask,
-                    extra={c: row[c] for c in extra_cols},
-                )
-            )
+                message = "no ROI: give the six roi_*_mm columns or roi_mask_uri"
+                raise VfxError("annotations", message, error_type="BadROI")
+            series = finder.find(pid, uid)
+            tasks.append(PatientTask(
+                patient_id=pid, series_instance_uid=series["series_instance_uid"],
+                object_keys=list(series["object_keys"]), roi=roi, label=label, vertebra=_text(row.get("vertebra")),
+                roi_mask_uri=mask, extra={c: row[c] for c in extra_cols},
+            ))  # fmt: skip
         except VfxError as exc:
             exc.patient_id = exc.patient_id or pid
             exc.series_instance_uid = exc.series_instance_uid or uid
             errors.append(exc.row())
     return tasks, errors
+
+
+class SeriesFinder:
+    """The series an annotation row means: the one it names, or the patient's only CT series
+    (localizers left out)."""
+
+    def __init__(self, series_index: list[dict[str, Any]]) -> None:
+        self.by_uid = {s["series_instance_uid"]: s for s in series_index}
+        self.ct_by_patient: dict[str, list[dict]] = {}
+        for s in series_index:
+            localizer = "LOCALIZER" in (s.get("image_type") or "").upper()
+            if (s.get("modality") or "").upper() == CT_MODALITY and not localizer:
+                self.ct_by_patient.setdefault(str(s.get("patient_id")), []).append(s)
+
+    def find(self, pid: str, uid: str | None) -> dict[str, Any]:
+        if uid is not None:
+            series = self.by_uid.get(uid)
+            if series is None:
+                raise VfxError("annotations", f"series {uid} is not in the archive", error_type="SeriesNotFound")
+            if str(series.get("patient_id")) != pid:
+                message = f"series {uid} belongs to patient {series.get('patient_id')}, not {pid}"
+                raise VfxError("annotations", message, error_type="PatientMismatch")
+            return series
+        candidates = self.ct_by_patient.get(pid, [])
+        if not candidates:
+            raise VfxError("annotations", f"no CT series of patient {pid} in the archive", error_type="SeriesNotFound")
+        if len(candidates) > 1:
+            uids = ", ".join(sorted(c["series_instance_uid"] for c in candidates))
+            message = f"patient {pid} has {len(candidates)} CT series ({uids}); name one in series_instance_uid"
+            raise VfxError("annotations", message, error_type="AmbiguousSeries")
+        return candidates[0]

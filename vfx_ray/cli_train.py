@@ -82,7 +82,9 @@ def cmd_train_cv(args: argparse.Namespace) -> int:
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
     """Training flags shared by train-cv and tune (unset: the profile's value)."""
-    p.add_argument("--profile", default="paper", choices=config_mod.PROFILES, help="paper (default) or demo (2 CPU cores)")
+    p.add_argument(
+        "--profile", default="paper", choices=config_mod.PROFILES, help="paper (default) or demo (2 CPU cores)"
+    )
     p.add_argument("--arch", choices=["resnet18", "resnet34", "resnet50"], help="default resnet50 (paper)")
     p.add_argument("--pretrained", choices=["imagenet", "none"], help="ImageNet initialisation (paper) or none")
     p.add_argument("--pretrained-path", metavar="URI",
@@ -100,7 +102,13 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", choices=config_mod.COMPILE_MODES,
                    help="torch.compile the training forward: auto (default: on CUDA, not on CPU), off, on, "
                    "or cudagraphs (mode reduce-overhead); a failing compile falls back to eager")
-    p.add_argument("--checkpoint-every", type=positive_int, metavar="N", help="epochs between checkpoints, uploaded in the background (default 1): a restart redoes at most N epochs; the last epoch is always checkpointed, with the best weights")
+    p.add_argument(
+        "--checkpoint-every",
+        type=positive_int,
+        metavar="N",
+        help="epochs between checkpoints, uploaded in the background (default 1): a restart redoes at most "
+        "N epochs; the last epoch is always checkpointed, with the best weights",
+    )
     p.add_argument("--max-concurrent", type=positive_int,
                    help="most folds/trials at once (default: all; their pending requests drive the autoscaler)")
     add_cluster_args(p, gpu=True)

@@ -17,7 +17,11 @@ def cmd_weights_put(args: argparse.Namespace) -> int:
         result = weights.put(args.arch, args.to, args.source)
     except weights.WeightsError as exc:
         raise CliError(exc.message) from None
-    check = f"SHA-256 {result.sha256[:8]}... matches the name" if result.hash_checked else f"SHA-256 {result.sha256[:16]}..."
+    check = (
+        f"SHA-256 {result.sha256[:8]}... matches the name"
+        if result.hash_checked
+        else f"SHA-256 {result.sha256[:16]}..."
+    )
     print(
         f"copied {args.arch} weights ({result.nbytes / 1e6:.1f} MB, {check}, loads into {args.arch}) "
         f"from {result.source} to {result.dest}; pass this to train-cv and tune:",

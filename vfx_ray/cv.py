@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from vfx_ray import contracts, folds, layout, metrics, paper, placement, runrecord, storage
+from vfx_ray import contracts, folds, layout, metrics, paper, placement, raystorage, runrecord, storage
 from vfx_ray import model as vmodel
 from vfx_ray import train as vtrain
 from vfx_ray.config import TrainConfig, with_params
@@ -85,8 +85,10 @@ def run_fold(
     """Train fold k, keep its best weights, score its test patients; done.json comes last."""
     part = splits["folds"][k]
     t0 = time.time()
-    _log(f"fold {k}: training on {len(part['train'])} patients, {len(part['val'])} validation, {len(part['test'])} test")
-    ray_path, ray_fs = storage.marker_free_filesystem(storage.join(out_uri, "ray_train"))
+    _log(
+        f"fold {k}: training on {len(part['train'])} patients, {len(part['val'])} validation, {len(part['test'])} test"
+    )
+    ray_path, ray_fs = raystorage.marker_free_filesystem(storage.join(out_uri, "ray_train"))
     fit = vtrain.fit_fold(
         _subset(crops, part["train"]),
         _subset(crops, part["val"]),
@@ -123,7 +125,10 @@ def run_fold(
     storage.write_text(storage.join(d, layout.DONE), json.dumps(done, indent=2))
     if not keep_checkpoints:
         storage.delete_tree(storage.join(out_uri, "ray_train", f"fold_{k}"))
-    _log(f"fold {k}: done in {done['seconds']:.0f} s, {summary.get('epochs')} epochs, best {summary.get('best_epoch')}, model_id {mid}")
+    _log(
+        f"fold {k}: done in {done['seconds']:.0f} s, {summary.get('epochs')} epochs, "
+        f"best {summary.get('best_epoch')}, model_id {mid}"
+    )
     return done
 
 
@@ -168,9 +173,13 @@ def run_train_cv(
     patients = folds.patient_labels(crops.select(["patient_id", "label"]).to_pandas())
     record = {"train": dataclasses.asdict(cfg), "crops_uri": crops_uri, "params": params or {},
               "versions": {"ray": ray.__version__, "torch": torch.__version__}}
-    runrecord.pin(out_uri, layout.CONFIG, record, lambda r: runrecord.without_runtime(r.get("train", {})), "train", "a run")
+    runrecord.pin(
+        out_uri, layout.CONFIG, record, lambda r: runrecord.without_runtime(r.get("train", {})), "train", "a run"
+    )
     splits = load_or_make_splits(out_uri, patients, cfg)
-    pending = [k for k in range(cfg.n_folds) if not storage.exists(storage.join(layout.fold_dir(out_uri, k), layout.DONE))]
+    pending = [
+        k for k in range(cfg.n_folds) if not storage.exists(storage.join(layout.fold_dir(out_uri, k), layout.DONE))
+    ]
     if pending:
         run_folds(pending, crops, splits, cfg, out_uri, max_failures=max_failures,
                   keep_checkpoints=keep_checkpoints, max_concurrent=max_concurrent)
@@ -217,7 +226,7 @@ def run_folds(pending: list[int], crops: pa.Table, splits: dict[str, Any], cfg: 
                                  max_failures=max_failures, keep_checkpoints=keep_checkpoints),
         placement.driver_resources(shape),
     )
-    root, fs = storage.marker_free_filesystem(out_uri)
+    root, fs = raystorage.marker_free_filesystem(out_uri)
     tuner = ray.tune.Tuner(
         trainable,
         param_space={"fold": ray.tune.grid_search(pending)},
@@ -245,11 +254,16 @@ def _short(error: BaseException) -> str:
 
 def finalize(out_uri: str, cfg: TrainConfig, unlabelled: list[str] | None = None) -> dict[str, Any]:
     """oof_predictions.parquet and metrics.json from the finished folds' predictions."""
-    parts = [storage.read_table(storage.join(layout.fold_dir(out_uri, k), layout.PREDICTIONS)) for k in range(cfg.n_folds)]
+    parts = [
+        storage.read_table(storage.join(layout.fold_dir(out_uri, k), layout.PREDICTIONS)) for k in range(cfg.n_folds)
+    ]
     oof = pa.concat_tables(parts)
     storage.write_table(oof, storage.join(out_uri, layout.OOF_PREDICTIONS))
     result = metrics.summarize(oof.select(list(PREDICTION_COLUMNS)).to_pandas(), cfg.threshold)
-    done = [json.loads(storage.read_text(storage.join(layout.fold_dir(out_uri, k), layout.DONE))) for k in range(cfg.n_folds)]
+    done = [
+        json.loads(storage.read_text(storage.join(layout.fold_dir(out_uri, k), layout.DONE)))
+        for k in range(cfg.n_folds)
+    ]
     result["fold_runs"] = [
         {key: d.get(key) for key in ("fold", "model_id", "epochs", "best_epoch", "best_val_loss", "resumed_from")}
         for d in done

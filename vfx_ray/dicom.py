@@ -368,7 +368,9 @@ def _assemble(files: list[tuple[str, bytes]], parsed: list[tuple[Dataset, bool, 
         return _place(parsed, frames, cfg, uid, patient)
 
 
-def _place(parsed: list[tuple[Dataset, bool, bytes]], frames: list[_Frame], cfg: CropConfig, uid: str, patient: str) -> Volume:
+def _place(
+    parsed: list[tuple[Dataset, bool, bytes]], frames: list[_Frame], cfg: CropConfig, uid: str, patient: str
+) -> Volume:
     """Sort and check the slices, then decode every object into one HU array."""
     frames, t, step = _slice_order(frames, cfg, uid)
     axes = _axes(frames[0].orientation, uid)

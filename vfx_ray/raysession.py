@@ -99,4 +99,6 @@ def cluster_shape() -> ClusterShape:
     driver = any(n.get("Resources", {}).get(DRIVER_RESOURCE) for n in alive)
     path = Path(os.environ.get(LAUNCHER_CONFIG_ENV) or LAUNCHER_CONFIG).expanduser()
     grows, max_gpus = launcher_capacity(yaml.safe_load(path.read_text()) or {}) if path.is_file() else (False, 0)
-    return ClusterShape(nodes=len(alive), gpus=gpus, max_gpus=max(gpus, max_gpus), autoscaling=grows, driver_resource=driver)
+    return ClusterShape(
+        nodes=len(alive), gpus=gpus, max_gpus=max(gpus, max_gpus), autoscaling=grows, driver_resource=driver
+    )

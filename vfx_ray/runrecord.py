@@ -32,7 +32,9 @@ def changed(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return out
 
 
-def pin(out_uri: str, name: str, record: dict[str, Any], comparable: Callable[[dict], dict], stage: str, what: str) -> None:
+def pin(
+    out_uri: str, name: str, record: dict[str, Any], comparable: Callable[[dict], dict], stage: str, what: str
+) -> None:
     """Write ``record`` as ``out_uri/name`` the first time; later, refuse a record whose
     ``comparable`` part differs from the one written."""
     uri = storage.join(out_uri, name)
@@ -42,4 +44,6 @@ def pin(out_uri: str, name: str, record: dict[str, Any], comparable: Callable[[d
     old = comparable(json.loads(storage.read_text(uri)))
     new = comparable(json.loads(json.dumps(record)))  # same JSON round trip as the stored one
     if old != new:
-        raise VfxError(stage, f"{out_uri} holds {what} with different settings ({', '.join(changed(old, new))}); use a new --out")
+        raise VfxError(
+            stage, f"{out_uri} holds {what} with different settings ({', '.join(changed(old, new))}); use a new --out"
+        )

@@ -19,7 +19,13 @@ T = TypeVar("T")
 S3_OUTAGE_SECONDS = 60.0
 MAX_PAUSE_SECONDS = 5.0
 # how the AWS SDK (pyarrow) words "no answer from the endpoint"; botocore raises its own types
-_UNREACHABLE = ("NETWORK_CONNECTION", "Could not connect", "Connection refused", "Couldn't resolve host", "Timeout was reached")
+_UNREACHABLE = (
+    "NETWORK_CONNECTION",
+    "Could not connect",
+    "Connection refused",
+    "Couldn't resolve host",
+    "Timeout was reached",
+)
 
 
 class StoreUnavailable(ConnectionError):

@@ -159,7 +159,11 @@ def _boto3_client(endpoint: str | None, region: str, creds: tuple):
     from botocore.config import Config
 
     key, secret, token = creds
-    explicit = {"aws_access_key_id": key, "aws_secret_access_key": secret, "aws_session_token": token} if key and secret else {}
+    explicit = (
+        {"aws_access_key_id": key, "aws_secret_access_key": secret, "aws_session_token": token}
+        if key and secret
+        else {}
+    )
     retries = Config(retries={"total_max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"}, max_pool_connections=32)
     return boto3.client("s3", endpoint_url=endpoint, region_name=region, config=retries, **explicit)
 
@@ -212,7 +216,9 @@ def store_unavailable(uri: str, exc: BaseException, away: float) -> StoreUnavail
     bucket, key = split_s3(uri)
     detail = str(exc).replace(key, "<key>") if key else str(exc)
     where = s3_endpoint() or "AWS S3"
-    return StoreUnavailable(f"object store {where} unreachable: no answer for {away:.0f} s (bucket {bucket!r}); last error: {detail}")
+    return StoreUnavailable(
+        f"object store {where} unreachable: no answer for {away:.0f} s (bucket {bucket!r}); last error: {detail}"
+    )
 
 
 def s3_get(uri: str, nbytes: int | None = None) -> bytes:
@@ -326,7 +332,9 @@ def upload_error(uri: str, exc: Exception) -> Exception:
     """
     text = str(exc)
     if any(s in text for s in ("AccessDenied", "Forbidden", "(403)", "SignatureDoesNotMatch", "InvalidAccessKeyId")):
-        return PermissionError(f"{uri}: writing was refused (credentials, access denied or read-only destination): {exc}")
+        return PermissionError(
+            f"{uri}: writing was refused (credentials, access denied or read-only destination): {exc}"
+        )
     hint = " (some servers answer so to a write on a read-only destination)" if "InternalError" in text else ""
     return OSError(f"{uri}: upload failed{hint}: {exc}")
 
@@ -358,83 +366,7 @@ def read_table(uri: str) -> pa.Table:
     return _retrying(uri, lambda: pq.read_table(path, filesystem=fs))
 
 
-class NoDirMarkers(pafs.FileSystemHandler):
-    """S3 for Ray Train's checkpoint storage without directory marker objects.
-
-    S3 has no directories; pyarrow still PUTs empty ``key/`` markers on create_dir and after
-    deletes (to keep the parent "directory"), which the embedded ``rclone serve s3`` refuses
-    and then lists the prefix wrongly. Ray Train only needs the objects: ``create_dir`` does
-    nothing and deletes go through boto3 (no parent marker); the rest is passed through.
-
-    Pickled (Ray Tune keeps it in ``tuner.pkl`` in the output folder, Train ships it to its
-    workers) as "S3 of this bucket", never with the credentials pyarrow's filesystem would
-    carry: the unpickling process builds its own from its environment.
-    """
-
-    def __init__(self, fs: pafs.FileSystem, bucket: str | None = None) -> None:
-        self.fs = fs
-        self.bucket = bucket
-
-    @classmethod
-    def for_bucket(cls, bucket: str | None) -> NoDirMarkers:
-        return cls(s3_filesystem(bucket), bucket)
-
-    def __reduce__(self) -> tuple:
-        return (NoDirMarkers.for_bucket, (self.bucket,))
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, NoDirMarkers) and self.fs.equals(other.fs)
-
-    def __ne__(self, other: object) -> bool:
-        return not self == other
-
-    def get_type_name(self) -> str:
-        return "vfx-s3-no-dir-markers"
-
-    def normalize_path(self, path: str) -> str:
-        return self.fs.normalize_path(path)
-
-    def get_file_info(self, paths: list[str]) -> list[pafs.FileInfo]:
-        return self.fs.get_file_info(paths)
-
-    def get_file_info_selector(self, selector: pafs.FileSelector) -> list[pafs.FileInfo]:
-        return self.fs.get_file_info(selector)
-
-    def create_dir(self, path: str, recursive: bool) -> None:
-        return None
-
-    def delete_dir(self, path: str) -> None:
-        _s3_delete(path, prefix=True)
-
-    def delete_dir_contents(self, path: str, missing_dir_ok: bool = False) -> None:
-        _s3_delete(path, prefix=True)
-
-    def delete_root_dir_contents(self) -> None:
-        raise OSError("refusing to empty the whole S3 account")
-
-    def delete_file(self, path: str) -> None:
-        _s3_delete(path, prefix=False)
-
-    def move(self, src: str, dest: str) -> None:
-        self.fs.move(src, dest)
-
-    def copy_file(self, src: str, dest: str) -> None:
-        self.fs.copy_file(src, dest)
-
-    def open_input_stream(self, path: str) -> pa.NativeFile:
-        return self.fs.open_input_stream(path)
-
-    def open_input_file(self, path: str) -> pa.NativeFile:
-        return self.fs.open_input_file(path)
-
-    def open_output_stream(self, path: str, metadata: dict | None) -> pa.NativeFile:
-        return self.fs.open_output_stream(path, metadata=metadata)
-
-    def open_append_stream(self, path: str, metadata: dict | None) -> pa.NativeFile:
-        return self.fs.open_append_stream(path, metadata=metadata)
-
-
-def _s3_delete(path: str, prefix: bool) -> None:
+def s3_delete(path: str, prefix: bool) -> None:
     """Delete ``bucket/key`` (or every object under ``bucket/key/``) with boto3."""
     bucket, _, key = path.partition("/")
     client = boto3_client(bucket)
@@ -450,17 +382,6 @@ def _s3_delete(path: str, prefix: bool) -> None:
 def delete_tree(uri: str) -> None:
     """Remove a folder (local) or every object under a prefix (s3://), if there is one."""
     if is_s3(uri):
-        _s3_delete(filesystem(uri)[1], prefix=True)
+        s3_delete(filesystem(uri)[1], prefix=True)
     else:
         shutil.rmtree(uri, ignore_errors=True)
-
-
-def marker_free_filesystem(uri: str) -> tuple[str, pafs.FileSystem | None]:
-    """(path, filesystem) for libraries that write folders through pyarrow (Ray Train's and
-    Tune's RunConfig storage). With a custom endpoint: a path in S3 without directory markers
-    (S3-compatible servers may refuse them). On AWS S3 the URI itself and None, like a local
-    path (made absolute): the library builds its own filesystem, the bucket's region resolved."""
-    if is_s3(uri) and s3_endpoint():
-        fs, path = filesystem(uri)
-        return path, pafs.PyFileSystem(NoDirMarkers(fs, split_s3(uri)[0]))
-    return (uri if is_s3(uri) else os.path.abspath(uri)), None

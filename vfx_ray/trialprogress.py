@@ -29,7 +29,9 @@ class TrialProgress(ray.tune.Callback):
             self._bar = tqdm(total=total, desc=desc, unit="epoch", disable=not enabled, file=sys.stderr)
         return self._bar
 
-    def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any], **info: Any) -> None:
+    def on_trial_result(
+        self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any], **info: Any
+    ) -> None:
         epoch = int(result.get("epoch") or 0)
         done = self._epochs.get(trial.trial_id, 0)
         if epoch > done:

@@ -43,7 +43,7 @@ import ray.tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.logger import TBXLoggerCallback
 
-from vfx_ray import layout, placement, runrecord, storage
+from vfx_ray import layout, placement, raystorage, runrecord, storage
 from vfx_ray.config import Config, TrainConfig, TuneConfig, train_config_from_dict
 from vfx_ray.errors import VfxError
 from vfx_ray.orphans import ReleaseOrphanedWorkers
@@ -87,7 +87,7 @@ def tune_trial(config: dict[str, Any], *, train: pa.Table, val: pa.Table, base: 
 
     cfg = train_config_from_dict({**base, "lr": float(config["lr"]), "l2": float(config["l2"])})
     trial_id = ray.tune.get_context().get_trial_id()
-    path, fs = storage.marker_free_filesystem(storage.join(out_uri, "ray_train"))
+    path, fs = raystorage.marker_free_filesystem(storage.join(out_uri, "ray_train"))
     vtrain.fit_fold(train, val, cfg, fold=fold, storage_path=path, storage_filesystem=fs, name=trial_id,
                     callbacks=[TuneReportCallback()])
 
@@ -264,30 +264,19 @@ def run_tune(
     the search, so a resumed search keeps it): their pending requests drive the autoscaler.
     """
     from vfx_ray import cv, folds
-    from vfx_ray import model as vmodel
-    from vfx_ray import train as vtrain
 
     if not storage.is_s3(out_uri):
         out_uri = os.path.abspath(out_uri)  # trial actors run in their own working folders
     crops_uri = layout.crops_file(crops_uri)  # the crops job's output folder works too
-    tc = cfg.tune
-    train_cfg = dataclasses.replace(cfg.train, max_epochs=min(cfg.train.max_epochs, tc.max_epochs))  # ASHA's max_t
-    if train_cfg.pretrained == "imagenet":
-        vmodel.find_imagenet_weights(train_cfg.arch, train_cfg.pretrained_path)  # fail fast, before Ray
-    started = storage.exists(storage.join(out_uri, EXPERIMENT, "tuner.pkl"))
-    if started and not resume:
-        raise VfxError("tune", f"{out_uri} already holds a search: pass --resume to continue it, or use a new --out")
-    recorded = storage.join(out_uri, layout.SEARCH)
-    if num_samples is None and resume and storage.exists(recorded):
-        num_samples = json.loads(storage.read_text(recorded))["tune"]["num_samples"]
-    n = num_samples or tc.num_samples
-    tc = dataclasses.replace(tc, num_samples=n)
-
+    train_cfg, tc, started = _settings(out_uri, cfg, num_samples, resume)
+    n = tc.num_samples
     crops, _ = cv._read_crops(crops_uri)
     patients = folds.patient_labels(crops.select(["patient_id", "label"]).to_pandas())
     splits = cv.load_or_make_splits(out_uri, patients, train_cfg)
     train_ids, val_ids = tune_split(splits, fold)
-    runrecord.pin(out_uri, layout.SEARCH, _record(crops_uri, train_cfg, tc, fold, splits), _comparable, "tune", "a search")
+    runrecord.pin(
+        out_uri, layout.SEARCH, _record(crops_uri, train_cfg, tc, fold, splits), _comparable, "tune", "a search"
+    )
     _log(f"{n} trials on outer fold {fold}: {len(train_ids)} training and {len(val_ids)} validation "
          f"patients; its {len(splits['folds'][fold]['test'])} test patients are left out")
 
@@ -299,38 +288,72 @@ def run_tune(
                                  base=dataclasses.asdict(train_cfg), fold=fold, out_uri=out_uri),
         placement.driver_resources(shape),
     )  # fmt: skip
-    root, fs = storage.marker_free_filesystem(out_uri)
+    root, fs = raystorage.marker_free_filesystem(out_uri)
     if started:
         _log(f"resuming the search in {out_uri}")
         tuner = ray.tune.Tuner.restore(f"{root}/{EXPERIMENT}", trainable=trainable, resume_unfinished=True,
                                        resume_errored=True, storage_filesystem=fs)  # fmt: skip
     else:
         parallel = min(n, max_concurrent or n)
-        tuner = ray.tune.Tuner(
-            trainable,
-            param_space=search_space(tc),
-            tune_config=ray.tune.TuneConfig(
-                metric=METRIC, mode="min", num_samples=n,
-                search_alg=ray.tune.search.BasicVariantGenerator(  # it, not TuneConfig, limits concurrency here
-                    points_to_evaluate=_baseline(train_cfg, tc), random_state=train_cfg.seed, max_concurrent=parallel),
-                scheduler=ray.tune.schedulers.ASHAScheduler(
-                    time_attr="epoch", max_t=train_cfg.max_epochs, grace_period=min(tc.grace_period, train_cfg.max_epochs),
-                    reduction_factor=REDUCTION_FACTOR, stop_last_trials=False),
-                trial_dirname_creator=trial_dirname, reuse_actors=False,
-            ),
-            run_config=ray.tune.RunConfig(
-                name=EXPERIMENT, storage_path=root, storage_filesystem=fs, verbose=1 if is_verbose() else 0,
-                failure_config=ray.tune.FailureConfig(max_failures=1),  # a lost driver resumes its trial
-                callbacks=[TensorBoardCallback(out_uri), ReleaseFinishedTrials(out_uri),
-                           ReleaseOrphanedWorkers(vtrain.worker_resources(train_cfg)),
-                           TrialProgress("tune: epochs", n * train_cfg.max_epochs, describe_trial, progress)],
-            ),
-        )  # fmt: skip
+        tuner = _new_tuner(trainable, out_uri, train_cfg, tc, parallel, progress)
         _log(f"up to {parallel} trials at a time ({'GPU' if train_cfg.use_gpu else 'CPU'} workers, trial drivers "
-             f"{'on the head node' if shape.driver_resource else 'anywhere'}); TensorBoard: tensorboard --logdir {storage.join(out_uri, 'tensorboard')}")
+             f"{'on the head node' if shape.driver_resource else 'anywhere'}); "
+             f"TensorBoard: tensorboard --logdir {storage.join(out_uri, 'tensorboard')}")
     with storage.credentials_held_back():  # Tune would copy them into Ray's logs
         tuner.fit()
+    return _write_results(out_uri, train_cfg, n)
 
+
+def _settings(out_uri: str, cfg: Config, num_samples: int | None, resume: bool) -> tuple[TrainConfig, TuneConfig, bool]:
+    """(training settings with ASHA's max_t, search settings with the trial count, whether a
+    search was started in ``out_uri``); fails fast, before Ray, on what cannot work."""
+    from vfx_ray import model as vmodel
+
+    tc = cfg.tune
+    train_cfg = dataclasses.replace(cfg.train, max_epochs=min(cfg.train.max_epochs, tc.max_epochs))  # ASHA's max_t
+    if train_cfg.pretrained == "imagenet":
+        vmodel.find_imagenet_weights(train_cfg.arch, train_cfg.pretrained_path)
+    started = storage.exists(storage.join(out_uri, EXPERIMENT, "tuner.pkl"))
+    if started and not resume:
+        raise VfxError("tune", f"{out_uri} already holds a search: pass --resume to continue it, or use a new --out")
+    recorded = storage.join(out_uri, layout.SEARCH)
+    if num_samples is None and resume and storage.exists(recorded):
+        num_samples = json.loads(storage.read_text(recorded))["tune"]["num_samples"]
+    return train_cfg, dataclasses.replace(tc, num_samples=num_samples or tc.num_samples), started
+
+
+def _new_tuner(trainable: Any, out_uri: str, train_cfg: TrainConfig, tc: TuneConfig, parallel: int,
+               progress: bool) -> ray.tune.Tuner:
+    from vfx_ray import train as vtrain
+
+    root, fs = raystorage.marker_free_filesystem(out_uri)
+    n = tc.num_samples
+    return ray.tune.Tuner(
+        trainable,
+        param_space=search_space(tc),
+        tune_config=ray.tune.TuneConfig(
+            metric=METRIC, mode="min", num_samples=n,
+            search_alg=ray.tune.search.BasicVariantGenerator(  # it, not TuneConfig, limits concurrency here
+                points_to_evaluate=_baseline(train_cfg, tc), random_state=train_cfg.seed, max_concurrent=parallel),
+            scheduler=ray.tune.schedulers.ASHAScheduler(
+                time_attr="epoch", max_t=train_cfg.max_epochs,
+                grace_period=min(tc.grace_period, train_cfg.max_epochs),
+                reduction_factor=REDUCTION_FACTOR, stop_last_trials=False),
+            trial_dirname_creator=trial_dirname, reuse_actors=False,
+        ),
+        run_config=ray.tune.RunConfig(
+            name=EXPERIMENT, storage_path=root, storage_filesystem=fs, verbose=1 if is_verbose() else 0,
+            failure_config=ray.tune.FailureConfig(max_failures=1),  # a lost driver resumes its trial
+            callbacks=[TensorBoardCallback(out_uri), ReleaseFinishedTrials(out_uri),
+                       ReleaseOrphanedWorkers(vtrain.worker_resources(train_cfg)),
+                       TrialProgress("tune: epochs", n * train_cfg.max_epochs, describe_trial, progress)],
+        ),
+    )  # fmt: skip
+
+
+def _write_results(out_uri: str, train_cfg: TrainConfig, n: int) -> dict[str, Any]:
+    """trials.parquet and best_params.json from the finished experiment; the summary."""
+    root, fs = raystorage.marker_free_filesystem(out_uri)
     trials = ray.tune.ExperimentAnalysis(f"{root}/{EXPERIMENT}", storage_filesystem=fs).trials  # statuses
     table = trials_table(trials, train_cfg)
     storage.write_table(table, storage.join(out_uri, layout.TRIALS))

@@ -91,8 +91,13 @@ def write_example_run(root_uri: str, n_patients: int = 30, n_folds: int = 3, see
         storage.write_text(storage.join(crops_dir, layout.MANIFEST),
                            json.dumps({"annotations": ann_uri, "crops": len(oof), "example": True}, indent=2))
     cfg = TrainConfig(n_folds=n_folds)
-    storage.write_text(storage.join(run, layout.CONFIG), json.dumps(
-        {"train": dataclasses.asdict(cfg), "crops_uri": crops_uri, "params": {}, "versions": {"example": True}}, indent=2))
+    storage.write_text(
+        storage.join(run, layout.CONFIG),
+        json.dumps(
+            {"train": dataclasses.asdict(cfg), "crops_uri": crops_uri, "params": {}, "versions": {"example": True}},
+            indent=2,
+        ),
+    )
     table = pa.Table.from_pandas(oof, preserve_index=False).cast(pa.schema(
         [("patient_id", pa.string()), ("fold", pa.int32()), ("slice_index", pa.int32()),
          ("probability", pa.float64()), ("label", pa.int8())]))

@@ -87,7 +87,9 @@ def _load_train_cv(run_uri: str) -> RunData:
     threshold = float((found or {}).get("threshold", config.get("train", {}).get("threshold", 0.5)))
     slices = slices.astype({"label": int, "fold": int})
     summary = found if found is not None else metrics.summarize(slices, threshold)
-    notes = [] if found is not None else ["metrics.json is missing: metrics were computed from oof_predictions.parquet."]
+    notes = (
+        [] if found is not None else ["metrics.json is missing: metrics were computed from oof_predictions.parquet."]
+    )
     return RunData(run_uri, TRAIN_CV, slices, summary, summary.get("paper") or paper.RESULTS, threshold,
                    DEFAULT_CLASSES, config, crops_uri=config.get("crops_uri"), notes=notes)
 
@@ -109,7 +111,9 @@ def _load_scores(run_uri: str) -> RunData:
         rows += [{"patient_id": pid, "slice_index": int(i), "probability": float(p),
                   "label": classes.index(label)} for i, p in zip(idx, probs, strict=True)]
     slices = pd.DataFrame(rows, columns=["patient_id", "slice_index", "probability", "label"])
-    threshold = float(config.get("threshold", labelled["threshold"][0].as_py() if "threshold" in labelled.column_names else 0.5))
+    threshold = float(
+        config.get("threshold", labelled["threshold"][0].as_py() if "threshold" in labelled.column_names else 0.5)
+    )
     found = _json(storage.join(run_uri, layout.METRICS))
     pooled = {k: found[k] for k in ("per_slice", "per_patient")} if found else metrics.level_metrics(slices, threshold)
     notes = []

@@ -67,7 +67,9 @@ def _crops_for(run: RunData, patient_ids: list[str], notes: list[str]) -> dict[t
     try:
         found = read_crops(run.crops_uri, patient_ids)
     except (OSError, ValueError, KeyError) as exc:
-        notes.append(f"Crops are not shown: cannot read the crops dataset {run.crops_uri} ({type(exc).__name__}: {exc}).")
+        notes.append(
+            f"Crops are not shown: cannot read the crops dataset {run.crops_uri} ({type(exc).__name__}: {exc})."
+        )
         return {}
     missing = sorted({(p, int(k)) for p, k in run.slices[run.slices["patient_id"].isin(patient_ids)]
                       [["patient_id", "slice_index"]].itertuples(index=False)} - set(found))
@@ -124,13 +126,21 @@ def build_sections(run: RunData, per_outcome: int = 2) -> list[Section]:
 
 def _meta(run: RunData) -> list[tuple[str, str]]:
     patients = run.patients
-    meta = [("Run", run.uri), ("Kind", run.kind),
-            ("Generated", datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")),
-            ("Patients / slices", f"{len(patients)} ({int(patients['label'].sum())} {run.classes[1]}) / {len(run.slices)}")]
+    meta = [
+        ("Run", run.uri),
+        ("Kind", run.kind),
+        ("Generated", datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")),
+        ("Patients / slices", f"{len(patients)} ({int(patients['label'].sum())} {run.classes[1]}) / {len(run.slices)}"),
+    ]
     train = run.config.get("train") or {}
     if run.kind == TRAIN_CV and train:
-        meta.append(("Model", f"{train.get('arch')} (pretrained: {train.get('pretrained')}), {train.get('n_folds')} folds, "
-                              f"up to {train.get('max_epochs')} epochs, augmentation ×{train.get('augment_factor')}"))
+        meta.append(
+            (
+                "Model",
+                f"{train.get('arch')} (pretrained: {train.get('pretrained')}), {train.get('n_folds')} folds, "
+                f"up to {train.get('max_epochs')} epochs, augmentation ×{train.get('augment_factor')}",
+            )
+        )
     meta += [("Crops", run.crops_uri or "—"), ("Annotations", run.annotations_uri or "—")]
     return meta
 

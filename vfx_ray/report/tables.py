@@ -148,8 +148,18 @@ def cohort_table(cohort: pd.DataFrame) -> pd.DataFrame | None:
         s_m, s_b = _sex(mal["sex"]), _sex(ben["sex"])
         counts = np.array([[(s_m == "M").sum(), (s_m == "F").sum()], [(s_b == "M").sum(), (s_b == "F").sum()]])
         paper = np.array([[MALE_COUNTS[k], PAPER_N[k] - MALE_COUNTS[k]] for k in ("malignant", "benign")])
-        rows.append(_row("Gender (male/female)", f"{counts[0, 0]}/{counts[0, 1]}", f"{counts[1, 0]}/{counts[1, 1]}",
-                         chi2_p(counts), CHI2, f"{paper[0, 0]}/{paper[0, 1]}", f"{paper[1, 0]}/{paper[1, 1]}", chi2_p(paper)))
+        rows.append(
+            _row(
+                "Gender (male/female)",
+                f"{counts[0, 0]}/{counts[0, 1]}",
+                f"{counts[1, 0]}/{counts[1, 1]}",
+                chi2_p(counts),
+                CHI2,
+                f"{paper[0, 0]}/{paper[0, 1]}",
+                f"{paper[1, 0]}/{paper[1, 1]}",
+                chi2_p(paper),
+            )
+        )
     for feature in (f for f in FEATURES if f in present):
         f_m, f_b = (_flags(x[feature]).dropna() for x in (mal, ben))
         counts = np.array([[int(f_m.sum()), int(len(f_m) - f_m.sum())], [int(f_b.sum()), int(len(f_b) - f_b.sum())]])
