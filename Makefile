@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint bench clean chromium
+.PHONY: demo test test-fast lint bench clean chromium dcmtk
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,11 +19,18 @@ chromium:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else echo "chromium missing and not root: the browser test will be skipped"; fi; }
 
+# The synthetic clinical studies are checked by an independent DICOM toolkit: Debian's dcmtk.
+dcmtk:
+	@command -v dcmdump >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dcmtk >/dev/null; \
+	  else echo "dcmtk missing and not root: the dcmtk checks will be skipped"; fi; }
+
 demo: $(STAMP)
 	$(BIN)/vfx-ray demo
 
 # Everything, slow end-to-end tests included; pytest exits non-zero (5) when no test ran.
-test: $(STAMP) chromium
+test: $(STAMP) chromium dcmtk
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -v --durations=15
 

@@ -29,7 +29,8 @@ HEADER_KEYS = {
     "object_key", "size", "patient_id", "study_instance_uid", "series_instance_uid",
     "sop_instance_uid", "sop_class_uid", "modality", "transfer_syntax_uid", "rows", "columns",
     "number_of_frames", "image_orientation", "image_position", "pixel_spacing",
-    "slice_thickness", "image_type", "series_description", "has_pixel_data",
+    "slice_thickness", "image_type", "series_description", "convolution_kernel", "has_pixel_data",
+    "object_kind",
 }
 
 

@@ -23,7 +23,8 @@ from vfx_ray.config import CropConfig, SynthConfig
 from vfx_ray.crops import run_crops
 from vfx_ray.pipeline import tasks
 from vfx_ray.roi import RoiBox
-from vfx_ray.synth.cohort import patient_files, plan_cohort
+from vfx_ray.synth.cohort import plan_cohort
+from vfx_ray.synth.patient import patient_files
 
 CFG = CropConfig(max_file_bytes=4 * 1024 * 1024)
 SPECS = plan_cohort(SynthConfig(patients=3, matrix=128, seed=7))

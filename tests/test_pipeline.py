@@ -176,16 +176,19 @@ def test_plan_joins_annotations_to_the_whole_index():
     uid = headers[0]["series_instance_uid"]
     index = passes.ArchiveIndex(headers=headers)
     index.candidates[PATIENT.patient_id] = {(uid, wire.fingerprint([h["object_key"] for h in headers]))}
-    box = {f"roi_{a}_{m}_mm": [0.0 if m == "min" else 9.0] * 2 for a in "xyz" for m in ("min", "max")}
+    centre = np.reshape(dicom.extent(headers), (3, 2)).mean(axis=1)  # an ROI inside the series
+    box = {f"roi_{a}_{m}_mm": [c + (1.0 if m == "max" else -1.0)] * 2 for a, c in zip("xyz", centre, strict=True)
+           for m in ("min", "max")}
     ann = pd.DataFrame({"patient_id": [PATIENT.patient_id, "P9"], **box})
-    plan = passes.plan(ann, index, None)
+    plan = passes.plan(ann, index, CFG, None)
     assert [(t.patient_id, t.series_instance_uid, len(t.object_keys)) for t in plan.tasks] == [
         (PATIENT.patient_id, uid, 4)
     ]
     assert plan.read_once == {PATIENT.patient_id} and plan.second_pass() == []
+    assert plan.selection == {uid: "selected"}
     assert [(e["patient_id"], e["error_type"]) for e in plan.errors] == [("P9", "SeriesNotFound")]
     index.candidates[PATIENT.patient_id] = {(uid, wire.fingerprint([h["object_key"] for h in headers[:3]]))}
-    again = passes.plan(ann, index, None)  # the chunk held 3 of the 4 objects: the second pass
+    again = passes.plan(ann, index, CFG, None)  # the chunk held 3 of the 4 objects: the second pass
     assert again.read_once == set() and [t.patient_id for t in again.second_pass()] == [PATIENT.patient_id]
 
 

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
 import pydicom
 import pytest
 import torch
@@ -59,6 +60,10 @@ def test_messages_are_scrubbed_of_keys_uids_and_known_patients():
     assert p.key("s3://b/arch/P2/b.dcm") in out["message"]
     endpoint = "object store http://127.0.0.1:9000 unreachable; series 1.2.3.4.9: gone"
     assert p.scrub(endpoint) == f"object store http://127.0.0.1:9000 unreachable; series {p.uid('1.2.3.4.9')}: gone"
+    # a series without PatientID (a DICOMDIR's index row) keeps its empty id, and messages stay whole
+    table = p.table(pa.table({"patient_id": ["", None, "P2"]}))
+    assert table["patient_id"].to_pylist() == ["", None, p.patient("P2")]
+    assert p.scrub("plain words stay") == "plain words stay"
 
 
 def test_key_is_required_and_must_be_long(monkeypatch):

@@ -15,16 +15,9 @@ import SimpleITK as sitk
 from vfx_ray.config import SynthConfig
 from vfx_ray.paper import FEATURES
 from vfx_ray.synth.anatomy import AIR_HU, anatomy_hu, build_spine
-from vfx_ray.synth.cohort import (
-    COLUMNS,
-    generate_cohort,
-    make_patient,
-    patient_files,
-    patient_model,
-    plan_cohort,
-    with_features,
-)
+from vfx_ray.synth.cohort import COLUMNS, generate_cohort, plan_cohort
 from vfx_ray.synth.dicom_writer import PatientInfo, voxel_lps, write_series
+from vfx_ray.synth.patient import make_patient, patient_files, patient_model, with_features
 
 SMALL = SynthConfig(patients=16, seed=11, matrix=96, pixel_spacing_mm=(0.8, 0.9))
 ALL_ON = dict.fromkeys(FEATURES, True)

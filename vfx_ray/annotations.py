@@ -13,14 +13,14 @@ from typing import Any
 
 import pandas as pd
 
-from vfx_ray import storage
+from vfx_ray import series_select, storage
+from vfx_ray.config import DEFAULT_SERIES_RULES, SeriesRule
 from vfx_ray.errors import VfxError
 from vfx_ray.roi import ROI_COLUMNS, RoiBox
 
 REQUIRED = ["patient_id"]
 STRING_COLUMNS = ("patient_id", "series_instance_uid", "label", "vertebra", "sex")  # never parsed as numbers
 DEFAULT_CLASSES = ("benign", "malignant")  # label 0, label 1
-CT_MODALITY = "CT"
 
 
 @dataclass(frozen=True)
@@ -105,9 +105,13 @@ def plan_tasks(
     series_index: list[dict[str, Any]],
     classes: tuple[str, str] = DEFAULT_CLASSES,
     require_roi: bool = True,
+    rules: tuple[SeriesRule, ...] = DEFAULT_SERIES_RULES,
+    notes: dict[str, str] | None = None,
 ) -> tuple[list[PatientTask], list[dict[str, Any]]]:
-    """Join annotations to the series index: (tasks, error rows)."""
-    finder = SeriesFinder(series_index)
+    """Join annotations to the series index: (tasks, error rows). A row that names no series
+    gets the one ``rules`` choose (:mod:`series_select`); ``notes`` (when given) learns, for
+    each series of an annotated patient, whether it was chosen and why not."""
+    finder = SeriesFinder(series_index, rules, notes)
     tasks: list[PatientTask] = []
     errors: list[dict[str, Any]] = []
     seen: set[str] = set()
@@ -129,7 +133,7 @@ def plan_tasks(
             if require_roi and roi is None and mask is None:
                 message = "no ROI: give the six roi_*_mm columns or roi_mask_uri"
                 raise VfxError("annotations", message, error_type="BadROI")
-            series = finder.find(pid, uid)
+            series = finder.find(pid, uid, None if roi is None else RoiBox(*roi))
             tasks.append(PatientTask(
                 patient_id=pid, series_instance_uid=series["series_instance_uid"],
                 object_keys=list(series["object_keys"]), roi=roi, label=label, vertebra=_text(row.get("vertebra")),
@@ -143,18 +147,18 @@ def plan_tasks(
 
 
 class SeriesFinder:
-    """The series an annotation row means: the one it names, or the patient's only CT series
-    (localizers left out)."""
+    """The series an annotation row means: the one it names, or the one the series rules
+    choose among the patient's series."""
 
-    def __init__(self, series_index: list[dict[str, Any]]) -> None:
+    def __init__(self, series_index: list[dict[str, Any]], rules: tuple[SeriesRule, ...],
+                 notes: dict[str, str] | None = None) -> None:
         self.by_uid = {s["series_instance_uid"]: s for s in series_index}
-        self.ct_by_patient: dict[str, list[dict]] = {}
+        self.by_patient: dict[str, list[dict]] = {}
         for s in series_index:
-            localizer = "LOCALIZER" in (s.get("image_type") or "").upper()
-            if (s.get("modality") or "").upper() == CT_MODALITY and not localizer:
-                self.ct_by_patient.setdefault(str(s.get("patient_id")), []).append(s)
+            self.by_patient.setdefault(str(s.get("patient_id")), []).append(s)
+        self.rules, self.notes = rules, notes if notes is not None else {}
 
-    def find(self, pid: str, uid: str | None) -> dict[str, Any]:
+    def find(self, pid: str, uid: str | None, roi: RoiBox | None) -> dict[str, Any]:
         if uid is not None:
             series = self.by_uid.get(uid)
             if series is None:
@@ -162,12 +166,13 @@ class SeriesFinder:
             if str(series.get("patient_id")) != pid:
                 message = f"series {uid} belongs to patient {series.get('patient_id')}, not {pid}"
                 raise VfxError("annotations", message, error_type="PatientMismatch")
+            self.notes[uid] = series_select.NAMED
             return series
-        candidates = self.ct_by_patient.get(pid, [])
+        candidates = self.by_patient.get(pid, [])
         if not candidates:
             raise VfxError("annotations", f"no CT series of patient {pid} in the archive", error_type="SeriesNotFound")
-        if len(candidates) > 1:
-            uids = ", ".join(sorted(c["series_instance_uid"] for c in candidates))
-            message = f"patient {pid} has {len(candidates)} CT series ({uids}); name one in series_instance_uid"
-            raise VfxError("annotations", message, error_type="AmbiguousSeries")
-        return candidates[0]
+        chosen = series_select.select(candidates, self.rules, roi, pid)
+        self.notes.update(chosen.notes)
+        if chosen.error is not None:
+            raise chosen.error
+        return chosen.series

@@ -7,6 +7,7 @@ Wrong input ends with one line on stderr and exit status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -17,6 +18,7 @@ from vfx_ray.cli_common import (
     CliError,
     add_cluster_args,
     metrics_line,
+    positive_float,
     positive_int,
     prepare_cluster,
 )
@@ -75,16 +77,23 @@ def cmd_synth(args: argparse.Namespace) -> int:
     from vfx_ray.synth.cohort import generate_cohort
 
     base = config_mod.profile(args.profile).synth
+    if args.clinical:
+        base = config_mod.clinical_synth(patients=base.patients)
     cfg = config_mod.replace(
         base,
         patients=args.patients or base.patients,
         seed=args.seed,
         matrix=args.matrix or base.matrix,
         transfer_syntax=args.transfer_syntax,
-        enhanced=args.enhanced,
+        enhanced=args.enhanced or None,
         patient_position=args.patient_position,
         oblique_deg=args.oblique_deg,
+        slice_thickness_mm=args.slice_thickness_mm,
+        slice_spacing_mm=args.slice_spacing_mm,
+        dicomdir=args.dicomdir or None,
     )
+    if cfg.dicomdir and cfg.study != "clinical":
+        raise CliError("--dicomdir writes a clinical study as DICOM media: add --clinical")
     ann = generate_cohort(args.out, cfg, workers=args.workers, progress=not args.quiet)
     counts = ann["label"].value_counts().to_dict()
     print(
@@ -118,6 +127,17 @@ def add_synth(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--enhanced", action="store_true", help="one multi-frame Enhanced CT file per series")
     p.add_argument("--patient-position", default="HFS", choices=["HFS", "FFS", "mixed"])
     p.add_argument("--oblique-deg", type=float, default=0.0, help="gantry tilt about the x axis")
+    p.add_argument(
+        "--clinical", action="store_true",
+        help="a hospital's spine CT export: 512x512 with a circular field of view, 1.25 mm slices over T1-S1, "
+        "and per patient a localizer, bone and soft-kernel axial series, sagittal and coronal reformats, a dose "
+        "report and a secondary capture; annotations name the bone series (docs/series.md)",
+    )
+    p.add_argument("--dicomdir", action="store_true", help="with --clinical: each study as DICOM media (DICOMDIR)")
+    p.add_argument("--slice-thickness-mm", type=positive_float,
+                   help="axial slice thickness (default 3; clinical 1.25)")
+    p.add_argument("--slice-spacing-mm", type=positive_float,
+                   help="distance between axial slices (default: the thickness; smaller: overlapping slices)")
     p.add_argument("--workers", type=positive_int, help="processes (default: all cores)")
     p.add_argument("--profile", default="paper", choices=config_mod.PROFILES)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -150,6 +170,25 @@ def add_pseudonymize(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_series_rules(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--series-rules", metavar="FILE",
+        help="JSON or YAML list of rules that choose a study's series when the annotations name none "
+        "(each: name, field, one of match/range/nearest, optional negate/required; see docs/series.md). "
+        "Default: CT, with pixels, not a localizer, ROI inside; then ORIGINAL\\PRIMARY, axial, a bone "
+        "kernel, slices nearest 3 mm",
+    )
+
+
+def with_series_rules(cfg: config_mod.CropConfig, args: argparse.Namespace) -> config_mod.CropConfig:
+    """The crop settings with the rules file's series rules, read before any work starts."""
+    if not args.series_rules:
+        return cfg
+    from vfx_ray.series_select import load_rules
+
+    return dataclasses.replace(cfg, series_rules=load_rules(args.series_rules))
+
+
 def cmd_crops(args: argparse.Namespace) -> int:
     from vfx_ray.crops import run_crops
 
@@ -160,6 +199,7 @@ def cmd_crops(args: argparse.Namespace) -> int:
         max_slices=args.max_slices,
         max_file_bytes=args.max_file_bytes,
     )
+    cfg = with_series_rules(cfg, args)
     prepare_cluster(args, {"--archive": args.archive, "--annotations": args.annotations, "--out": args.out})
     summary = run_crops(
         args.archive, args.annotations, args.out, cfg, progress=not args.quiet, pseudonymize=args.pseudonymize
@@ -193,6 +233,7 @@ def add_crops(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--thickness-mm", type=float, help="sagittal slab thickness (default 3)")
     p.add_argument("--max-slices", type=positive_int, help="most sagittal slices per patient (default 5)")
     p.add_argument("--max-file-bytes", type=positive_int, help="objects above this are refused")
+    add_series_rules(p)
     add_pseudonymize(p)
     add_cluster_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -203,7 +244,7 @@ def add_crops(sub: argparse._SubParsersAction) -> None:
 def cmd_score(args: argparse.Namespace) -> int:
     from vfx_ray.score import ScoreOptions, run_score
 
-    cfg = config_mod.profile(args.profile).crops
+    cfg = with_series_rules(config_mod.profile(args.profile).crops, args)
     prepare_cluster(args, {"--archive": args.archive, "--annotations": args.annotations,
                            "--model": args.model, "--out": args.out})
     options = ScoreOptions(threshold=args.threshold, features=args.features, batch_size=args.batch_size,
@@ -251,6 +292,7 @@ def add_score(sub: argparse._SubParsersAction) -> None:
         "--commit-every", type=positive_int, default=25, help="patients per committed part (resume granularity)"
     )
     p.add_argument("--profile", default="paper", choices=config_mod.PROFILES)
+    add_series_rules(p)
     add_pseudonymize(p)
     add_cluster_args(p, gpu=True)
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -21,6 +21,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
+    return value
+
+
 def metrics_line(m: dict) -> str:
     def f(key: str, digits: int = 2) -> str:
         return "n/a" if m.get(key) is None else f"{m[key]:.{digits}f}"

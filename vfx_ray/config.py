@@ -32,13 +32,68 @@ class SynthConfig:
     enhanced: bool = False
     patient_position: str = "HFS"  # HFS | FFS | mixed
     oblique_deg: float = 0.0
+    coverage: str = "segment"  # segment: 4-8 vertebrae of T9-S1 | thoracolumbar: T1-S1 (~450 mm)
+    slice_spacing_mm: float | None = None  # None: the thickness; smaller: overlapping reconstructions
+    fov_mask: bool = False  # a circular field of view, PixelPaddingValue outside it
+    study: str = "single"  # single: one axial series | clinical: the series of a spine CT study
+    dicomdir: bool = False  # each clinical study as DICOM media: DICOMDIR + PT*/ST*/SE*/IM* files
+
+
+def clinical_synth(**changes: Any) -> SynthConfig:
+    """A hospital's spine CT export: 512x512 with a circular field of view, 1.25 mm slices over
+    T1-S1, and a study of localizer, bone and soft-kernel axial series, sagittal and coronal
+    reformats, a dose report and a secondary capture (``vfx-ray synth --clinical``)."""
+    base = SynthConfig(matrix=512, pixel_spacing_mm=(0.7, 0.98), slice_thickness_mm=1.25,
+                       coverage="thoracolumbar", fov_mask=True, study="clinical")
+    return dataclasses.replace(base, **changes)
+
+
+@dataclass(frozen=True)
+class SeriesRule:
+    """One test of a series-index field, for choosing the series of a study (in the manner of
+    MONAI Deploy's series selector). A ``required`` rule drops the series that fail it; any
+    other rule is a preference: it drops them only if some series pass it. ``name`` says why
+    a series lost, in the series index.
+
+    The test: ``match``, a regular expression searched (case-insensitively) in the field's
+    text, the empty string for a missing field (``negate``: the rule holds when it is not
+    found); or ``range``, inclusive bounds of a number; or ``nearest``, keep the series whose
+    number is nearest it. Fields: those of ``series_index.parquet``, and ``roi_inside``
+    (``yes``, ``no``, or ``unknown`` when the series' extent is not known from its headers).
+    """
+
+    name: str
+    field: str
+    match: str | None = None
+    negate: bool = False
+    range: tuple[float, float] | None = None
+    nearest: float | None = None
+    required: bool = False
+
+
+# A bone or sharp reconstruction kernel: GE BONE/BONEPLUS/SHARP, Siemens B/Br/H/Hr 60-99 and
+# I/J 70s-80s, Philips D/E/YB/YC/L, Canon FC30s/FC80s.
+BONE_KERNELS = r"bone|sharp|(^|\\)(b|br|h|hr|i|j)[6-9][0-9]|^(d|e|yb|yc|l)$|^fc[38][0-9]"
+
+DEFAULT_SERIES_RULES: tuple[SeriesRule, ...] = (
+    SeriesRule("not CT", "modality", match=r"^CT$", required=True),
+    SeriesRule("not every object holds pixel data", "all_have_pixel_data", match=r"^False$", negate=True,
+               required=True),
+    SeriesRule("a localizer", "image_type", match=r"LOCALIZER", negate=True, required=True),
+    SeriesRule("the ROI lies outside the series", "roi_inside", match=r"^no$", negate=True, required=True),
+    SeriesRule("derived or secondary (an ORIGINAL\\PRIMARY series is preferred)", "image_type",
+               match=r"^ORIGINAL\\PRIMARY"),
+    SeriesRule("not axial (an axial series is preferred)", "plane", match=r"^axial$"),
+    SeriesRule("a soft kernel (a bone or sharp one is preferred)", "convolution_kernel", match=BONE_KERNELS),
+    SeriesRule("slices farther from the 3 mm of the paper", "slice_thickness", nearest=paper.SLICE_THICKNESS_MM),
+)
 
 
 @dataclass(frozen=True)
 class CropConfig:
     """The paper's preprocessing: sagittal 3 mm, 3 channels, smallest square ROI, 64x64, z-score."""
 
-    sagittal_thickness_mm: float = 3.0
+    sagittal_thickness_mm: float = paper.SLICE_THICKNESS_MM
     crop_size: int = 64
     channels: int = 3  # the slice and its two neighbours
     min_slices: int = 1
@@ -46,6 +101,7 @@ class CropConfig:
     inplane_spacing_mm: float = 0.5  # sagittal reformat grid (y, z)
     max_file_bytes: int = 64 * 1024 * 1024
     max_gap_factor: float = 1.5  # larger gaps between slices are an error
+    series_rules: tuple[SeriesRule, ...] = DEFAULT_SERIES_RULES  # the series of a study, when none is named
 
 
 @dataclass(frozen=True)

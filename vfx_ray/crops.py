@@ -47,8 +47,8 @@ def run_crops(archive_uri: str, annotations_uri: str, out_uri: str, cfg: CropCon
 
             index = passes.first_pass(passes.first_pass_chunks(entries, cfg, annotations), entries, keep,
                                       "crops: objects read", progress)
-        plan = passes.plan(annotations, index, pseudo)
-        storage.write_table(_hide(pseudo, series_table(plan.series)), storage.join(out_uri, layout.SERIES_INDEX))
+        plan = passes.plan(annotations, index, cfg, pseudo)
+        storage.write_table(_hide(pseudo, series_table(plan)), storage.join(out_uri, layout.SERIES_INDEX))
         second = plan.second_pass()
         stream = tqdm(passes.second_pass(second, cfg, "crop"), total=len(second), desc="crops: patients",
                       unit="patient", disable=not progress)
@@ -75,8 +75,18 @@ def run_crops(archive_uri: str, annotations_uri: str, out_uri: str, cfg: CropCon
     return summary
 
 
-def series_table(series: list[dict]) -> pa.Table:
-    return pa.Table.from_pylist(series) if series else pa.table({"series_instance_uid": pa.array([], pa.string())})
+def series_table(plan: passes.Plan) -> pa.Table:
+    """The series index, each series marked ``selected`` (the crops come from it) and with
+    ``selection``: ``selected``, named in the annotations, why the series rules passed it
+    over, or empty for a series of a patient not annotated."""
+    if not plan.series:
+        return pa.table({"series_instance_uid": pa.array([], pa.string())})
+    chosen = {t.series_instance_uid for t in plan.tasks}
+    rows = []
+    for s in plan.series:
+        uid = s["series_instance_uid"]
+        rows.append({**s, "selected": uid in chosen, "selection": plan.selection.get(uid)})
+    return pa.Table.from_pylist(rows)
 
 
 def _hide(pseudo: pseudonym.Pseudonymizer | None, table: pa.Table) -> pa.Table:

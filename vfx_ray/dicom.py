@@ -37,6 +37,7 @@ MAX_MATRIX = 4096  # rows or columns above this are refused before decoding (dec
 MAX_VOXELS = 600_000_000  # per series: 2.4 GB as float32
 MIN_SERIES_SLICES = 2  # a sagittal reformat needs at least two axial positions
 MAX_TILT_DEG = 45.0  # steeper gantry tilts are refused
+DIRECTORY_SOP_CLASS = "1.2.840.10008.1.3.10"  # Media Storage Directory Storage: a DICOMDIR
 HEADER_PREFIX_BYTES = 256 * 1024  # a classic CT header almost always ends well before this
 _PLACE = {  # frame attribute: (Enhanced functional group sequence, keyword), PS3.3 C.7.6.16.2
     "position": ("PlanePositionSequence", "ImagePositionPatient"),
@@ -50,11 +51,13 @@ _TEXT_FIELDS = {  # header record field: DICOM keyword
     "patient_id": "PatientID", "study_instance_uid": "StudyInstanceUID",
     "series_instance_uid": "SeriesInstanceUID", "sop_instance_uid": "SOPInstanceUID",
     "sop_class_uid": "SOPClassUID", "modality": "Modality", "image_type": "ImageType",
-    "series_description": "SeriesDescription",
+    "series_description": "SeriesDescription", "convolution_kernel": "ConvolutionKernel",
 }
 _SERIES_FIELDS = ("series_instance_uid", "patient_id", "study_instance_uid", "modality",
-                  "sop_class_uid", "series_description", "pixel_spacing", "slice_thickness",
-                  "rows", "columns")  # series index fields taken from its first object
+                  "sop_class_uid", "series_description", "image_type", "convolution_kernel",
+                  "pixel_spacing", "slice_thickness", "rows", "columns")  # from its first object
+PLANES = ("sagittal", "coronal", "axial")  # the patient axis (x, y, z) a slice's normal is nearest
+MIN_PLANE_COSINE = 0.7  # a normal further than ~45 degrees from every axis: "oblique"
 
 
 @dataclass
@@ -140,13 +143,23 @@ def header_and_parse(data: bytes, object_key: str, *, object_size: int | None = 
                               len(data) if object_size is None else object_size), parsed
 
 
+def object_kind(ds: Dataset, has_pixels: bool) -> str:
+    """``directory`` (a DICOMDIR: the media's index, in no series), ``image`` (pixel data) or
+    ``non-image`` (a structured report, presentation state, key object selection, raw data)."""
+    meta = getattr(ds, "file_meta", Dataset())
+    if str(meta.get("MediaStorageSOPClassUID") or ds.get("SOPClassUID") or "") == DIRECTORY_SOP_CLASS:
+        return "directory"
+    return "image" if has_pixels else "non-image"
+
+
 def _header_record(ds: Dataset, has_pixels: bool, object_key: str, size: int) -> dict[str, Any]:
+    kind = object_kind(ds, has_pixels)
     missing = [n for n in ("SeriesInstanceUID", "SOPInstanceUID") if not ds.get(n)]
-    if missing:
+    if missing and kind != "directory":
         raise _error("header", "MissingTag", f"{object_key}: required tag(s) {', '.join(missing)} "
                      "missing or empty; the object cannot be placed in a series", object_key)
     ts = getattr(ds, "file_meta", Dataset()).get("TransferSyntaxUID")
-    return {
+    record = {
         "object_key": object_key,
         "size": size,
         **{name: _text(ds.get(tag)) for name, tag in _TEXT_FIELDS.items()},
@@ -159,7 +172,11 @@ def _header_record(ds: Dataset, has_pixels: bool, object_key: str, size: int) ->
         "pixel_spacing": _floats(_attr(ds, "spacing")),
         "slice_thickness": _float(_attr(ds, "thickness")),
         "has_pixel_data": has_pixels,
+        "object_kind": kind,
     }
+    if kind == "directory":  # indexed on its own (see group_series), never a series member
+        record["series_instance_uid"] = None
+    return record
 
 
 def series_record(headers: list[dict[str, Any]]) -> dict[str, Any]:
@@ -174,15 +191,50 @@ def series_record(headers: list[dict[str, Any]]) -> dict[str, Any]:
         "n_frames": int(sum(h["number_of_frames"] for h in rows)),
         "total_bytes": int(sum(h["size"] for h in rows)),
         "all_have_pixel_data": all(h["has_pixel_data"] for h in rows),
+        "object_kind": rows[0]["object_kind"],
+        "plane": plane(rows[0]["image_orientation"]),
+        "extent_mm": extent(rows),
     }
 
 
-def group_series(headers: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The series index: one :func:`series_record` per SeriesInstanceUID (never by folder)."""
-    by_uid: dict[str, list[dict[str, Any]]] = {}
+def plane(orientation: list[float] | None) -> str | None:
+    """``axial``, ``sagittal``, ``coronal`` or ``oblique``: the plane of a slice from its
+    ImageOrientationPatient (a gantry tilt up to ~45 degrees is still axial)."""
+    if not orientation or len(orientation) != 6:
+        return None
+    normal = np.cross(orientation[:3], orientation[3:])
+    axis = int(np.argmax(np.abs(normal)))
+    return PLANES[axis] if abs(normal[axis]) >= MIN_PLANE_COSINE * np.linalg.norm(normal) else "oblique"
+
+
+def extent(headers: list[dict[str, Any]]) -> list[float] | None:
+    """The LPS box (x min, x max, y min, y max, z min, z max, mm) of a series' pixel centres,
+    from the corners of every slice; None when a header lacks its place (Enhanced CT)."""
+    corners = []
     for h in headers:
-        by_uid.setdefault(h["series_instance_uid"], []).append(h)
-    return [series_record(hs) for _, hs in sorted(by_uid.items())]
+        o, p, s = h["image_orientation"], h["image_position"], h["pixel_spacing"]
+        if not (o and p and s and h["rows"] and h["columns"]):
+            return None
+        row, col = np.asarray(o[:3]) * s[1] * (h["columns"] - 1), np.asarray(o[3:]) * s[0] * (h["rows"] - 1)
+        corners += [np.asarray(p) + a * row + b * col for a in (0, 1) for b in (0, 1)]
+    if not corners:
+        return None
+    lo, hi = np.min(corners, axis=0), np.max(corners, axis=0)
+    return [round(float(v), 3) for pair in zip(lo, hi, strict=True) for v in pair]
+
+
+def group_series(headers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The series index: one :func:`series_record` per SeriesInstanceUID (never by folder),
+    then one row per DICOMDIR (no series uid: it indexes the media, it is not an image)."""
+    by_uid: dict[str, list[dict[str, Any]]] = {}
+    directories = []
+    for h in headers:
+        if h["series_instance_uid"] is None:
+            directories.append(h)
+        else:
+            by_uid.setdefault(h["series_instance_uid"], []).append(h)
+    return [series_record(hs) for _, hs in sorted(by_uid.items())] + [
+        series_record([h]) for h in sorted(directories, key=lambda h: h["object_key"])]
 
 
 def _frames(ds: Dataset, key: str, has_pixels: bool, file_index: int, budget: int

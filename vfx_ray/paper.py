@@ -8,6 +8,7 @@ from __future__ import annotations
 
 # Table 1: patients per class.
 PAPER_N = {"malignant": 296, "benign": 137}
+SLICE_THICKNESS_MM = 3.0  # the sagittal slices the crops come from
 PATIENTS = sum(PAPER_N.values())  # 433
 MALIGNANT_FRACTION = PAPER_N["malignant"] / PATIENTS  # 296 / 433
 FEATURES = (

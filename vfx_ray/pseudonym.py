@@ -73,8 +73,8 @@ class Pseudonymizer:
         return self._digest("key-id", "vfx_ray")[:12]
 
     def patient(self, value: str | None) -> str | None:
-        if value is None:
-            return None
+        if not value:  # no id (a DICOMDIR's, a header without PatientID): nothing to hide, and an
+            return value  # empty id must never become a pattern that matches everywhere
         if value not in self._patients:
             self._patients[value] = "P" + self._digest("patient", value)[:24]
             self._patient_re = None

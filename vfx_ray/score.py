@@ -193,7 +193,7 @@ class ScoreJob:
         done = score_parts.committed(self.out_uri, self.models.model_id)
         done_ids = set(done["patient_id"].to_pylist()) if done is not None else set()
         index, first = self.score_chunks(entries, annotations, bool(done_ids))
-        plan = passes.plan(annotations, index, self.pseudo)
+        plan = passes.plan(annotations, index, self.cfg, self.pseudo)
         shown = self.pseudo.patient if self.pseudo else (lambda pid: pid)  # the id as written out
         todo = [t for t in plan.tasks if shown(t.patient_id) not in done_ids]
         errors += plan.errors

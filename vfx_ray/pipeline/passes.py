@@ -239,18 +239,22 @@ class Plan:
     tasks: list[ann_mod.PatientTask]
     errors: list[dict[str, Any]]
     read_once: set[str]  # patients whose first-pass result is theirs
+    selection: dict[str, str] = dataclasses.field(default_factory=dict)  # series uid -> chosen, or why not
 
     def second_pass(self, skip: Callable[[str], bool] = lambda pid: False) -> list[ann_mod.PatientTask]:
         return [t for t in self.tasks if t.patient_id not in self.read_once and not skip(t.patient_id)]
 
 
-def plan(annotations: pd.DataFrame, index: ArchiveIndex, pseudo: pseudonym.Pseudonymizer | None) -> Plan:
-    """Join the annotations to the whole archive's index; the pseudonymiser learns every id."""
+def plan(annotations: pd.DataFrame, index: ArchiveIndex, cfg: CropConfig,
+         pseudo: pseudonym.Pseudonymizer | None) -> Plan:
+    """Join the annotations to the whole archive's index (the series rules choose where no
+    series is named); the pseudonymiser learns every id."""
     series = dicom.group_series(index.headers)
-    planned, errors = ann_mod.plan_tasks(annotations, series)
+    selection: dict[str, str] = {}
+    planned, errors = ann_mod.plan_tasks(annotations, series, rules=cfg.series_rules, notes=selection)
     if pseudo:
         pseudo.know_patients([t.patient_id for t in planned] + [s.get("patient_id") for s in series])
-    return Plan(series, planned, index.errors + errors, index.read_once(planned))
+    return Plan(series, planned, index.errors + errors, index.read_once(planned), selection)
 
 
 # ---------------------------------------------------------------- the patient stream

@@ -140,7 +140,8 @@ def index_and_crop(uris: list[str], cfg: CropConfig, annotations: pd.DataFrame) 
     if not headers:
         return rows
     rows.append(row("", Kind.HEADERS, headers))  # one row: the rows that reach a model are crops
-    tasks, _ = ann_mod.plan_tasks(annotations_for(annotations, headers), dicom.group_series(headers))
+    tasks, _ = ann_mod.plan_tasks(annotations_for(annotations, headers), dicom.group_series(headers),
+                                  rules=cfg.series_rules)
     for t in tasks:  # the chunk's own join errors do not matter: the driver plans globally
         meta = {"series_instance_uid": t.series_instance_uid, "keys": fingerprint(t.object_keys)}
         rows.append(row(t.patient_id, Kind.CANDIDATE, meta))

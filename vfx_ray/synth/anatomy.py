@@ -16,6 +16,9 @@ import numpy as np
 from vfx_ray.synth.dicom_writer import SeriesGeometry, voxel_lps
 
 VERTEBRA_NAMES = ("T9", "T10", "T11", "T12", "L1", "L2", "L3", "L4", "L5", "S1")
+# A thoracolumbar examination (T1-S1) with one extra vertebra beyond each end.
+THORACOLUMBAR = ("C7", *(f"T{i}" for i in range(1, 13)), "L1", "L2", "L3", "L4", "L5", "S1", "S2")
+UPPER_THORACIC = {"C7", *(f"T{i}" for i in range(1, 7))}  # smaller bodies (15-19 mm high)
 AIR_HU = -1000.0
 
 
@@ -68,17 +71,21 @@ class Spine:
         return self.vertebrae[1:-1]
 
 
-def build_spine(rng: np.random.Generator, n_vertebrae: int) -> Spine:
-    """Random but plausible adult segment of ``n_vertebrae`` named vertebrae (+2 extras)."""
+def build_spine(rng: np.random.Generator, n_vertebrae: int, levels: tuple[str, ...] = VERTEBRA_NAMES,
+                disc_mm: tuple[float, float] = (8.0, 11.0)) -> Spine:
+    """Random but plausible adult segment of ``n_vertebrae`` named vertebrae (+2 extras)
+    taken from ``levels`` (a longer list: a longer examination, with thinner discs)."""
     n_total = n_vertebrae + 2
-    start = int(rng.integers(0, len(VERTEBRA_NAMES) - n_total + 1))
-    names = VERTEBRA_NAMES[start:start + n_total]
+    start = int(rng.integers(0, len(levels) - n_total + 1))
+    names = levels[start:start + n_total]
     scale = rng.uniform(0.9, 1.1)
-    disc = rng.uniform(8.0, 11.0)
+    disc = rng.uniform(*disc_mm)
     verts, z = [], 0.0
     for i, name in enumerate(names):
         lumbar = name.startswith(("L", "S"))
         h = (rng.uniform(25.0, 29.0) if lumbar else rng.uniform(20.0, 24.0)) * scale
+        if name in UPPER_THORACIC:
+            h = rng.uniform(15.5, 19.0) * scale
         ax = (rng.uniform(21.0, 24.0) if lumbar else rng.uniform(17.0, 20.0)) * scale
         ay = (rng.uniform(15.0, 17.0) if lumbar else rng.uniform(13.5, 15.5)) * scale
         if i:

@@ -64,6 +64,19 @@ class SeriesGeometry:
 
 
 @dataclass(frozen=True)
+class SeriesStyle:
+    """What a scanner writes about a series besides its pixels and geometry (the fields a
+    series selector reads); the defaults are the single series of the default cohort."""
+
+    description: str = "AXIAL 3MM BONE"
+    number: int = 2
+    image_type: tuple[str, ...] = ("ORIGINAL", "PRIMARY", "AXIAL")
+    kernel: str = "BONE"
+    thickness_mm: float | None = None  # SliceThickness; None: the slice spacing (no overlap)
+    padding_hu: float | None = None  # voxels at exactly this HU are PixelPaddingValue (outside the FOV)
+
+
+@dataclass(frozen=True)
 class PatientInfo:
     patient_id: str
     age: int | None = None
@@ -109,7 +122,8 @@ def _uids(patient: PatientInfo, seed: int, study_uid: str | None,
 
 
 def _patient_study_series(ds: Dataset, patient: PatientInfo, seed: int, study: str,
-                          series: str, frame: str, patient_position: str) -> None:
+                          series: str, frame: str, patient_position: str,
+                          style: SeriesStyle = SeriesStyle()) -> None:
     """Patient, General Study, General Series, Frame of Reference, General Equipment modules."""
     ds.PatientName = patient.name or f"SYNTH^{patient.patient_id}"
     ds.PatientID = patient.patient_id
@@ -127,8 +141,8 @@ def _patient_study_series(ds: Dataset, patient: PatientInfo, seed: int, study: s
     ds.StudyDescription = "SYNTH SPINE CT"
     ds.Modality = "CT"
     ds.SeriesInstanceUID = series
-    ds.SeriesNumber = 2
-    ds.SeriesDescription = "AXIAL 3MM BONE"
+    ds.SeriesNumber = style.number
+    ds.SeriesDescription = style.description
     ds.PatientPosition = patient_position
     ds.BodyPartExamined = "SPINE"
     ds.FrameOfReferenceUID = frame
@@ -136,7 +150,7 @@ def _patient_study_series(ds: Dataset, patient: PatientInfo, seed: int, study: s
     ds.Manufacturer = "vfx_ray synthetic"
     ds.ManufacturerModelName = "synth"
     ds.KVP = "120"
-    ds.ConvolutionKernel = "BONE"
+    ds.ConvolutionKernel = style.kernel
 
 
 def _image_pixel(ds: Dataset, rows: int, cols: int) -> None:
@@ -197,7 +211,8 @@ def write_series(hu: np.ndarray, geometry: SeriesGeometry, patient: PatientInfo,
                  instance_numbers: bool = True,
                  study_uid: str | None = None, series_uid: str | None = None,
                  slope: float = 1.0, intercept: float = -1024.0,
-                 seed: int = 0) -> list[tuple[str, bytes]]:
+                 seed: int = 0, style: SeriesStyle = SeriesStyle(),
+                 frame_uid: str | None = None) -> list[tuple[str, bytes]]:
     """hu: (n_slices, rows, cols) float/int HU array; slice k lies at origin + k*slice_spacing*normal.
 
     Returns [(file name = SOPInstanceUID + '.dcm', Part 10 file bytes)], in a shuffled (seeded)
@@ -207,10 +222,11 @@ def write_series(hu: np.ndarray, geometry: SeriesGeometry, patient: PatientInfo,
     _check(hu, geometry, transfer_syntax)
     stored = to_stored(hu, slope, intercept)
     study, series, frame = _uids(patient, seed, study_uid, series_uid)
+    frame = frame_uid or frame  # the series of one study share their frame of reference
     ts_uid = TRANSFER_SYNTAXES[transfer_syntax]
     kwargs = dict(patient=patient, seed=seed, study=study, series=series, frame=frame,
                   patient_position=patient_position, ts_uid=ts_uid,
-                  transfer_syntax=transfer_syntax, slope=slope, intercept=intercept)
+                  transfer_syntax=transfer_syntax, slope=slope, intercept=intercept, style=style)
     if enhanced:
         files = [_enhanced_file(stored, geometry, instance_numbers=instance_numbers, **kwargs)]
     else:
@@ -233,16 +249,16 @@ def _window(ds: Dataset) -> None:
 def _classic_file(frame_arr: np.ndarray, k: int, geometry: SeriesGeometry, *,
                   patient: PatientInfo, seed: int, study: str, series: str, frame: str,
                   patient_position: str, ts_uid: str, transfer_syntax: str, slope: float,
-                  intercept: float, instance_numbers: bool) -> tuple[str, bytes]:
+                  intercept: float, instance_numbers: bool, style: SeriesStyle) -> tuple[str, bytes]:
     """One CT Image Storage instance (PS3.3 A.3) for slice ``k``."""
     sop = generate_uid(entropy_srcs=[series, "sop", str(k)])
     ds = Dataset()
     ds.file_meta = _file_meta(CTImageStorage, sop, ts_uid)
     ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.ImageType = list(style.image_type)
     ds.SOPClassUID = CTImageStorage
     ds.SOPInstanceUID = sop
-    _patient_study_series(ds, patient, seed, study, series, frame, patient_position)
+    _patient_study_series(ds, patient, seed, study, series, frame, patient_position, style)
     if instance_numbers:
         ds.InstanceNumber = k + 1
     ds.AcquisitionNumber = 1
@@ -251,9 +267,11 @@ def _classic_file(frame_arr: np.ndarray, k: int, geometry: SeriesGeometry, *,
     ds.ImageOrientationPatient = _orientation(geometry)
     ds.SliceLocation = _ds(float(pos @ geometry.normal))
     ds.PixelSpacing = [_ds(v) for v in geometry.pixel_spacing]
-    ds.SliceThickness = _ds(geometry.slice_spacing)
+    ds.SliceThickness = _ds(style.thickness_mm or geometry.slice_spacing)
     ds.SpacingBetweenSlices = _ds(geometry.slice_spacing)
     _image_pixel(ds, *frame_arr.shape)
+    if style.padding_hu is not None:
+        ds.PixelPaddingValue = int(to_stored(np.array([style.padding_hu]), slope, intercept)[0])
     ds.RescaleIntercept = _ds(intercept)
     ds.RescaleSlope = _ds(slope)
     ds.RescaleType = "HU"
@@ -272,7 +290,7 @@ def _item(**elements: object) -> Dataset:
 def _enhanced_file(stored: np.ndarray, geometry: SeriesGeometry, *, patient: PatientInfo,
                    seed: int, study: str, series: str, frame: str, patient_position: str,
                    ts_uid: str, transfer_syntax: str, slope: float, intercept: float,
-                   instance_numbers: bool) -> tuple[str, bytes]:
+                   instance_numbers: bool, style: SeriesStyle) -> tuple[str, bytes]:
     """One Enhanced CT Image Storage instance (PS3.3 A.38) holding every slice as a frame."""
     sop = generate_uid(entropy_srcs=[series, "sop", "enhanced"])
     n = stored.shape[0]
@@ -282,7 +300,7 @@ def _enhanced_file(stored: np.ndarray, geometry: SeriesGeometry, *, patient: Pat
     ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL", "NONE"]
     ds.SOPClassUID = EnhancedCTImageStorage
     ds.SOPInstanceUID = sop
-    _patient_study_series(ds, patient, seed, study, series, frame, patient_position)
+    _patient_study_series(ds, patient, seed, study, series, frame, patient_position, style)
     if instance_numbers:
         ds.InstanceNumber = 1
     ds.ContentQualification = "PRODUCT"
