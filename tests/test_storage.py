@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import os
 import uuid
 
@@ -32,6 +33,13 @@ def test_bytes_round_trip_and_listing(base_uri):
     assert storage.list_files(base_uri, suffix=".txt")[0].uri.endswith("b/deep/y.txt")
     assert storage.exists(storage.join(base_uri, "a", "x.bin"))
     assert not storage.exists(storage.join(base_uri, "nope"))
+
+
+def test_compressed_objects_are_read_as_stored(base_uri):
+    """A ".gz" object (a NIfTI mask) comes back as its bytes, not gunzipped on the way."""
+    data = gzip.compress(b"a NIfTI mask, say")
+    storage.write_bytes(storage.join(base_uri, "mask.nii.gz"), data)
+    assert storage.read_bytes(storage.join(base_uri, "mask.nii.gz")) == data
 
 
 def test_table_round_trip_keeps_tensor_and_metadata(base_uri):

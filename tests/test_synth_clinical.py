@@ -110,19 +110,18 @@ def test_the_media_layout_has_a_dicomdir_that_indexes_every_file(media):
     assert index_of(media)[-1]["object_kind"] == "directory"
 
 
-@pytest.mark.slow
-def test_with_no_series_named_the_crops_are_those_of_the_bone_series_alone(media, tmp_path, ray_session):
-    """The must-hold of issue 15, on the DICOM media layout (DICOMDIR included): every object is
-    accounted for, no error row, and the crops equal those of an archive of the bone series."""
+def crops_of_unnamed_and_bone_only(root: Path, tmp_path: Path) -> tuple[dict, dict, str]:
+    """The crops job on the whole study with no series named, and on an archive of its bone
+    series alone: (both summaries, the bone series uid)."""
     from vfx_ray.crops import run_crops
 
-    ann = read_annotations(str(media / "annotations.csv"))
+    ann = read_annotations(str(root / "annotations.csv"))
     bone_uid = ann["series_instance_uid"][0]
     ann.assign(series_instance_uid=None).to_csv(tmp_path / "unnamed.csv", index=False)
-    full = run_crops(str(media / "dicom"), str(tmp_path / "unnamed.csv"), str(tmp_path / "full"), progress=False)
+    full = run_crops(str(root / "dicom"), str(tmp_path / "unnamed.csv"), str(tmp_path / "full"), progress=False)
     bone_only = tmp_path / "bone_only"
     bone_only.mkdir()
-    (bone,) = [s for s in index_of(media) if s["series_instance_uid"] == bone_uid]
+    (bone,) = [s for s in index_of(root) if s["series_instance_uid"] == bone_uid]
     for key in bone["object_keys"]:
         shutil.copy(key, bone_only / Path(key).name)
     alone = run_crops(str(bone_only), str(tmp_path / "unnamed.csv"), str(tmp_path / "alone"), progress=False)
@@ -130,11 +129,30 @@ def test_with_no_series_named_the_crops_are_those_of_the_bone_series_alone(media
     a, b = (storage.read_table(str(tmp_path / o / "crops.parquet")).to_pandas() for o in ("full", "alone"))
     pd.testing.assert_frame_equal(a.drop(columns=["image"]), b.drop(columns=["image"]))
     np.testing.assert_array_equal(np.stack(a["image"].map(np.asarray)), np.stack(b["image"].map(np.asarray)))
+    return full, alone, bone_uid
+
+
+@pytest.mark.slow
+def test_with_no_series_named_the_crops_are_those_of_the_bone_series_alone(media, tmp_path, ray_session):
+    """The must-hold of issue 15, on the DICOM media layout (DICOMDIR included): every object is
+    accounted for, no error row, and the crops equal those of an archive of the bone series."""
+    _, _, bone_uid = crops_of_unnamed_and_bone_only(media, tmp_path)
     index = storage.read_table(str(tmp_path / "full" / "series_index.parquet")).to_pandas()
     assert index.loc[index["selected"], "series_instance_uid"].tolist() == [bone_uid]
     assert set(index["selection"].dropna()) >= {"selected", "a localizer", "not CT"}
     listed = {e.uri for e in storage.list_files(str(media / "dicom"))}
     assert {k for keys in index["object_keys"] for k in keys} == listed  # every object accounted for
+
+
+@pytest.mark.slow
+def test_a_full_size_clinical_study_gives_the_crops_of_its_bone_series(tmp_path, ray_session):
+    """The same at the preset's size: 512x512, 1.25 mm slices over T1-S1 (one patient)."""
+    root = tmp_path / "study"
+    generate_cohort(str(root), clinical_synth(patients=1, seed=2), workers=1, progress=False)
+    bone = next(s for s in index_of(root) if s["series_description"] == "1.25mm BONE")
+    assert (bone["rows"], bone["columns"]) == (512, 512) and bone["instance_count"] >= 300
+    full, _, _ = crops_of_unnamed_and_bone_only(root, tmp_path)
+    assert full["patients_with_crops"] == 1
 
 
 @pytest.mark.slow
@@ -153,3 +171,15 @@ def test_score_chooses_the_same_series(media, tmp_path, ray_session):
                         str(tmp_path / "scores"), progress=False)
     scores = storage.read_table(str(tmp_path / "scores" / "scores.parquet")).to_pandas()
     assert summary["errors"] == 0 and scores["series_instance_uid"].tolist() == ann["series_instance_uid"].tolist()
+
+
+def test_the_clinical_preset_mixes_overlapping_reconstructions_and_leaves_the_default_cohort_alone():
+    from vfx_ray.config import SynthConfig
+    from vfx_ray.synth.cohort import plan_cohort
+
+    specs = plan_cohort(clinical_synth(patients=40, seed=1))
+    overlapping = [s.spacing_mm < s.slice_thickness_mm for s in specs]
+    assert 0 < sum(overlapping) < len(specs) and {s.spacing_mm for s in specs} == {0.625, 1.25}
+    assert {(s.matrix, s.coverage, s.study, s.fov_mask) for s in specs} == {(512, "thoracolumbar", "clinical", True)}
+    default = plan_cohort(SynthConfig(patients=12, seed=1))  # no new draw: the same plan as before
+    assert all(s.spacing_mm == s.slice_thickness_mm == 3.0 and s.coverage == "segment" for s in default)

@@ -91,6 +91,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
         slice_thickness_mm=args.slice_thickness_mm,
         slice_spacing_mm=args.slice_spacing_mm,
         dicomdir=args.dicomdir or None,
+        roi_masks=args.roi_masks or None,
     )
     if cfg.dicomdir and cfg.study != "clinical":
         raise CliError("--dicomdir writes a clinical study as DICOM media: add --clinical")
@@ -134,6 +135,9 @@ def add_synth(sub: argparse._SubParsersAction) -> None:
         "report and a secondary capture; annotations name the bone series (docs/series.md)",
     )
     p.add_argument("--dicomdir", action="store_true", help="with --clinical: each study as DICOM media (DICOMDIR)")
+    p.add_argument("--roi-masks", action="store_true",
+                   help="also write each ROI as a mask (NIfTI for odd patients, DICOM SEG for even ones) under "
+                   "OUT/masks/ and OUT/annotations_masks.csv, which gives the ROIs as roi_mask_uri only")
     p.add_argument("--slice-thickness-mm", type=positive_float,
                    help="axial slice thickness (default 3; clinical 1.25)")
     p.add_argument("--slice-spacing-mm", type=positive_float,

@@ -34,9 +34,11 @@ class SynthConfig:
     oblique_deg: float = 0.0
     coverage: str = "segment"  # segment: 4-8 vertebrae of T9-S1 | thoracolumbar: T1-S1 (~450 mm)
     slice_spacing_mm: float | None = None  # None: the thickness; smaller: overlapping reconstructions
+    overlap_fraction: float = 0.0  # this share of patients (drawn) get slices half their thickness apart
     fov_mask: bool = False  # a circular field of view, PixelPaddingValue outside it
     study: str = "single"  # single: one axial series | clinical: the series of a spine CT study
     dicomdir: bool = False  # each clinical study as DICOM media: DICOMDIR + PT*/ST*/SE*/IM* files
+    roi_masks: bool = False  # also each ROI as a mask (NIfTI or DICOM SEG) and annotations_masks.csv
 
 
 def clinical_synth(**changes: Any) -> SynthConfig:
@@ -44,7 +46,7 @@ def clinical_synth(**changes: Any) -> SynthConfig:
     T1-S1, and a study of localizer, bone and soft-kernel axial series, sagittal and coronal
     reformats, a dose report and a secondary capture (``vfx-ray synth --clinical``)."""
     base = SynthConfig(matrix=512, pixel_spacing_mm=(0.7, 0.98), slice_thickness_mm=1.25,
-                       coverage="thoracolumbar", fov_mask=True, study="clinical")
+                       coverage="thoracolumbar", fov_mask=True, study="clinical", overlap_fraction=0.25)
     return dataclasses.replace(base, **changes)
 
 

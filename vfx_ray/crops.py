@@ -22,7 +22,6 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from vfx_ray import contracts, layout, pseudonym, storage
-from vfx_ray.annotations import read_annotations
 from vfx_ray.config import CropConfig
 from vfx_ray.pipeline import passes, wire
 
@@ -38,7 +37,8 @@ def run_crops(archive_uri: str, annotations_uri: str, out_uri: str, cfg: CropCon
     ensure_ray()
     t0 = time.monotonic()
     entries, errors = passes.list_archive(archive_uri, cfg)
-    annotations = read_annotations(annotations_uri)
+    annotations, mask_errors = passes.read_annotations(annotations_uri)
+    errors += mask_errors
     with tempfile.TemporaryDirectory(prefix="vfx-crops-") as tmp:
         spill = os.path.join(tmp, "first_pass.parquet")  # candidates on disk: memory stays flat
         with pq.ParquetWriter(spill, wire.CROP_WIRE) as spill_writer:

@@ -27,7 +27,7 @@ def run_demo(workdir: str | Path, *, patients: int | None = None, seed: int = 0)
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     cfg = config_mod.profile("demo")
-    synth_cfg = config_mod.replace(cfg.synth, patients=patients, seed=seed)
+    synth_cfg = config_mod.replace(cfg.synth, patients=patients, seed=seed, roi_masks=True)
     t0 = time.monotonic()
     banner(f"embedded S3 store over {workdir / 's3'}")
     store = objectstore.start(workdir / "s3", buckets=(BUCKET,), log_file=workdir / "rclone.log")
@@ -89,10 +89,13 @@ def score_and_report(outputs: dict[str, str], cfg: config_mod.Config, workdir: P
     """score the archive with the fold ensemble, then the report of the train-cv run."""
     from vfx_ray.report import render_report
     from vfx_ray.score import run_score
+    from vfx_ray.synth.cohort import MASK_ANNOTATIONS
 
-    banner(f"score (Ray Data + model actors, {cfg.train.n_folds}-fold ensemble) -> {outputs['scores']}")
+    banner(f"score (Ray Data + model actors, {cfg.train.n_folds}-fold ensemble; the ROIs given as NIfTI "
+           f"and DICOM SEG masks) -> {outputs['scores']}")
     cohort = outputs["cohort"]
-    scored = run_score(f"{cohort}/dicom", f"{cohort}/annotations.csv", outputs["run"], outputs["scores"], cfg.crops)
+    masks = f"{cohort}/{MASK_ANNOTATIONS}"
+    scored = run_score(f"{cohort}/dicom", masks, outputs["run"], outputs["scores"], cfg.crops)
     print(f"{scored['rows']} patients scored, {scored['errors']} error rows, model {scored['model_id']}")
     banner(f"report -> {workdir / 'report'}")
     return render_report(outputs["run"], str(workdir / "report"))

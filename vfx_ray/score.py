@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 from tqdm import tqdm
 
 from vfx_ray import contracts, layout, metrics, pseudonym, score_parts, storage
-from vfx_ray.annotations import DEFAULT_CLASSES, PatientTask, read_annotations
+from vfx_ray.annotations import DEFAULT_CLASSES, PatientTask
 from vfx_ray.config import CropConfig
 from vfx_ray.errors import VfxError
 from vfx_ray.pipeline import passes, wire
@@ -189,7 +189,8 @@ class ScoreJob:
         t0 = time.monotonic()
         self._place()
         entries, errors = passes.list_archive(self.archive_uri, self.cfg)
-        annotations = read_annotations(annotations_uri)
+        annotations, mask_errors = passes.read_annotations(annotations_uri)
+        errors += mask_errors
         done = score_parts.committed(self.out_uri, self.models.model_id)
         done_ids = set(done["patient_id"].to_pylist()) if done is not None else set()
         index, first = self.score_chunks(entries, annotations, bool(done_ids))

@@ -231,7 +231,8 @@ def s3_get(uri: str, nbytes: int | None = None) -> bytes:
 
     def get() -> bytes:
         if nbytes is None:
-            with s3_filesystem(bucket).open_input_stream(path) as f:
+            # the bytes as stored: pyarrow would otherwise gunzip a ".gz" key ("detect")
+            with s3_filesystem(bucket).open_input_stream(path, compression=None) as f:
                 return f.read()
         with s3_filesystem(bucket).open_input_file(path) as f:
             return f.read(nbytes)

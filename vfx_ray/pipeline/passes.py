@@ -25,7 +25,7 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from vfx_ray import annotations as ann_mod
-from vfx_ray import dicom, pseudonym, storage
+from vfx_ray import dicom, pseudonym, roi_mask, storage
 from vfx_ray.config import CropConfig
 from vfx_ray.errors import VfxError
 from vfx_ray.pipeline import datasets, tasks, wire
@@ -79,6 +79,12 @@ def lost(stage: str, doing: str, **ids: str | None) -> dict[str, Any]:
     """The error row of a patient or object whose task Ray gave up on."""
     message = f"the task {doing} was lost (worker crash or out of memory) after Ray's retries"
     return VfxError(stage, message, error_type="TaskLost", **ids).row()
+
+
+def read_annotations(uri: str) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
+    """A job's annotations, each mask-only row given its mask's box (:mod:`roi_mask`), and the
+    error rows of masks that cannot be used."""
+    return roi_mask.resolve_masks(ann_mod.read_annotations(uri))
 
 
 # ---------------------------------------------------------------- chunks

@@ -14,11 +14,12 @@ from concurrent.futures import ProcessPoolExecutor
 from typing import TYPE_CHECKING
 
 import numpy as np
+import pydicom
 
 from vfx_ray import layout, storage
 from vfx_ray.config import SynthConfig
 from vfx_ray.paper import FEATURES
-from vfx_ray.roi import ROI_COLUMNS
+from vfx_ray.roi import ROI_COLUMNS, RoiBox
 from vfx_ray.synth.dicom_writer import TRANSFER_SYNTAXES
 from vfx_ray.synth.patient import PatientSpec, patient_files
 from vfx_ray.synth.study import clinical_study
@@ -33,6 +34,7 @@ COLUMNS = ["patient_id", "series_instance_uid", "label", "vertebra", *ROI_COLUMN
 POSITIONS = ("HFS", "FFS")
 COVERAGES = ("segment", "thoracolumbar")
 STUDIES = ("single", "clinical")
+MASK_ANNOTATIONS = "annotations_masks.csv"  # with --roi-masks: the ROIs as roi_mask_uri only
 
 
 def _check_config(cfg: SynthConfig) -> None:
@@ -68,6 +70,9 @@ def plan_cohort(cfg: SynthConfig) -> list[PatientSpec]:
                     else cfg.patient_position)
         syntax = (list(TRANSFER_SYNTAXES)[int(rng.integers(len(TRANSFER_SYNTAXES)))]
                   if cfg.transfer_syntax == "mixed" else cfg.transfer_syntax)
+        spacing = cfg.slice_spacing_mm  # drawn only when asked, so other cohorts keep their draws
+        if cfg.overlap_fraction and cfg.slice_spacing_mm is None and rng.random() < cfg.overlap_fraction:
+            spacing = cfg.slice_thickness_mm / 2
         specs.append(PatientSpec(
             patient_id=f"VFX{i + 1:0{width}d}", label=d.label, features=d.features, age=d.age,
             sex=d.sex, seed=seed, matrix=cfg.matrix,
@@ -75,8 +80,8 @@ def plan_cohort(cfg: SynthConfig) -> list[PatientSpec]:
             slice_thickness_mm=cfg.slice_thickness_mm,
             n_vertebrae=int(rng.integers(cfg.n_vertebrae[0], cfg.n_vertebrae[1] + 1)),
             patient_position=position, oblique_deg=cfg.oblique_deg, transfer_syntax=syntax,
-            enhanced=cfg.enhanced, coverage=cfg.coverage, slice_spacing_mm=cfg.slice_spacing_mm,
-            fov_mask=cfg.fov_mask, study=cfg.study, dicomdir=cfg.dicomdir,
+            enhanced=cfg.enhanced, coverage=cfg.coverage, slice_spacing_mm=spacing,
+            fov_mask=cfg.fov_mask, study=cfg.study, dicomdir=cfg.dicomdir, roi_masks=cfg.roi_masks,
         ))
     return specs
 
@@ -92,7 +97,28 @@ def write_patient(out_uri: str, spec: PatientSpec) -> dict:
         folder = storage.join(out_uri, "dicom", spec.patient_id, row["series_instance_uid"])
     for name, data in files:
         storage.write_bytes(storage.join(folder, name), data)
+    if spec.roi_masks:
+        row = {**row, "roi_mask_uri": write_mask(out_uri, spec, row, files)}
     return row
+
+
+def write_mask(out_uri: str, spec: PatientSpec, row: dict, files: list[tuple[str, bytes]]) -> str:
+    """The patient's ROI as a mask under ``out_uri/masks/``: NIfTI for odd patient numbers,
+    DICOM SEG of the annotated series for even ones (the demo shows both forms; an Enhanced CT
+    series, one multi-frame file, gets NIfTI); its URI."""
+    from vfx_ray.synth.masks import nifti_box_mask, seg_box_mask
+
+    box = RoiBox.from_record(row)
+    if int(spec.patient_id.removeprefix("VFX")) % 2 or spec.enhanced:
+        uri = storage.join(out_uri, "masks", f"{spec.patient_id}.nii.gz")
+        storage.write_bytes(uri, nifti_box_mask(box))
+        return uri
+    uid = row["series_instance_uid"]
+    series = [(n, d) for n, d in files
+              if pydicom.dcmread(io.BytesIO(d), stop_before_pixels=True).get("SeriesInstanceUID") == uid]
+    uri = storage.join(out_uri, "masks", f"{spec.patient_id}.seg.dcm")
+    storage.write_bytes(uri, seg_box_mask(series, box, spec.seed))
+    return uri
 
 
 def _write_task(args: tuple[str, PatientSpec]) -> dict:
@@ -120,6 +146,10 @@ def generate_cohort(out_uri: str, cfg: SynthConfig, *, workers: int | None = Non
     buf = io.StringIO()
     frame.to_csv(buf, index=False)
     storage.write_text(storage.join(out_uri, layout.ANNOTATIONS), buf.getvalue())
+    if cfg.roi_masks:  # the same patients, their ROIs given as masks only
+        masks = pd.DataFrame(rows).sort_values("patient_id", ignore_index=True)
+        masks = masks[["patient_id", "series_instance_uid", "label", "vertebra", "roi_mask_uri"]]
+        storage.write_text(storage.join(out_uri, MASK_ANNOTATIONS), masks.to_csv(index=False))
     return frame
 
 

@@ -45,6 +45,7 @@ class PatientSpec:
     fov_mask: bool = False
     study: str = "single"
     dicomdir: bool = False
+    roi_masks: bool = False
 
     @property
     def spacing_mm(self) -> float:
