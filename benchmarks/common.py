@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 import time
 from contextlib import contextmanager
@@ -9,10 +10,18 @@ from pathlib import Path
 
 import psutil
 
+STORE_ROOT: list[Path] = []  # the running store's folder: its buckets are plain folders
+
+
+def local_folder(uri: str) -> str:
+    """The plain folder behind an ``s3://bucket/key`` of the store :func:`cohorts_in_s3` runs."""
+    return str(STORE_ROOT[-1] / uri.removeprefix("s3://"))
+
 
 @contextmanager
-def cohorts_in_s3(sizes: list[int], matrix: int):
-    """Start the embedded store, write one cohort per size; yields {size: s3 uri}."""
+def cohorts_in_s3(sizes: list[int], matrix: int, synth: dict | None = None):
+    """Start the embedded store, write one cohort per size; yields {size: s3 uri}.
+    ``synth``: SynthConfig fields to change (e.g. the clinical preset's)."""
     from vfx_ray import objectstore
     from vfx_ray.config import SynthConfig
     from vfx_ray.synth.cohort import generate_cohort
@@ -20,12 +29,14 @@ def cohorts_in_s3(sizes: list[int], matrix: int):
     work = Path(tempfile.mkdtemp(prefix="bench-"))
     store = objectstore.start(work / "s3", buckets=("vfx",))
     store.export()
+    STORE_ROOT.append(work / "s3")
     try:
         uris = {}
         for n in sorted(set(sizes)):
             uris[n] = f"s3://vfx/cohort{n}"
             t = time.perf_counter()
-            generate_cohort(uris[n], SynthConfig(patients=n, matrix=matrix, seed=n), workers=2, progress=False)
+            cfg = dataclasses.replace(SynthConfig(patients=n, matrix=matrix, seed=n), **(synth or {}))
+            generate_cohort(uris[n], cfg, workers=2, progress=False)
             print(f"synth {n} patients: {time.perf_counter() - t:.0f} s", flush=True)
         yield uris
     finally:

@@ -1,87 +1,89 @@
-"""Crops from an S3 archive: the Ray Data pipeline vs a plain single-process loop.
+"""`vfx-ray crops` against the serial tool a user would write, both timed as whole processes.
 
-Both read the same synthetic archive from the embedded S3 store and produce the same crops
-(the loop calls the same pure functions: pydicom decode, SimpleITK crops). Prints patients/s
-for each and their ratio, measured in the same run; then peak RSS of the whole job (driver +
-Ray processes) for two archive sizes, each in a fresh process, and their ratio.
+The baseline is benchmarks/sitk_loop.py: SimpleITK's series reader and sitk.Resample, one
+process, on a local folder of the same synthetic cohort. `vfx-ray crops` runs as a fresh
+process (start-up, Ray's local cluster and shutdown included) on the same local folder and on
+the embedded S3 store. A second baseline, the project's own pydicom path run serially in this
+process (the loop the earlier rows of docs/benchmarks.md compared against), is kept as a row.
+Then the peak RSS of the whole `vfx-ray crops` process tree at two archive sizes.
+Each figure is the median of ``--repeat`` runs; every run's crops count must agree.
 
-    .venv/bin/python benchmarks/ingest.py --patients 50 --memory-sizes 50,200
+    .venv/bin/python benchmarks/ingest.py --sizes 60,200 --repeat 3
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
-from common import cohorts_in_s3, peak_rss_of, plain_patients
+from common import cohorts_in_s3, local_folder, peak_rss_of, plain_patients
+
+HERE = Path(__file__).parent
 
 
-def measure_memory(archive: str, annotations_uri: str) -> int:
-    """Peak RSS of a fresh `vfx-ray crops` process tree (driver, raylet, workers)."""
+def crops_cmd(archive: str, annotations: str) -> list[str]:
     out = tempfile.mkdtemp(prefix="bench-crops-")
-    return peak_rss_of(
-        [
-            sys.executable,
-            "-m",
-            "vfx_ray.cli",
-            "crops",
-            "--archive",
-            archive,
-            "--annotations",
-            annotations_uri,
-            "--out",
-            out,
-            "--quiet",
-        ]
-    )
+    return [sys.executable, "-m", "vfx_ray.cli", "crops", "--archive", archive, "--annotations", annotations,
+            "--out", out, "--quiet"]
+
+
+def timed(cmd: list[str]) -> tuple[float, str]:
+    t = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return time.perf_counter() - t, done.stdout
+
+
+def crops_count(stdout: str) -> int:
+    return int(stdout.split()[0])  # "N crops of ..."
+
+
+def median_run(cmd: list[str], repeat: int, count) -> tuple[float, int]:
+    runs = [timed(cmd) for _ in range(repeat)]
+    counts = {count(out) for _, out in runs}
+    assert len(counts) == 1, counts
+    return statistics.median(s for s, _ in runs), counts.pop()
+
+
+def measure(uri: str, n: int, repeat: int) -> dict[str, float]:
+    """Seconds (median) of each way for one cohort, and the ratios against the SimpleITK loop."""
+    local = local_folder(uri)
+    loop_s, loop_crops = median_run([sys.executable, str(HERE / "sitk_loop.py"), f"{local}/dicom",
+                                     f"{local}/annotations.csv"], repeat, lambda out: json.loads(out)["crops"])
+    local_s, local_crops = median_run(crops_cmd(f"{local}/dicom", f"{local}/annotations.csv"), repeat, crops_count)
+    s3_s, s3_crops = median_run(crops_cmd(f"{uri}/dicom", f"{uri}/annotations.csv"), repeat, crops_count)
+    t = time.perf_counter()
+    plain_crops = sum(len(c) for _, c in plain_patients(f"{local}/dicom", f"{local}/annotations.csv"))
+    plain_s = time.perf_counter() - t
+    assert loop_crops == local_crops == s3_crops == plain_crops, (loop_crops, local_crops, s3_crops, plain_crops)
+    return {"patients": n, "crops": loop_crops, "sitk_loop_s": round(loop_s, 1),
+            "pydicom_loop_in_process_s": round(plain_s, 1), "vfx_crops_local_s": round(local_s, 1),
+            "vfx_crops_s3_s": round(s3_s, 1), "speedup_local_vs_sitk_loop": round(loop_s / local_s, 2),
+            "speedup_s3_vs_sitk_loop": round(loop_s / s3_s, 2)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--patients", type=int, default=50, help="archive size for the throughput comparison")
+    ap.add_argument("--sizes", default="60,200", help="cohort sizes (patients)")
     ap.add_argument("--matrix", type=int, default=256)
-    ap.add_argument("--memory-sizes", default="50,200", help="archive sizes for peak RSS ('' to skip)")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per figure (the median is printed)")
+    ap.add_argument("--memory-sizes", default="60,200", help="two sizes for the peak RSS ratio ('' to skip)")
     args = ap.parse_args()
-
-    import ray
-
-    from vfx_ray.crops import run_crops
-
-    sizes = sorted({args.patients, *[int(s) for s in args.memory_sizes.split(",") if s]})
-    with cohorts_in_s3(sizes, args.matrix) as cohorts:
-        base = cohorts[args.patients]
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-        run_crops(
-            f"{cohorts[sizes[0]]}/dicom", f"{cohorts[sizes[0]]}/annotations.csv", "s3://vfx/warmup", progress=False
-        )
-        t = time.perf_counter()
-        summary = run_crops(f"{base}/dicom", f"{base}/annotations.csv", "s3://vfx/bench-out", progress=False)
-        ray_s = time.perf_counter() - t
-        ray.shutdown()
-        t = time.perf_counter()
-        n_loop = sum(len(crops) for _, crops in plain_patients(f"{base}/dicom", f"{base}/annotations.csv"))
-        loop_s = time.perf_counter() - t
-        assert n_loop == summary["crops"], (n_loop, summary["crops"])
-        result = {
-            "patients": args.patients,
-            "matrix": args.matrix,
-            "crops": n_loop,
-            "ray_data_patients_per_s": round(args.patients / ray_s, 2),
-            "plain_loop_patients_per_s": round(args.patients / loop_s, 2),
-            "speedup_ray_vs_loop": round(loop_s / ray_s, 2),
-        }
-        print(json.dumps(result), flush=True)
-        if len(sizes) > 1 and args.memory_sizes:
-            small, large = int(args.memory_sizes.split(",")[0]), int(args.memory_sizes.split(",")[-1])
-            peaks = {n: measure_memory(f"{cohorts[n]}/dicom", f"{cohorts[n]}/annotations.csv") for n in (small, large)}
-            print(json.dumps({
-                f"peak_rss_mb_{small}": round(peaks[small] / 2**20),
-                f"peak_rss_mb_{large}": round(peaks[large] / 2**20),
-                "rss_ratio_large_vs_small": round(peaks[large] / peaks[small], 2),
-            }), flush=True)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    memory = [int(s) for s in args.memory_sizes.split(",") if s]
+    with cohorts_in_s3(sorted({*sizes, *memory}), args.matrix) as cohorts:
+        for n in sizes:
+            print(json.dumps(measure(cohorts[n], n, args.repeat)), flush=True)
+        if len(memory) == 2:
+            peaks = {n: peak_rss_of(crops_cmd(f"{cohorts[n]}/dicom", f"{cohorts[n]}/annotations.csv"))
+                     for n in memory}
+            print(json.dumps({**{f"peak_rss_mb_{n}": round(p / 2**20) for n, p in peaks.items()},
+                              "rss_ratio": round(peaks[memory[1]] / peaks[memory[0]], 2)}), flush=True)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,10 @@ them), measured in one run:
   pipeline    `score.run_score` (index, decode, crops, model actors, per-patient max)
   plain loop  one process: pydicom per file, same crops, eager torch per patient
   model only  forward passes on the crops already in memory (the upper bound)
-Then the pipeline on a second archive size, for the per-patient cost.
+Then the pipeline on a second archive size, for the per-patient cost; and, both as whole
+processes (start-up included), `vfx-ray score` on the S3 archive against the serial tool a
+user would write: SimpleITK crops + the model, one process, on a local folder of the same
+archive (benchmarks/sitk_loop.py with a model).
 
     .venv/bin/python benchmarks/score.py --patients 50 --large 200
 """
@@ -14,12 +17,31 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
-from common import cohorts_in_s3, plain_patients
+from common import cohorts_in_s3, local_folder, plain_patients
+
+
+def whole_processes(cohort: str, model_uri: str) -> dict[str, float]:
+    """Seconds of `vfx-ray score` and of the SimpleITK + model loop, each a fresh process."""
+    local = local_folder(cohort)
+    t = time.perf_counter()
+    subprocess.run([sys.executable, str(Path(__file__).parent / "sitk_loop.py"), f"{local}/dicom",
+                    f"{local}/annotations.csv", model_uri], check=True, capture_output=True)
+    loop_s = time.perf_counter() - t
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "vfx_ray.cli", "score", "--archive", f"{cohort}/dicom", "--annotations",
+                    f"{cohort}/annotations.csv", "--model", model_uri, "--out", tempfile.mkdtemp(prefix="bench-score-"),
+                    "--quiet"], check=True, capture_output=True)
+    cli_s = time.perf_counter() - t
+    return {"sitk_loop_with_model_process_s": round(loop_s, 1), "vfx_score_process_s": round(cli_s, 1),
+            "vfx_score_vs_sitk_loop": round(loop_s / cli_s, 2)}
 
 
 def main() -> None:
@@ -68,6 +90,7 @@ def main() -> None:
         t = time.perf_counter()
         predict_proba(net, torch.from_numpy(x).contiguous(memory_format=torch.channels_last), batch_size=64)
         model_s = time.perf_counter() - t
+        whole = whole_processes(c, model_uri)
 
     n = args.patients
     result = {
@@ -81,6 +104,7 @@ def main() -> None:
         "pipeline_vs_loop": round(loop_s / ray_s, 2),
         "pipeline_vs_model_only": round(model_s / ray_s, 2),
     }
+    result.update(whole)
     if large_s:
         result[f"pipeline_s_per_patient_{n}"] = round(ray_s / n, 3)
         result[f"pipeline_s_per_patient_{args.large}"] = round(large_s / args.large, 3)

@@ -244,3 +244,30 @@ def test_one_pass_reads_good_patients_once_and_the_second_pass_agrees(corpus, cr
     assert sorted(map(tuple, errors[cols].fillna("").values)) == sorted(map(tuple, e2[cols].fillna("").values))
 
 
+
+
+def test_the_roi_read_plan_gives_the_same_crops_and_errors(corpus, crops_run):
+    """Every header by a ranged read, then only the objects the ROIs need: the same crops and
+    error rows as reading every object whole, and reads.parquet says so patient by patient."""
+    summary, crops, errors, out_whole = crops_run
+    out = str(corpus["base"] / "out-roi")
+    again = run_crops(corpus["archive"], corpus["annotations"], out, dataclasses.replace(CFG, read_plan="roi"),
+                      progress=False)
+    other = storage.read_table(storage.join(out, "crops.parquet"))
+    key = ["patient_id", "slice_index"]
+    a = crops.to_pandas().sort_values(key).reset_index(drop=True)
+    b = other.to_pandas().sort_values(key).reset_index(drop=True)
+    pd.testing.assert_frame_equal(a.drop(columns=["image"]), b.drop(columns=["image"]))
+    np.testing.assert_array_equal(np.stack(a["image"].map(np.asarray)), np.stack(b["image"].map(np.asarray)))
+    cols = ["patient_id", "object_key", "stage", "error_type"]
+    e2 = storage.read_table(storage.join(out, "errors.parquet")).to_pandas()
+    assert sorted(map(tuple, errors[cols].fillna("").values)) == sorted(map(tuple, e2[cols].fillna("").values))
+    whole = storage.read_table(storage.join(out_whole, "reads.parquet")).to_pandas().set_index("patient_id")
+    roi = storage.read_table(storage.join(out, "reads.parquet")).to_pandas().set_index("patient_id")
+    good = [row["patient_id"] for _, row in corpus["good"]]
+    assert set(whole.loc[good, "plan"]) == {"whole"} and set(roi.loc[good, "plan"]) == {"roi"}
+    assert (roi.loc[good, "bytes_read"] < whole.loc[good, "bytes_read"]).all()
+    assert (roi.loc[good, "bytes_needed"] == whole.loc[good, "bytes_needed"]).all()
+    assert (roi.loc[good, "objects_read_whole"] < whole.loc[good, "objects_read_whole"]).all()
+    assert again["reads"]["patients_per_plan"] == {"roi": len(roi)}
+    assert again["reads"]["bytes_read"] == int(roi["bytes_read"].sum())

@@ -122,7 +122,7 @@ def test_wire_images_views_equal_sized_crops_and_refuses_others():
 
 def test_kinds_are_the_strings_on_the_wire():
     assert wire.row("P1", Kind.CANDIDATE, {})["kind"] == "candidate"
-    assert {str(k) for k in Kind} == {"crop", "error", "headers", "header_error", "candidate", "chunk_end"}
+    assert {str(k) for k in Kind} == {"crop", "error", "headers", "header_error", "candidate", "chunk_end", "reads"}
 
 
 # ---------------------------------------------------------------- first pass and plan

@@ -174,7 +174,8 @@ def add_pseudonymize(p: argparse.ArgumentParser) -> None:
     )
 
 
-def add_series_rules(p: argparse.ArgumentParser) -> None:
+def add_reading(p: argparse.ArgumentParser) -> None:
+    """How a job reads the archive: which series of a study, and which objects of it."""
     p.add_argument(
         "--series-rules", metavar="FILE",
         help="JSON or YAML list of rules that choose a study's series when the annotations name none "
@@ -182,10 +183,17 @@ def add_series_rules(p: argparse.ArgumentParser) -> None:
         "Default: CT, with pixels, not a localizer, ROI inside; then ORIGINAL\\PRIMARY, axial, a bone "
         "kernel, slices nearest 3 mm",
     )
+    p.add_argument(
+        "--read-plan", choices=config_mod.READ_PLANS, default="auto",
+        help="whole: read every object once, whole; roi: read every header by a ranged GET, then only "
+        "the objects that hold the ROI's slices; auto (default): roi for a folder (study) of 32 MiB or "
+        "more, whole below. The crops are the same; OUT/reads.parquet records each patient's plan and bytes",
+    )
 
 
-def with_series_rules(cfg: config_mod.CropConfig, args: argparse.Namespace) -> config_mod.CropConfig:
-    """The crop settings with the rules file's series rules, read before any work starts."""
+def with_reading(cfg: config_mod.CropConfig, args: argparse.Namespace) -> config_mod.CropConfig:
+    """The crop settings with the read plan and the rules file's series rules, read before any work starts."""
+    cfg = dataclasses.replace(cfg, read_plan=args.read_plan)
     if not args.series_rules:
         return cfg
     from vfx_ray.series_select import load_rules
@@ -203,7 +211,7 @@ def cmd_crops(args: argparse.Namespace) -> int:
         max_slices=args.max_slices,
         max_file_bytes=args.max_file_bytes,
     )
-    cfg = with_series_rules(cfg, args)
+    cfg = with_reading(cfg, args)
     prepare_cluster(args, {"--archive": args.archive, "--annotations": args.annotations, "--out": args.out})
     summary = run_crops(
         args.archive, args.annotations, args.out, cfg, progress=not args.quiet, pseudonymize=args.pseudonymize
@@ -226,7 +234,8 @@ def add_crops(sub: argparse._SubParsersAction) -> None:
             "3 mm slabs in the patient frame and cut the smallest square box around each ROI, "
             "3 channels (slice and neighbours), 64x64, z-scored. Writes OUT/crops.parquet, "
             "OUT/errors.parquet (every object or patient that failed, with stage and reason), "
-            "OUT/series_index.parquet and OUT/manifest.json."
+            "OUT/series_index.parquet, OUT/reads.parquet (how each patient's series was read) and "
+            "OUT/manifest.json."
         ),
     )
     p.add_argument("--archive", required=True, help="URI of the DICOM archive prefix")
@@ -237,7 +246,7 @@ def add_crops(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--thickness-mm", type=float, help="sagittal slab thickness (default 3)")
     p.add_argument("--max-slices", type=positive_int, help="most sagittal slices per patient (default 5)")
     p.add_argument("--max-file-bytes", type=positive_int, help="objects above this are refused")
-    add_series_rules(p)
+    add_reading(p)
     add_pseudonymize(p)
     add_cluster_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -248,7 +257,7 @@ def add_crops(sub: argparse._SubParsersAction) -> None:
 def cmd_score(args: argparse.Namespace) -> int:
     from vfx_ray.score import ScoreOptions, run_score
 
-    cfg = with_series_rules(config_mod.profile(args.profile).crops, args)
+    cfg = with_reading(config_mod.profile(args.profile).crops, args)
     prepare_cluster(args, {"--archive": args.archive, "--annotations": args.annotations,
                            "--model": args.model, "--out": args.out})
     options = ScoreOptions(threshold=args.threshold, features=args.features, batch_size=args.batch_size,
@@ -296,7 +305,7 @@ def add_score(sub: argparse._SubParsersAction) -> None:
         "--commit-every", type=positive_int, default=25, help="patients per committed part (resume granularity)"
     )
     p.add_argument("--profile", default="paper", choices=config_mod.PROFILES)
-    add_series_rules(p)
+    add_reading(p)
     add_pseudonymize(p)
     add_cluster_args(p, gpu=True)
     p.add_argument("--quiet", action="store_true", help="no progress bars")

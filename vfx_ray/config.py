@@ -15,6 +15,7 @@ from vfx_ray import paper
 
 PROFILES = ("paper", "demo")
 COMPILE_MODES = ("auto", "off", "on", "cudagraphs")  # torch.compile of the training forward
+READ_PLANS = ("auto", "whole", "roi")  # CropConfig.read_plan
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,11 @@ class CropConfig:
     max_file_bytes: int = 64 * 1024 * 1024
     max_gap_factor: float = 1.5  # larger gaps between slices are an error
     series_rules: tuple[SeriesRule, ...] = DEFAULT_SERIES_RULES  # the series of a study, when none is named
+    # How objects are read: "whole" (each object once, whole), "roi" (every header by a ranged
+    # read, then only the objects the ROI's slices need), "auto": "roi" for a folder of at
+    # least ``roi_read_min_bytes`` (a clinical study), "whole" below (docs/benchmarks.md).
+    read_plan: str = "auto"
+    roi_read_min_bytes: int = 32 << 20
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,13 @@
 """The crops job: an archive and its annotations in, the paper's crops out.
 
-Writes ``crops.parquet``, ``errors.parquet``, ``series_index.parquet`` and ``manifest.json``
-(names in :mod:`layout`). The reading is :mod:`vfx_ray.pipeline`'s: a first pass reads each
+Writes ``crops.parquet``, ``errors.parquet``, ``series_index.parquet``, ``reads.parquet`` and
+``manifest.json`` (names in :mod:`layout`). The reading is :mod:`vfx_ray.pipeline`'s: a first pass reads each
 object once, indexes and crops; the patients it could not vouch for take a second pass.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import json
@@ -16,6 +17,7 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -39,24 +41,22 @@ def run_crops(archive_uri: str, annotations_uri: str, out_uri: str, cfg: CropCon
     entries, errors = passes.list_archive(archive_uri, cfg)
     annotations, mask_errors = passes.read_annotations(annotations_uri)
     errors += mask_errors
+    reads = ReadLog()
     with tempfile.TemporaryDirectory(prefix="vfx-crops-") as tmp:
         spill = os.path.join(tmp, "first_pass.parquet")  # candidates on disk: memory stays flat
-        with pq.ParquetWriter(spill, wire.CROP_WIRE) as spill_writer:
-            def keep(_chunk: str | None, rows: pa.Table) -> None:
-                spill_writer.write_table(wire.of_kind(rows, wire.RESULT_KINDS))
-
-            index = passes.first_pass(passes.first_pass_chunks(entries, cfg, annotations), entries, keep,
-                                      "crops: objects read", progress)
+        index = first_pass(archive_uri, entries, annotations, cfg, spill, reads, progress)
         plan = passes.plan(annotations, index, cfg, pseudo)
         storage.write_table(_hide(pseudo, series_table(plan)), storage.join(out_uri, layout.SERIES_INDEX))
         second = plan.second_pass()
-        stream = tqdm(passes.second_pass(second, cfg, "crop"), total=len(second), desc="crops: patients",
+        stream = tqdm(passes.second_pass(second, cfg, "crop", plan.sizes), total=len(second), desc="crops: patients",
                       unit="patient", disable=not progress)
-        results = itertools.chain(read_once_results(spill, plan.read_once, cfg), second_pass_results(stream, cfg))
+        results = itertools.chain(read_once_results(spill, plan.read_once, cfg),
+                                  second_pass_results(stream, cfg, reads))
         written = write_crops(results, storage.join(out_uri, layout.CROPS), cfg, archive_uri, pseudo)
     errors += plan.errors + written.errors
     errors = pseudo.rows(errors) if pseudo else errors
     storage.write_table(contracts.errors_table(errors), storage.join(out_uri, layout.ERRORS))
+    storage.write_table(_hide(pseudo, reads.table(plan)), storage.join(out_uri, layout.READS))
     summary = {
         "archive": archive_uri,
         "annotations": annotations_uri,
@@ -67,12 +67,25 @@ def run_crops(archive_uri: str, annotations_uri: str, out_uri: str, cfg: CropCon
         "series": len(plan.series),
         "patients_read_once": len(plan.read_once),
         "patients_second_pass": len(second),
+        "reads": reads.summary(plan),
         "seconds": round(time.monotonic() - t0, 1),
         "config": dataclasses.asdict(cfg),
         **pseudonym.metadata(pseudo),
     }
     storage.write_text(storage.join(out_uri, layout.MANIFEST), json.dumps(summary, indent=2))
     return summary
+
+
+def first_pass(archive_uri: str, entries: list[storage.FileEntry], annotations: pd.DataFrame, cfg: CropConfig,
+               spill: str, reads: ReadLog, progress: bool) -> passes.ArchiveIndex:
+    """The first pass: the archive index, candidates' rows spilled to ``spill``, reads logged."""
+    with pq.ParquetWriter(spill, wire.CROP_WIRE) as spill_writer:
+        def keep(_chunk: str | None, rows: pa.Table) -> None:
+            spill_writer.write_table(wire.of_kind(rows, wire.RESULT_KINDS))
+            reads.take(rows, first=True)
+
+        chunks = passes.first_pass_chunks(entries, cfg, annotations, root=archive_uri)
+        return passes.first_pass(chunks, entries, keep, "crops: objects read", progress)
 
 
 def series_table(plan: passes.Plan) -> pa.Table:
@@ -101,12 +114,53 @@ def read_once_results(spill: str, read_once: set[str], cfg: CropConfig) -> Itera
         yield wire.to_crops(table.filter(pc.is_in(table["patient_id"], keep)), cfg)
 
 
-def second_pass_results(stream: Iterable[passes.PatientRows], cfg: CropConfig) -> Iterator[tuple[pa.Table, list[dict]]]:
+def second_pass_results(stream: Iterable[passes.PatientRows], cfg: CropConfig, reads: ReadLog
+                        ) -> Iterator[tuple[pa.Table, list[dict]]]:
     for patient in stream:
+        if patient.rows is not None:
+            reads.take(patient.rows, first=False)
         if patient.rows is None:  # its task was lost: a TaskLost error row
             yield contracts.crops_table([], cfg.channels, cfg.crop_size), patient.errors
         else:
             yield wire.to_crops(patient.rows, cfg)[0], patient.errors
+
+
+@dataclasses.dataclass
+class ReadLog:
+    """How each planned patient's series was read (the tasks' READS rows): the first pass's
+    where the driver kept its crops, else the second pass's."""
+
+    first: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    second: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    bytes_read_total: int = 0  # every byte read, for whichever patient, in both passes
+
+    def take(self, rows: pa.Table, first: bool) -> None:
+        for meta in wire.metas(wire.of_kind(rows, (wire.Kind.READS,))):
+            if not meta["patient_id"] or not first:  # a chunk's total, or a second-pass patient's
+                self.bytes_read_total += meta["bytes_read"]
+            if meta["patient_id"]:
+                (self.first if first else self.second)[meta["patient_id"]] = {**meta, "pass": 1 if first else 2}
+
+    def records(self, plan: passes.Plan) -> list[dict[str, Any]]:
+        got = ((self.first if t.patient_id in plan.read_once else self.second).get(t.patient_id) for t in plan.tasks)
+        return [r for r in got if r]
+
+    def table(self, plan: passes.Plan) -> pa.Table:
+        return pa.Table.from_pylist(self.records(plan), schema=READS_SCHEMA)
+
+    def summary(self, plan: passes.Plan) -> dict[str, Any]:
+        """Patients per plan; their bytes read against the bytes of the objects their crops needed;
+        and every byte the job read (other series and unannotated patients included)."""
+        records = self.records(plan)
+        read, needed = sum(r["bytes_read"] for r in records), sum(r["bytes_needed"] for r in records)
+        return {"patients_per_plan": dict(collections.Counter(r["plan"] for r in records)), "bytes_read": read,
+                "bytes_needed": needed, "read_per_needed": round(read / needed, 2) if needed else None,
+                "bytes_read_total": self.bytes_read_total}
+
+
+READS_SCHEMA = pa.schema([("patient_id", pa.string()), ("series_instance_uid", pa.string()), ("plan", pa.string()),
+                          ("pass", pa.int8()), ("objects_read_whole", pa.int64()), ("bytes_read", pa.int64()),
+                          ("bytes_needed", pa.int64())])
 
 
 @dataclasses.dataclass

@@ -75,6 +75,16 @@ class Volume:
     direction: np.ndarray
     patient_id: str
     series_instance_uid: str
+    # ``hu`` may hold only slices ``first_slice ..`` of a series of ``series_slices`` (the ones
+    # an ROI needs); origin and indices stay the whole series', so crops are the same either way.
+    first_slice: int = 0
+    series_slices: int | None = None
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(slices, rows, columns) of the whole series, decoded or not."""
+        n, rows, cols = self.hu.shape
+        return (n if self.series_slices is None else self.series_slices, rows, cols)
 
 
 @dataclass
@@ -332,13 +342,13 @@ def _slice_order(frames: list[_Frame], cfg: CropConfig, uid: str
     return frames, t, step
 
 
-def _resample_uniform(hu: np.ndarray, t: np.ndarray, step: float) -> np.ndarray:
-    """Slices ``step`` apart, linear along the normal: ITK and the crops need a regular grid."""
-    grid = t[0] + step * np.arange(int(round((t[-1] - t[0]) / step)) + 1)
+def _resample_uniform(hu: np.ndarray, t: np.ndarray, grid: np.ndarray, first: int = 0) -> np.ndarray:
+    """Slices at ``grid`` (mm along the normal), linear between the slices at ``t``: ITK and the
+    crops need a regular grid. ``hu`` holds the sorted slices ``first ..`` of ``t``."""
     upper = np.clip(np.searchsorted(t, grid, side="right"), 1, len(t) - 1)
     w = ((grid - t[upper - 1]) / (t[upper] - t[upper - 1])).astype(np.float32)
     out = np.empty((len(grid), *hu.shape[1:]), np.float32)
-    for n, (u, wn) in enumerate(zip(upper, w, strict=True)):  # a slice at a time: low memory
+    for n, (u, wn) in enumerate(zip(upper - first, w, strict=True)):  # a slice at a time: low memory
         out[n] = (1 - wn) * hu[u - 1] + wn * hu[u]
     return out
 
@@ -357,19 +367,21 @@ def _hu_frame(stored: np.ndarray, ds: Dataset, frame: _Frame) -> np.ndarray:
     return hu
 
 
-def _decode_file(data: bytes, ds: Dataset, frames: list[_Frame], slots: dict[int, int],
+def _decode_file(data: bytes, ds: Dataset, key: str, wanted: dict[int, tuple[int, _Frame]], n_frames: int,
                  out: np.ndarray) -> None:
-    """Decode one object frame by frame (iter_pixels); ``slots``: frame number -> slice."""
-    key = frames[slots[0]].key
+    """Decode one object frame by frame (iter_pixels); ``wanted``: frame number -> (slice of
+    ``out``, its frame), for the frames needed (the others of a multi-frame object are skipped)."""
     count = 0
     try:
-        check_codestreams(data, ds, key, len(slots))
+        check_codestreams(data, ds, key, n_frames)
         for count, stored in enumerate(iter_pixels(io.BytesIO(data)), start=1):
-            if stored.shape != (frame := frames[slots[count - 1]]).shape:
-                raise ValueError(f"decoded shape {stored.shape} != (Rows, Columns) {frame.shape}")
-            out[slots[count - 1]] = _hu_frame(stored, ds, frame)
-        if count != len(slots):
-            raise ValueError(f"{count} frames decoded, {len(slots)} declared")
+            if (slot := wanted.get(count - 1)) is None:
+                continue
+            if stored.shape != slot[1].shape:
+                raise ValueError(f"decoded shape {stored.shape} != (Rows, Columns) {slot[1].shape}")
+            out[slot[0]] = _hu_frame(stored, ds, slot[1])
+        if count != n_frames:
+            raise ValueError(f"{count} frames decoded, {n_frames} declared")
     except VfxError:
         raise
     except BaseException as exc:  # pydicom raises many types; Rust decoders panic
@@ -380,6 +392,116 @@ def _decode_file(data: bytes, ds: Dataset, frames: list[_Frame], slots: dict[int
                      "Check the file and the pylibjpeg-*/pyjpegls plugins", key) from exc
 
 
+@dataclass
+class SeriesLayout:
+    """Where every slice of one series lies, known from its headers alone: which objects an
+    ROI's slices need is decided before any pixel is read (or any object fetched whole).
+
+    Slices are numbered on the volume's regular grid (the sorted slices themselves, or a
+    resampling of unevenly spaced ones); ``origin``, ``spacing`` and ``direction`` are the
+    whole volume's, as in :class:`Volume`.
+    """
+
+    keys: list[str]  # the series' objects, in the order given
+    frames: list[_Frame]  # every frame, sorted along the normal
+    t: np.ndarray  # their positions on it (mm)
+    grid: np.ndarray  # the regular grid's positions on it (mm): the volume's slices
+    origin: np.ndarray
+    spacing: np.ndarray
+    direction: np.ndarray
+    patient_id: str
+    series_instance_uid: str
+    uniform: bool  # the slices are the grid (else the grid is resampled from them)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (len(self.grid), *self.frames[0].shape)
+
+    def sources(self, k0: int, k1: int) -> tuple[int, int]:
+        """The sorted frames ``[f0, f1)`` that slices ``[k0, k1)`` are made of."""
+        if k1 <= k0:
+            return 0, 0
+        if self.uniform:
+            return k0, k1
+        upper = np.clip(np.searchsorted(self.t, self.grid[k0:k1], side="right"), 1, len(self.t) - 1)
+        return int(upper.min()) - 1, int(upper.max()) + 1
+
+    def files(self, k0: int, k1: int) -> list[int]:
+        """Indices (into ``keys``) of the objects holding slices ``[k0, k1)``."""
+        f0, f1 = self.sources(k0, k1)
+        return sorted({f.file_index for f in self.frames[f0:f1]})
+
+
+def series_layout(keys: list[str], parsed: list[tuple], cfg: CropConfig | None = None, *,
+                  max_voxels: int = MAX_VOXELS) -> SeriesLayout:
+    """Check and place one series' frames from the objects' parses (a header prefix is enough:
+    :func:`header_and_parse`), in the order of ``keys``."""
+    cfg = cfg or CropConfig()
+    if not keys:
+        raise _error("decode", "EmptySeries", "no files given for the series")
+    ids = []
+    for key, (ds, _, _) in zip(keys, parsed, strict=True):
+        with bad_values("decode", key):
+            ids.append((_text(ds.get("SeriesInstanceUID")), _text(ds.get("PatientID"))))
+    uids, patient = sorted({uid for uid, _ in ids}), ids[0][1]
+    try:
+        if len(uids) > 1:
+            raise _error("geometry", "MixedSeries", f"files of {len(uids)} series were given "
+                         f"together: {', '.join(uids)}; group files by SeriesInstanceUID first")
+        frames: list[_Frame] = []
+        for i, (key, (ds, has_pixels, _)) in enumerate(zip(keys, parsed, strict=True)):
+            used = sum(f.shape[0] * f.shape[1] for f in frames[-1:]) * len(frames)  # one matrix
+            with bad_values("decode", key):
+                frames += _frames(ds, key, has_pixels, i, max_voxels - used)
+        with bad_values("geometry", uid=uids[0]):  # backstop: values were checked by _frames
+            return _layout(keys, frames, cfg, uids[0], patient)
+    except VfxError as err:
+        err.patient_id = err.patient_id or patient
+        err.series_instance_uid = err.series_instance_uid or uids[0]
+        raise
+
+
+def _layout(keys: list[str], frames: list[_Frame], cfg: CropConfig, uid: str, patient: str) -> SeriesLayout:
+    frames, t, step = _slice_order(frames, cfg, uid)
+    axes = _axes(frames[0].orientation, uid)
+    median = float(np.median(np.diff(t)))
+    regular = (t[-1] - t[0]) / round((t[-1] - t[0]) / median)  # nearest step tiling the extent
+    uniform = bool(np.abs(np.diff(t) - regular).max() <= 0.01 * regular)
+    grid = t if uniform else t[0] + regular * np.arange(int(round((t[-1] - t[0]) / regular)) + 1)
+    axes[:, 2] = step / np.linalg.norm(step)
+    row_sp, col_sp = frames[0].pixel_spacing
+    return SeriesLayout(keys, frames, t, grid, frames[0].position.copy(),
+                        np.array([col_sp, row_sp, regular * np.linalg.norm(step)]), axes, patient, uid, uniform)
+
+
+def decode_slices(layout: SeriesLayout, parsed: dict[int, tuple] | list[tuple], k0: int = 0,
+                  k1: int | None = None) -> Volume:
+    """Slices ``[k0, k1)`` of the volume (default: all) decoded to HU; ``parsed``: the whole
+    objects' parses, at least those of ``layout.files(k0, k1)``, by index into ``layout.keys``."""
+    k1 = len(layout.grid) if k1 is None else k1
+    f0, f1 = layout.sources(k0, k1)
+    hu = np.empty((f1 - f0, *layout.frames[0].shape), np.float32)
+    per_file: dict[int, int] = {}
+    for f in layout.frames:
+        per_file[f.file_index] = per_file.get(f.file_index, 0) + 1
+    wanted: dict[int, dict[int, tuple[int, _Frame]]] = {}
+    for n, f in enumerate(layout.frames[f0:f1]):
+        wanted.setdefault(f.file_index, {})[f.frame_index] = (n, f)
+    try:
+        for i, frames in sorted(wanted.items()):
+            ds, _, data = parsed[i]
+            _decode_file(data, ds, layout.keys[i], frames, per_file[i], hu)
+    except VfxError as err:
+        err.patient_id = err.patient_id or layout.patient_id
+        err.series_instance_uid = err.series_instance_uid or layout.series_instance_uid
+        raise
+    if not layout.uniform and k1 > k0:
+        hu = _resample_uniform(hu, layout.t, layout.grid[k0:k1], f0)
+    return Volume(hu=hu, origin=layout.origin, spacing=layout.spacing, direction=layout.direction,
+                  patient_id=layout.patient_id, series_instance_uid=layout.series_instance_uid,
+                  first_slice=k0, series_slices=len(layout.grid))
+
+
 def load_volume(files: list[tuple[str, bytes]], cfg: CropConfig | None = None, *,
                 max_voxels: int = MAX_VOXELS, parsed: list[tuple] | None = None) -> Volume:
     """Decode one series (classic slices or Enhanced multi-frame) to an HU :class:`Volume`.
@@ -388,56 +510,7 @@ def load_volume(files: list[tuple[str, bytes]], cfg: CropConfig | None = None, *
     ImageOrientationPatient, never by name or InstanceNumber (PS3.3 C.7.6.2.1.1).
     """
     cfg = cfg or CropConfig()
-    if not files:
-        raise _error("decode", "EmptySeries", "no files given for the series")
     if parsed is None:  # else: the files' parses from header_and_parse, in the same order
         parsed = [parse(data, key, "decode", cfg.max_file_bytes) for key, data in files]
-    ids = []
-    for (key, _), (ds, _, _) in zip(files, parsed, strict=True):
-        with bad_values("decode", key):
-            ids.append((_text(ds.get("SeriesInstanceUID")), _text(ds.get("PatientID"))))
-    uids, patient = sorted({uid for uid, _ in ids}), ids[0][1]
-    try:
-        if len(uids) > 1:
-            raise _error("geometry", "MixedSeries", f"files of {len(uids)} series were given "
-                         f"together: {', '.join(uids)}; group files by SeriesInstanceUID first")
-        return _assemble(files, parsed, cfg, max_voxels, uids[0], patient)
-    except VfxError as err:
-        err.patient_id = err.patient_id or patient
-        err.series_instance_uid = err.series_instance_uid or uids[0]
-        raise
-
-
-def _assemble(files: list[tuple[str, bytes]], parsed: list[tuple[Dataset, bool, bytes]],
-              cfg: CropConfig, max_voxels: int, uid: str, patient: str) -> Volume:
-    """Check every object's header and declared size, then place and decode its frames."""
-    frames: list[_Frame] = []
-    for i, ((key, _), (ds, has_pixels, _)) in enumerate(zip(files, parsed, strict=True)):
-        used = sum(f.shape[0] * f.shape[1] for f in frames[-1:]) * len(frames)  # one matrix
-        with bad_values("decode", key):
-            frames += _frames(ds, key, has_pixels, i, max_voxels - used)
-    with bad_values("geometry", uid=uid):  # backstop: values were checked by _frames
-        return _place(parsed, frames, cfg, uid, patient)
-
-
-def _place(
-    parsed: list[tuple[Dataset, bool, bytes]], frames: list[_Frame], cfg: CropConfig, uid: str, patient: str
-) -> Volume:
-    """Sort and check the slices, then decode every object into one HU array."""
-    frames, t, step = _slice_order(frames, cfg, uid)
-    axes = _axes(frames[0].orientation, uid)
-    hu = np.empty((len(frames), *frames[0].shape), np.float32)
-    slots: list[dict[int, int]] = [{} for _ in parsed]  # object -> its frame number -> slice
-    for k, f in enumerate(frames):
-        slots[f.file_index][f.frame_index] = k
-    for i, (ds, _, data) in enumerate(parsed):
-        _decode_file(data, ds, frames, slots[i], hu)
-    median = float(np.median(np.diff(t)))
-    regular = (t[-1] - t[0]) / round((t[-1] - t[0]) / median)  # nearest step tiling the extent
-    if np.abs(np.diff(t) - regular).max() > 0.01 * regular:
-        hu = _resample_uniform(hu, t, regular)
-    axes[:, 2] = step / np.linalg.norm(step)
-    row_sp, col_sp = frames[0].pixel_spacing
-    return Volume(hu=hu, origin=frames[0].position.copy(),
-                  spacing=np.array([col_sp, row_sp, regular * np.linalg.norm(step)]),
-                  direction=axes, patient_id=patient, series_instance_uid=uid)
+    layout = series_layout([key for key, _ in files], parsed, cfg, max_voxels=max_voxels)
+    return decode_slices(layout, parsed)

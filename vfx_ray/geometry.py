@@ -19,7 +19,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from vfx_ray.config import CropConfig
-from vfx_ray.dicom import AIR_HU, Volume
+from vfx_ray.dicom import AIR_HU, SeriesLayout, Volume
 from vfx_ray.errors import VfxError
 from vfx_ray.roi import RoiBox
 
@@ -27,9 +27,12 @@ SLICE_ANCHOR_MM = 0.0
 
 
 def to_sitk(volume: Volume) -> sitk.Image:
-    """The volume as a SimpleITK image whose physical points are LPS mm (a copy of ``hu``)."""
+    """The volume's decoded slices as a SimpleITK image whose physical points are LPS mm (a copy)."""
     image = sitk.GetImageFromArray(np.ascontiguousarray(volume.hu, dtype=np.float32))
-    image.SetOrigin([float(v) for v in volume.origin])
+    origin = np.asarray(volume.origin, float)
+    if volume.first_slice:
+        origin = origin + _affine(volume) @ np.array([0.0, 0.0, volume.first_slice])
+    image.SetOrigin([float(v) for v in origin])
     image.SetSpacing([float(v) for v in volume.spacing])
     image.SetDirection([float(v) for v in np.asarray(volume.direction).ravel()])
     return image
@@ -70,30 +73,41 @@ def select_slices(roi: RoiBox, cfg: CropConfig) -> np.ndarray:
     return np.arange(first, last + 1)
 
 
-def _affine(volume: Volume) -> np.ndarray:
+def _affine(volume: Volume | SeriesLayout) -> np.ndarray:
     """3x3 matrix from (j, i, k) voxel index to LPS offset from the origin."""
     return np.asarray(volume.direction, float) * np.asarray(volume.spacing, float)[None, :]
 
 
 def _extent(volume: Volume) -> tuple[np.ndarray, np.ndarray]:
-    """LPS bounding box (lo, hi) of the volume, voxel edges included."""
-    shape = np.array(volume.hu.shape[::-1], float)  # (j, i, k)
+    """LPS bounding box (lo, hi) of the whole volume, voxel edges included."""
+    shape = np.array(volume.shape[::-1], float)  # (j, i, k)
     corners = np.array(np.meshgrid(*[[-0.5, s - 0.5] for s in shape], indexing="ij")).reshape(3, -1)
     points = np.asarray(volume.origin, float)[:, None] + _affine(volume) @ corners
     return points.min(axis=1), points.max(axis=1)
 
 
-def _subimage(volume: Volume, lo: np.ndarray, hi: np.ndarray) -> sitk.Image | None:
-    """The voxels near an LPS box as an image (no whole-volume copy); None when disjoint."""
+def _voxel_range(volume: Volume | SeriesLayout, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(start, stop) voxel indices (j, i, k) covering an LPS box with one voxel of margin for
+    linear interpolation (more at the far side); empty (stop <= start) when disjoint."""
     corners = np.array(np.meshgrid(*zip(lo, hi, strict=True), indexing="ij")).reshape(3, -1)
     index = np.linalg.solve(_affine(volume), corners - np.asarray(volume.origin, float)[:, None])
-    shape = volume.hu.shape[::-1]
+    shape = volume.shape[::-1]
     start = np.maximum(np.floor(index.min(axis=1)).astype(int) - 1, 0)
     stop = np.minimum(np.ceil(index.max(axis=1)).astype(int) + 2, shape)
+    return start, stop
+
+
+def _subimage(volume: Volume, lo: np.ndarray, hi: np.ndarray) -> sitk.Image | None:
+    """The voxels near an LPS box as an image (no whole-volume copy); None when disjoint."""
+    start, stop = _voxel_range(volume, lo, hi)
     if np.any(stop <= start):
         return None
     (j0, i0, k0), (j1, i1, k1) = start, stop
-    part = Volume(hu=volume.hu[k0:k1, i0:i1, j0:j1],
+    first, decoded = volume.first_slice, volume.hu.shape[0]
+    if k0 < first or k1 > first + decoded:
+        raise ValueError(f"slices {k0}..{k1 - 1} are needed but only {first}..{first + decoded - 1} "
+                         "were decoded (see slices_needed)")
+    part = Volume(hu=volume.hu[k0 - first:k1 - first, i0:i1, j0:j1],
                   origin=np.asarray(volume.origin, float) + _affine(volume) @ start,
                   spacing=volume.spacing, direction=volume.direction,
                   patient_id=volume.patient_id, series_instance_uid=volume.series_instance_uid)
@@ -126,12 +140,31 @@ def _check_inside(volume: Volume, roi: RoiBox) -> None:
     lo, hi = _extent(volume)
     c = roi.centre
     index = np.linalg.solve(_affine(volume), c - np.asarray(volume.origin, float))
-    if np.any(index < -0.5) or np.any(index > np.array(volume.hu.shape[::-1]) - 0.5):
+    if np.any(index < -0.5) or np.any(index > np.array(volume.shape[::-1]) - 0.5):
         box = ", ".join(f"{a} {lo[n]:.1f}..{hi[n]:.1f}" for n, a in enumerate("xyz"))
         raise VfxError("crop", f"ROI centre ({c[0]:.1f}, {c[1]:.1f}, {c[2]:.1f}) mm is outside "
                        f"the volume ({box} mm); check the ROI is in this series' LPS coordinates",
                        patient_id=roi.patient_id or volume.patient_id,
                        series_instance_uid=volume.series_instance_uid, error_type="RoiOutside")
+
+
+def crop_box(roi: RoiBox, cfg: CropConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The LPS box (lo, hi) whose voxels :func:`crop_samples` reads: the ROI's square in y and
+    z, and in x its sagittal slabs with their neighbours, each a slab thickness wide."""
+    t, half = cfg.sagittal_thickness_mm, cfg.channels // 2
+    ks = select_slices(roi, cfg)
+    y0, y1, z0, z1 = roi.square()
+    xs = slice_x(np.array([ks[0] - half, ks[-1] + half]), t)
+    return np.array([xs[0] - t, y0, z0]), np.array([xs[-1] + t, y1, z1])
+
+
+def slices_needed(layout: SeriesLayout, roi: RoiBox, cfg: CropConfig) -> tuple[int, int]:
+    """The volume slices ``[k0, k1)`` that :func:`crop_samples` reads for this ROI, known from
+    the headers alone: decoding only these gives the same crops as decoding the whole series."""
+    start, stop = _voxel_range(layout, *crop_box(roi, cfg))
+    if np.any(stop <= start):
+        return 0, 0
+    return int(start[2]), int(stop[2])
 
 
 def zscore(image: np.ndarray) -> np.ndarray:
@@ -161,7 +194,7 @@ def crop_samples(volume: Volume, roi: RoiBox, cfg: CropConfig | None = None, *,
     z_mm = z1 - pixel * (np.arange(n) + 0.5)
     slab_ks = np.arange(ks[0] - half, ks[-1] + half + 1)
     xs = slice_x(slab_ks, t)
-    image = _subimage(volume, np.array([xs[0] - t, y0, z0]), np.array([xs[-1] + t, y1, z1]))
+    image = _subimage(volume, *crop_box(roi, cfg))
     slabs = {int(k): _slab(image, float(x), y_mm, z_mm, pixel, t) for k, x in zip(slab_ks, xs, strict=True)}
     rows = []
     for k in ks:

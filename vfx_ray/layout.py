@@ -18,6 +18,7 @@ DICOM = "dicom"
 # crops
 CROPS = "crops.parquet"
 SERIES_INDEX = "series_index.parquet"
+READS = "reads.parquet"  # per patient: the read plan, bytes read, bytes its crops needed
 MANIFEST = "manifest.json"
 
 # tune

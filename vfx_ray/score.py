@@ -201,7 +201,7 @@ class ScoreJob:
         sink = PatientSink(self, len(todo))
         second = plan.second_pass(skip=lambda pid: shown(pid) in done_ids)
         try:
-            errors += self.score_rest(todo, plan.read_once, first, second, sink)
+            errors += self.score_rest(todo, plan, first, second, sink)
         except BaseException:
             with contextlib.suppress(Exception):  # keep what is finished, if the output takes it
                 sink.writer.flush()
@@ -263,7 +263,7 @@ class ScoreJob:
         if not self.pseudo:
             key = score_parts.cache_key(self.models.model_id, self.cfg, self.options.features, annotations)
             cache = score_parts.ChunkCache(self.out_uri, key)
-        items = passes.chunk_items(entries, self.cpus)
+        items = passes.chunk_items(entries, self.cpus, self.cfg, self.archive_uri)
         first.chunks = len(items)
         reused = [i for i in items if cache and i["chunk"] in cache.names]
         fresh = [i for i in items if i not in reused]
@@ -281,15 +281,15 @@ class ScoreJob:
                                   self.options.progress)
         return index, first
 
-    def score_rest(self, todo: list[PatientTask], read_once: set[str], first: FirstPassResults,
+    def score_rest(self, todo: list[PatientTask], plan: passes.Plan, first: FirstPassResults,
                    second: list[PatientTask], sink: PatientSink) -> list[dict[str, Any]]:
         """Every patient to do into ``sink``: first-pass results, then the second pass."""
         errors: list[dict[str, Any]] = []
         for t in todo:
-            if t.patient_id in read_once:
+            if t.patient_id in plan.read_once:
                 errors += first.errors.get(t.patient_id, [])
                 sink.add(t.patient_id, first.slices.get(t.patient_id, []))
-        for patient in passes.second_pass(second, self.cfg, "score", self.scoring, DECODE_CPUS):
+        for patient in passes.second_pass(second, self.cfg, "score", plan.sizes, self.scoring, DECODE_CPUS):
             errors += patient.errors
             sink.add(patient.task.patient_id, scored_slices(patient.rows) if patient.rows is not None else [])
         return errors

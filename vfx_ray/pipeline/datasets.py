@@ -15,7 +15,6 @@ from typing import Any
 import pandas as pd
 import ray
 
-from vfx_ray import annotations as ann_mod
 from vfx_ray import dicom, storage
 from vfx_ray.config import CropConfig
 from vfx_ray.pipeline import tasks
@@ -67,9 +66,9 @@ def chunks(
                                        batch_format="pyarrow", batch_size=1, num_cpus=num_cpus, memory=memory)
 
 
-def patients(planned: list[ann_mod.PatientTask], cfg: CropConfig, num_cpus: float = 1) -> ray.data.Dataset:
-    """Wire rows of the second pass, one task per patient, in the order of ``planned``."""
+def patients(items: list[dict[str, str]], cfg: CropConfig, num_cpus: float = 1) -> ray.data.Dataset:
+    """Wire rows of the second pass, one task per patient (``passes.patient_items``), in order."""
     memory = decode_memory(SERIES_BYTES_PER_VOXEL * dicom.MAX_VOXELS)  # a whole series' objects
-    return _ordered([tasks.task_item(t) for t in planned]).map_batches(
+    return _ordered(items).map_batches(
         tasks.patient_batch, fn_kwargs={"cfg": cfg}, batch_format="pyarrow", batch_size=1,
         num_cpus=num_cpus, memory=memory)

@@ -130,11 +130,35 @@ def chunk_entries(entries: list[storage.FileEntry], max_objects: int | None = No
     return chunks
 
 
-def chunk_items(entries: list[storage.FileEntry], cpus: int) -> list[dict[str, Any]]:
-    """The listing in chunks (enough for every CPU), each named by a fingerprint of its
-    object keys and sizes: the same archive and cluster give the same chunks again."""
-    chunks = chunk_entries(entries, target_objects=-(-len(entries) // (CHUNKS_PER_CPU * cpus)))
-    return [{"uris": [e.uri for e in c], "chunk": wire.fingerprint([f"{e.uri}\t{e.size}" for e in c])} for c in chunks]
+def study_folder(uri: str, root: str) -> str:
+    """The first folder under the archive root that holds ``uri`` (a patient's or a study's in
+    the usual export layouts); the root itself for an object directly in it."""
+    rel = uri[len(root):].lstrip("/") if uri.startswith(root) else uri
+    return rel.split("/", 1)[0] if "/" in rel else ""
+
+
+def chunk_items(entries: list[storage.FileEntry], cpus: int, cfg: CropConfig | None = None,
+                root: str | None = None) -> list[dict[str, Any]]:
+    """The listing in chunks (enough for every CPU), each named by a fingerprint of its object
+    keys and sizes (the same archive and cluster give the same chunks again) and with its read
+    plan: :func:`tasks.choose_plan` on the bytes of each folder under ``root`` (the archive
+    URI; default: the listing's common prefix), so all series of a study share a plan, and a
+    chunk holds folders of one plan."""
+    cfg = cfg or CropConfig()
+    if root is None:  # the folders every object shares ("s3://" kept as it is: no normalising)
+        shared = itertools.takewhile(lambda p: len(set(p)) == 1, zip(*[e.uri.split("/")[:-1] for e in entries],
+                                                                     strict=False))
+        root = "/".join(p[0] for p in shared)
+    target = -(-len(entries) // (CHUNKS_PER_CPU * cpus))
+    studies = [list(run) for _, run in itertools.groupby(entries, key=lambda e: study_folder(e.uri, root))]
+    items = []
+    for plan, group in itertools.groupby(studies, key=lambda run: tasks.choose_plan(cfg, sum(e.size for e in run))):
+        flat = [e for run in group for e in run]
+        limits = (tasks.ROI_CHUNK_OBJECTS, 1 << 62) if plan == "roi" else (None, None)  # roi: headers held
+        for c in chunk_entries(flat, *limits, target_objects=target):
+            items.append({"uris": [e.uri for e in c], "sizes": [e.size for e in c], "plan": plan,
+                          "chunk": wire.fingerprint([f"{e.uri}\t{e.size}" for e in c])})
+    return items
 
 
 def split_chunks(batches: Iterable[pa.Table]) -> Iterator[tuple[str | None, pa.Table]]:
@@ -215,10 +239,11 @@ def first_pass(chunks: Iterable[tuple[str | None, pa.Table]], entries: list[stor
 
 def first_pass_chunks(entries: list[storage.FileEntry], cfg: CropConfig, annotations: pd.DataFrame,
                       stage: Callable[[Any], Any] | None = None, num_cpus: float = 1,
-                      items: list[dict[str, Any]] | None = None) -> Iterator[tuple[str | None, pa.Table]]:
+                      items: list[dict[str, Any]] | None = None, root: str | None = None
+                      ) -> Iterator[tuple[str | None, pa.Table]]:
     """The first pass on Ray Data, as (chunk, rows); ``stage`` maps the chunk dataset (the
-    scoring actors); ``items``: the chunks to read (default: the whole listing)."""
-    items = chunk_items(entries, datasets.cluster_cpus()) if items is None else items
+    scoring actors); ``items``: the chunks to read (default: the whole listing under ``root``)."""
+    items = chunk_items(entries, datasets.cluster_cpus(), cfg, root) if items is None else items
     if not items:
         return iter(())
     ds = datasets.chunks(items, cfg, annotations, num_cpus)
@@ -246,6 +271,7 @@ class Plan:
     errors: list[dict[str, Any]]
     read_once: set[str]  # patients whose first-pass result is theirs
     selection: dict[str, str] = dataclasses.field(default_factory=dict)  # series uid -> chosen, or why not
+    sizes: dict[str, int] = dataclasses.field(default_factory=dict)  # object key -> bytes
 
     def second_pass(self, skip: Callable[[str], bool] = lambda pid: False) -> list[ann_mod.PatientTask]:
         return [t for t in self.tasks if t.patient_id not in self.read_once and not skip(t.patient_id)]
@@ -260,7 +286,8 @@ def plan(annotations: pd.DataFrame, index: ArchiveIndex, cfg: CropConfig,
     planned, errors = ann_mod.plan_tasks(annotations, series, rules=cfg.series_rules, notes=selection)
     if pseudo:
         pseudo.know_patients([t.patient_id for t in planned] + [s.get("patient_id") for s in series])
-    return Plan(series, planned, index.errors + errors, index.read_once(planned), selection)
+    sizes = {h["object_key"]: h["size"] for h in index.headers}
+    return Plan(series, planned, index.errors + errors, index.read_once(planned), selection, sizes)
 
 
 # ---------------------------------------------------------------- the patient stream
@@ -314,10 +341,20 @@ def patient_stream(
         yield close(task)
 
 
-def second_pass(planned: list[ann_mod.PatientTask], cfg: CropConfig, stage: str,
+def patient_items(planned: list[ann_mod.PatientTask], cfg: CropConfig, sizes: dict[str, int]) -> list[dict[str, str]]:
+    """The second pass's dataset items: each task with its series' read plan and object sizes."""
+    items = []
+    for t in planned:
+        series_sizes = [sizes.get(k, 0) for k in t.object_keys]
+        items.append(tasks.task_item(t, tasks.choose_plan(cfg, sum(series_sizes)), series_sizes))
+    return items
+
+
+def second_pass(planned: list[ann_mod.PatientTask], cfg: CropConfig, stage: str, sizes: dict[str, int],
                 scoring: Callable[[Any], Any] | None = None, num_cpus: float = 1) -> Iterator[PatientRows]:
-    """The second pass on Ray Data: one task per patient, ``scoring`` mapping its dataset."""
+    """The second pass on Ray Data: one task per patient, ``scoring`` mapping its dataset;
+    ``sizes``: the objects' sizes (:attr:`Plan.sizes`), which choose each series' read plan."""
     if not planned:
         return iter(())
-    ds = (scoring or (lambda d: d))(datasets.patients(planned, cfg, num_cpus))
+    ds = (scoring or (lambda d: d))(datasets.patients(patient_items(planned, cfg, sizes), cfg, num_cpus))
     return patient_stream(ds.iter_batches(batch_format="pyarrow", batch_size=None), planned, stage)

@@ -3,15 +3,21 @@
 Three task bodies, each a ``map_batches`` function that takes a pyarrow batch and returns
 :mod:`wire` rows, and never raises for a bad study (every failure becomes an error row):
 - :func:`index_batch`: headers only, from ranged reads (score's re-runs);
-- :func:`chunk_batch`: a chunk of the listing read whole once, indexed, and every annotated
-  series it holds cropped from the same bytes (the first pass of both jobs);
+- :func:`chunk_batch`: a chunk of the listing indexed, and every annotated series it holds
+  cropped (the first pass of both jobs);
 - :func:`patient_batch`: one patient's planned series read and cropped (the second pass).
+
+Both crop steps read by a plan (:func:`choose_plan`): "whole" reads each object once and
+decodes the crops from the same bytes; "roi" reads every header by a ranged GET, then only
+the objects that hold the slices the ROI needs. Either way only those slices are decoded
+(:func:`crop_series`), and the crops are the same.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from typing import Any
 
 import pandas as pd
@@ -20,6 +26,7 @@ import pyarrow as pa
 from vfx_ray import annotations as ann_mod
 from vfx_ray import dicom, geometry, storage
 from vfx_ray.config import CropConfig
+from vfx_ray.dicom_limits import parse
 from vfx_ray.errors import VfxError, error_row
 from vfx_ray.pipeline import wire
 from vfx_ray.pipeline.wire import CROP_WIRE, Kind, fingerprint, row
@@ -28,26 +35,52 @@ from vfx_ray.roi import RoiBox
 # Headers are read from a ranged GET of the first bytes: a CT header is a few KiB, the pixel
 # data that follows is 128 KiB (256²) to 512 KiB (512²). A longer header is retried whole.
 HEADER_READ_BYTES = 16 * 1024
+# The roi plan reads every header of a clinical study (~1,000 objects of 512 KiB) to find the
+# few dozen the ROI needs: a shorter probe keeps that index small beside them (a synthetic
+# CT header is ~2 KiB; a vendor's with private tags 4-10 KiB). Longer headers are read whole.
+HEADER_PROBE_BYTES = 8 * 1024
 # A chunk (first pass) is a run of the listing read whole by one task, which holds its bytes
 # while it decodes: cut at these limits (a bigger folder is cut, and its series take the
 # second pass).
 CHUNK_OBJECTS = 512
 CHUNK_BYTES = 256 << 20
+# A roi-plan chunk holds headers, and the few objects an ROI needs while it decodes them.
+ROI_CHUNK_OBJECTS = 4096
+
+
+def choose_plan(cfg: CropConfig, folder_bytes: int) -> str:
+    """The read plan for a folder (a study) of ``folder_bytes``: ``cfg.read_plan``, where
+    "auto" is "roi" for a folder of at least ``cfg.roi_read_min_bytes``. Below that a header
+    read costs about what the rest of a small object does (docs/benchmarks.md)."""
+    if cfg.read_plan != "auto":
+        return cfg.read_plan
+    return "roi" if folder_bytes >= cfg.roi_read_min_bytes else "whole"
 
 
 # ---------------------------------------------------------------- headers only
-def read_one_header(uri: str, size: int, prefix: bytes | BaseException, cfg: CropConfig) -> dict[str, Any]:
-    """Header of one object from its first bytes; the whole object when the header is longer."""
+def read_one_header_parse(uri: str, size: int, prefix: bytes | BaseException, cfg: CropConfig
+                          ) -> tuple[dict[str, Any], tuple, int]:
+    """(header record, its parse, bytes read) of one object from its first bytes, or from the
+    whole object when the header is longer than the prefix."""
     if isinstance(prefix, BaseException):
         raise prefix
     if len(prefix) < size:
         try:
-            return dicom.read_header(prefix, uri, object_size=size, max_file_bytes=cfg.max_file_bytes)
+            h, parsed = dicom.header_and_parse(prefix, uri, object_size=size, max_file_bytes=cfg.max_file_bytes)
+            return h, parsed, len(prefix)
         except VfxError as exc:
             if exc.error_type != "HeaderBeyondPrefix":
                 raise
-        prefix = storage.read_bytes(uri)
-    return dicom.read_header(prefix, uri, max_file_bytes=cfg.max_file_bytes)
+        data = storage.read_bytes(uri)
+        h, parsed = dicom.header_and_parse(data, uri, max_file_bytes=cfg.max_file_bytes)
+        return h, parsed, len(prefix) + len(data)
+    h, parsed = dicom.header_and_parse(prefix, uri, max_file_bytes=cfg.max_file_bytes)
+    return h, parsed, len(prefix)
+
+
+def read_one_header(uri: str, size: int, prefix: bytes | BaseException, cfg: CropConfig) -> dict[str, Any]:
+    """Header of one object from its first bytes; the whole object when the header is longer."""
+    return read_one_header_parse(uri, size, prefix, cfg)[0]
 
 
 def index_batch(batch: pa.Table, cfg: CropConfig) -> pa.Table:
@@ -65,34 +98,129 @@ def index_batch(batch: pa.Table, cfg: CropConfig) -> pa.Table:
 
 
 # ---------------------------------------------------------------- one patient's crops
-def crop_files(task: dict[str, Any], files: list[tuple[str, bytes]], cfg: CropConfig,
-               parsed: list[tuple] | None = None) -> list[dict[str, Any]]:
-    """Decode and crop one patient's objects (already read, maybe parsed) into wire rows."""
-    stage = "decode"
+@dataclasses.dataclass
+class Reads:
+    """How one patient's series was read: the plan, and the bytes read of the patient's objects
+    (whole or a header prefix) against the bytes of the objects its crops needed."""
+
+    patient_id: str
+    series_instance_uid: str
+    plan: str
+    objects_read_whole: int = 0
+    bytes_read: int = 0
+    bytes_needed: int = 0
+
+    def row(self) -> dict[str, Any]:
+        return row(self.patient_id, Kind.READS, dataclasses.asdict(self))
+
+
+@dataclasses.dataclass
+class ObjectsRead:
+    """Objects as a read plan read them: header records, parses (of the whole object or of a
+    header prefix), HEADER_ERROR rows, bytes read per object and the objects held whole."""
+
+    cfg: CropConfig
+    headers: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    parsed: dict[str, tuple] = dataclasses.field(default_factory=dict)
+    errors: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    read: dict[str, int] = dataclasses.field(default_factory=dict)
+    whole: set[str] = dataclasses.field(default_factory=set)
+
+    @classmethod
+    def by_plan(cls, uris: list[str], sizes: list[int], plan: str, cfg: CropConfig) -> ObjectsRead:
+        """"whole": every object read whole; "roi": the first ``HEADER_PROBE_BYTES`` of each."""
+        got = cls(cfg)
+        probe = HEADER_PROBE_BYTES if plan == "roi" else None
+        for uri, size, data in zip(uris, sizes, storage.read_many(uris, nbytes=probe), strict=True):
+            try:
+                h, parsed, n = read_one_header_parse(uri, size, data, cfg)
+            except Exception as exc:  # noqa: BLE001 - every failure becomes an error row
+                got.errors.append(row("", Kind.HEADER_ERROR, error_row(exc, "header", object_key=uri)))
+                continue
+            got.headers.append(h)
+            got.parsed[uri], got.read[uri] = parsed, n
+            if n >= h["size"]:
+                got.whole.add(uri)
+        return got
+
+    def fetch(self, keys: list[str]) -> dict[str, tuple]:
+        """The objects' parses, whole: those held as a header prefix are read whole first."""
+        missing = [k for k in keys if k not in self.whole]
+        for key, data in zip(missing, storage.read_many(missing), strict=True):
+            if isinstance(data, BaseException):
+                raise VfxError("read", f"{key}: {data}", object_key=key, error_type=type(data).__name__)
+            self.parsed[key] = parse(data, key, "decode", self.cfg.max_file_bytes)
+            self.read[key] += len(data)
+            self.whole.add(key)
+        return {k: self.parsed[k] for k in keys}
+
+    def reads(self, plan: str, task: dict[str, Any], needed: list[str], keys: list[str] | None = None) -> Reads:
+        """The READS record of a task: ``keys`` (default: every object of the task's patient)."""
+        pid = task["patient_id"]
+        mine = keys if keys is not None else [h["object_key"] for h in self.headers
+                                              if str(h.get("patient_id")) == pid]
+        size = {h["object_key"]: h["size"] for h in self.headers}
+        return Reads(pid, task["series_instance_uid"], plan, sum(k in self.whole for k in mine),
+                     sum(self.read.get(k, 0) for k in mine), sum(size[k] for k in needed))
+
+    def total(self, plan: str) -> Reads:
+        """The READS record of everything read (patient id empty): a chunk's bytes, whoever they were for."""
+        return Reads("", "", plan, len(self.whole), sum(self.read.values()))
+
+    def first_error(self) -> VfxError:
+        e = json.loads(self.errors[0]["meta"])
+        return VfxError(e["stage"], e["message"], object_key=e["object_key"], error_type=e["error_type"])
+
+
+def crop_series(task: dict[str, Any], parsed: dict[str, tuple], cfg: CropConfig,
+                fetch: Callable[[list[str]], dict[str, tuple]] | None = None) -> tuple[list[dict], list[str]]:
+    """One patient's CROP rows (or its ERROR row) and the objects its crops needed.
+
+    ``parsed`` holds the series' objects parsed, whole or from a header prefix; the slices the
+    ROI needs are found from the headers (:func:`geometry.slices_needed`) and only their objects
+    are decoded, read whole first by ``fetch`` where ``parsed`` holds a prefix.
+    """
+    keys, needed, stage = task["object_keys"], [], "decode"
     try:
-        volume = dicom.load_volume(files, cfg, parsed=parsed)
+        roi = RoiBox(*task["roi"])
+        layout = dicom.series_layout(keys, [parsed[k] for k in keys], cfg)
+        k0, k1 = geometry.slices_needed(layout, roi, cfg)
+        files = layout.files(k0, k1)
+        needed = [keys[i] for i in files]
+        stage = "read"
+        whole = fetch(needed) if fetch else parsed
+        stage = "decode"
+        volume = dicom.decode_slices(layout, {i: whole[keys[i]] for i in files}, k0, k1)
         stage = "crop"
-        records = geometry.crop_samples(volume, RoiBox(*task["roi"]), cfg)
+        records = geometry.crop_samples(volume, roi, cfg)
     except Exception as exc:  # noqa: BLE001 - one bad study never stops the batch
-        return [wire.error(exc, stage, task)]
-    return wire.crops(task, records)
+        return [wire.error(exc, stage, task)], needed
+    return wire.crops(task, records), needed
+
+
+def crop_files(task: dict[str, Any], files: list[tuple[str, bytes]], cfg: CropConfig) -> list[dict[str, Any]]:
+    """Crop one patient's objects already read whole (no object is fetched)."""
+    try:
+        parsed = {key: parse(data, key, "decode", cfg.max_file_bytes) for key, data in files}
+    except Exception as exc:  # noqa: BLE001 - one bad study never stops the batch
+        return [wire.error(exc, "decode", task)]
+    return crop_series({**task, "object_keys": [k for k, _ in files]}, parsed, cfg)[0]
 
 
 def crop_patient(task: dict[str, Any], cfg: CropConfig) -> list[dict[str, Any]]:
-    """The crops of one patient read from the store, or its error row."""
-    keys = task["object_keys"]
-    files = []
-    for key, data in zip(keys, storage.read_many(keys), strict=True):
-        if isinstance(data, BaseException):
-            exc = VfxError("read", f"{key}: {data}", object_key=key, error_type=type(data).__name__)
-            return [wire.error(exc, "read", task)]
-        files.append((key, data))
-    return crop_files(task, files, cfg)
+    """One patient's series read by its plan and cropped: CROP rows or an ERROR row, and a READS row."""
+    keys, plan = task["object_keys"], task.get("read_plan") or "whole"
+    objs = ObjectsRead.by_plan(keys, task.get("object_sizes") or [0] * len(keys), plan, cfg)
+    if objs.errors:  # a series with an unreadable object: the patient's error row
+        return [wire.error(objs.first_error(), "read", task), objs.reads(plan, task, [], keys).row()]
+    rows, needed = crop_series(task, objs.parsed, cfg, objs.fetch)
+    return [*rows, objs.reads(plan, task, needed, keys).row()]
 
 
-def task_item(task: ann_mod.PatientTask) -> dict[str, str]:
+def task_item(task: ann_mod.PatientTask, read_plan: str = "whole", sizes: list[int] | None = None) -> dict[str, str]:
     """A planned task as a dataset item (JSON: it crosses to the workers as text)."""
-    return {"task": json.dumps(dataclasses.asdict(task), default=str)}
+    item = {**dataclasses.asdict(task), "read_plan": read_plan, "object_sizes": sizes}
+    return {"task": json.dumps(item, default=str)}
 
 
 def patient_batch(batch: pa.Table, cfg: CropConfig) -> pa.Table:
@@ -113,49 +241,39 @@ def annotations_for(annotations: pd.DataFrame, headers: list[dict[str, Any]]) ->
     return annotations[keep]
 
 
-def read_and_parse(uris: list[str], cfg: CropConfig) -> tuple[list[dict], dict[str, tuple], list[dict]]:
-    """(headers, key → (bytes, parse), HEADER_ERROR rows) of objects read whole once."""
-    headers, by_key, errors = [], {}, []
-    for uri, data in zip(uris, storage.read_many(uris), strict=True):
-        try:
-            if isinstance(data, BaseException):
-                raise data
-            h, parsed = dicom.header_and_parse(data, uri, max_file_bytes=cfg.max_file_bytes)
-        except Exception as exc:  # noqa: BLE001 - every failure becomes an error row
-            errors.append(row("", Kind.HEADER_ERROR, error_row(exc, "header", object_key=uri)))
-            continue
-        headers.append(h)
-        by_key[uri] = (data, parsed)
-    return headers, by_key, errors
-
-
-def index_and_crop(uris: list[str], cfg: CropConfig, annotations: pd.DataFrame) -> list[dict[str, Any]]:
+def index_and_crop(uris: list[str], sizes: list[int], plan: str, cfg: CropConfig,
+                   annotations: pd.DataFrame) -> list[dict[str, Any]]:
     """One chunk's rows: HEADER_ERROR rows, one HEADERS row, then for each series the chunk
-    can crop a CANDIDATE row (its object keys' fingerprint) and its CROP or ERROR rows.
+    can crop a CANDIDATE row (its object keys' fingerprint), its CROP or ERROR rows and a
+    READS row; last a READS row of the whole chunk (no patient id).
 
-    The crops are candidates: the driver plans again on the whole archive's index and keeps
-    them only when the chunk held the planned series complete (:meth:`ArchiveIndex.read_once`).
+    ``plan`` (:class:`ObjectsRead`) "whole": every object read whole once and the crops decoded
+    from those bytes; "roi": every header by a ranged GET, then only the objects holding the
+    slices an ROI needs read whole. The crops are candidates: the driver plans again on the
+    whole archive's index and keeps them only when the chunk held the planned series complete
+    (:meth:`ArchiveIndex.read_once`).
     """
-    headers, by_key, rows = read_and_parse(uris, cfg)
-    if not headers:
-        return rows
-    rows.append(row("", Kind.HEADERS, headers))  # one row: the rows that reach a model are crops
-    tasks, _ = ann_mod.plan_tasks(annotations_for(annotations, headers), dicom.group_series(headers),
+    objs = ObjectsRead.by_plan(uris, sizes, plan, cfg)
+    rows = list(objs.errors)
+    if not objs.headers:
+        return [*rows, objs.total(plan).row()]
+    rows.append(row("", Kind.HEADERS, objs.headers))  # one row: the rows that reach a model are crops
+    tasks, _ = ann_mod.plan_tasks(annotations_for(annotations, objs.headers), dicom.group_series(objs.headers),
                                   rules=cfg.series_rules)
     for t in tasks:  # the chunk's own join errors do not matter: the driver plans globally
         meta = {"series_instance_uid": t.series_instance_uid, "keys": fingerprint(t.object_keys)}
         rows.append(row(t.patient_id, Kind.CANDIDATE, meta))
         task = json.loads(task_item(t)["task"])
-        files = [(k, by_key[k][0]) for k in t.object_keys]
-        rows += crop_files(task, files, cfg, parsed=[by_key[k][1] for k in t.object_keys])
-    return rows
+        crops, needed = crop_series(task, objs.parsed, cfg, objs.fetch)
+        rows += [*crops, objs.reads(plan, task, needed).row()]
+    return [*rows, objs.total(plan).row()]
 
 
 def chunk_batch(batch: pa.Table, cfg: CropConfig, annotations: pd.DataFrame) -> pa.Table:
     """Each chunk's rows closed by a CHUNK_END row naming it: with rows in order, a consumer
     knows when a chunk is complete (``score`` commits chunks for resuming)."""
     rows: list[dict[str, Any]] = []
-    for uris, chunk in zip(batch["uris"].to_pylist(), batch["chunk"].to_pylist(), strict=True):
-        rows += index_and_crop(uris, cfg, annotations)
-        rows.append(row("", Kind.CHUNK_END, {"chunk": chunk}))
+    for item in batch.to_pylist():
+        rows += index_and_crop(item["uris"], item["sizes"], item["plan"], cfg, annotations)
+        rows.append(row("", Kind.CHUNK_END, {"chunk": item["chunk"]}))
     return pa.Table.from_pylist(rows, schema=CROP_WIRE)

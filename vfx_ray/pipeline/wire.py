@@ -30,6 +30,7 @@ class Kind(StrEnum):
     HEADER_ERROR = "header_error"  # an errors-table row of one object whose header failed
     CANDIDATE = "candidate"  # a series a chunk cropped: its uid and object keys' fingerprint
     CHUNK_END = "chunk_end"  # closes a chunk's rows: {"chunk": its name}
+    READS = "reads"  # how one patient's series was read: plan, objects and bytes (see tasks.Reads)
 
 
 INDEX_KINDS = (Kind.HEADERS, Kind.HEADER_ERROR, Kind.CANDIDATE)  # what the driver plans on
