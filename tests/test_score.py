@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
@@ -180,13 +181,16 @@ def test_killed_run_resumes_with_one_row_per_patient(cohort, scored, tmp_path):
     )
 
 
+@pytest.mark.parametrize("plan", ["whole", "roi"])
 def test_patients_split_across_chunks_take_the_second_pass_with_the_same_scores(
-    cohort, scored, ray_session, tmp_path, monkeypatch
+    cohort, scored, ray_session, tmp_path, monkeypatch, plan
 ):
     monkeypatch.setattr(tasks, "CHUNK_OBJECTS", 5)  # every series is cut: none can be vouched for
+    monkeypatch.setattr(tasks, "ROI_CHUNK_OBJECTS", 5)  # the roi plan's chunks too
     out = str(tmp_path / "second")
+    cfg = dataclasses.replace(CFG, read_plan=plan)  # roi: the ROI's objects only, in both passes
     summary = score.run_score(
-        f"{cohort['root']}/dicom", f"{cohort['work']}/unlabelled.csv", cohort["model"], out, CFG, progress=False
+        f"{cohort['root']}/dicom", f"{cohort['work']}/unlabelled.csv", cohort["model"], out, cfg, progress=False
     )
     assert (summary["patients_read_once"], summary["patients_second_pass"], summary["errors"]) == (0, 6, 0)
     got, want = (pd.read_parquet(f"{o}/scores.parquet").set_index("patient_id").sort_index() for o in (out, scored[0]))
