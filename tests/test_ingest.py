@@ -152,6 +152,19 @@ def expected_crops(files, row):
     return geometry.crop_samples(volume, RoiBox.from_record(row), CFG)
 
 
+def assert_same_output(crops, errors, out: str) -> None:
+    """The crops (pixels too) and error rows of the run in ``out`` are those given."""
+    other = storage.read_table(storage.join(out, "crops.parquet"))
+    key = ["patient_id", "slice_index"]
+    a = crops.to_pandas().sort_values(key).reset_index(drop=True)
+    b = other.to_pandas().sort_values(key).reset_index(drop=True)
+    pd.testing.assert_frame_equal(a.drop(columns=["image"]), b.drop(columns=["image"]))
+    np.testing.assert_array_equal(np.stack(a["image"].map(np.asarray)), np.stack(b["image"].map(np.asarray)))
+    cols = ["patient_id", "object_key", "stage", "error_type"]
+    e2 = storage.read_table(storage.join(out, "errors.parquet")).to_pandas()
+    assert sorted(map(tuple, errors[cols].fillna("").values)) == sorted(map(tuple, e2[cols].fillna("").values))
+
+
 def test_every_bad_case_has_its_error_row(corpus, crops_run):
     _, crops, errors, _ = crops_run
     by_patient = errors.dropna(subset=["patient_id"]).set_index("patient_id")
@@ -233,15 +246,7 @@ def test_one_pass_reads_good_patients_once_and_the_second_pass_agrees(corpus, cr
     # only tiny bad series (a handful of objects) still fit a chunk; every good one is cut
     assert again["patients_second_pass"] >= summary["patients_with_crops"], again
     assert again["patients_read_once"] + again["patients_second_pass"] == summary["patients_planned"], again
-    other = storage.read_table(storage.join(out, "crops.parquet"))
-    key = ["patient_id", "slice_index"]
-    a = crops.to_pandas().sort_values(key).reset_index(drop=True)
-    b = other.to_pandas().sort_values(key).reset_index(drop=True)
-    pd.testing.assert_frame_equal(a.drop(columns=["image"]), b.drop(columns=["image"]))
-    np.testing.assert_array_equal(np.stack(a["image"].map(np.asarray)), np.stack(b["image"].map(np.asarray)))
-    cols = ["patient_id", "object_key", "stage", "error_type"]
-    e2 = storage.read_table(storage.join(out, "errors.parquet")).to_pandas()
-    assert sorted(map(tuple, errors[cols].fillna("").values)) == sorted(map(tuple, e2[cols].fillna("").values))
+    assert_same_output(crops, errors, out)
 
 
 
@@ -253,15 +258,7 @@ def test_the_roi_read_plan_gives_the_same_crops_and_errors(corpus, crops_run):
     out = str(corpus["base"] / "out-roi")
     again = run_crops(corpus["archive"], corpus["annotations"], out, dataclasses.replace(CFG, read_plan="roi"),
                       progress=False)
-    other = storage.read_table(storage.join(out, "crops.parquet"))
-    key = ["patient_id", "slice_index"]
-    a = crops.to_pandas().sort_values(key).reset_index(drop=True)
-    b = other.to_pandas().sort_values(key).reset_index(drop=True)
-    pd.testing.assert_frame_equal(a.drop(columns=["image"]), b.drop(columns=["image"]))
-    np.testing.assert_array_equal(np.stack(a["image"].map(np.asarray)), np.stack(b["image"].map(np.asarray)))
-    cols = ["patient_id", "object_key", "stage", "error_type"]
-    e2 = storage.read_table(storage.join(out, "errors.parquet")).to_pandas()
-    assert sorted(map(tuple, errors[cols].fillna("").values)) == sorted(map(tuple, e2[cols].fillna("").values))
+    assert_same_output(crops, errors, out)
     whole = storage.read_table(storage.join(out_whole, "reads.parquet")).to_pandas().set_index("patient_id")
     roi = storage.read_table(storage.join(out, "reads.parquet")).to_pandas().set_index("patient_id")
     good = [row["patient_id"] for _, row in corpus["good"]]

@@ -135,7 +135,8 @@ class ObjectsRead:
             try:
                 h, parsed, n = read_one_header_parse(uri, size, data, cfg)
             except Exception as exc:  # noqa: BLE001 - every failure becomes an error row
-                got.errors.append(row("", Kind.HEADER_ERROR, error_row(exc, "header", object_key=uri)))
+                stage = "read" if isinstance(data, BaseException) else "header"
+                got.errors.append(row("", Kind.HEADER_ERROR, error_row(exc, stage, object_key=uri)))
                 continue
             got.headers.append(h)
             got.parsed[uri], got.read[uri] = parsed, n
@@ -209,8 +210,9 @@ def crop_files(task: dict[str, Any], files: list[tuple[str, bytes]], cfg: CropCo
 
 def crop_patient(task: dict[str, Any], cfg: CropConfig) -> list[dict[str, Any]]:
     """One patient's series read by its plan and cropped: CROP rows or an ERROR row, and a READS row."""
-    keys, plan = task["object_keys"], task.get("read_plan") or "whole"
-    objs = ObjectsRead.by_plan(keys, task.get("object_sizes") or [0] * len(keys), plan, cfg)
+    keys, sizes = task["object_keys"], task.get("object_sizes")
+    plan = (task.get("read_plan") or "whole") if sizes else "whole"  # a header probe needs the object's size
+    objs = ObjectsRead.by_plan(keys, sizes or [0] * len(keys), plan, cfg)
     if objs.errors:  # a series with an unreadable object: the patient's error row
         return [wire.error(objs.first_error(), "read", task), objs.reads(plan, task, [], keys).row()]
     rows, needed = crop_series(task, objs.parsed, cfg, objs.fetch)
