@@ -1,7 +1,9 @@
 """The driver's side of the pipeline: list, chunk, first pass, plan, the ordered patient stream.
 
-Both jobs run the same steps. The first pass reads each object once in chunks of the
-listing: it indexes headers and crops, as candidates, every annotated series a chunk holds.
+Both jobs run the same steps. The first pass reads the listing in chunks, each by its study
+folders' read plan (:func:`chunk_items`; every object whole, or every header and then the
+objects an ROI needs): it indexes headers and crops, as candidates, every annotated series
+a chunk holds.
 The driver then plans on the whole archive's index (:func:`plan`) and keeps a candidate
 only when its chunk held the planned series complete; the other patients (a series spread
 over folders, a second series elsewhere) take the second pass, one task per patient,

@@ -39,8 +39,8 @@ HEADER_READ_BYTES = 16 * 1024
 # few dozen the ROI needs: a shorter probe keeps that index small beside them (a synthetic
 # CT header is ~2 KiB; a vendor's with private tags 4-10 KiB). Longer headers are read whole.
 HEADER_PROBE_BYTES = 8 * 1024
-# A chunk (first pass) is a run of the listing read whole by one task, which holds its bytes
-# while it decodes: cut at these limits (a bigger folder is cut, and its series take the
+# A whole-plan chunk (first pass) is a run of the listing read whole by one task, which holds
+# its bytes while it decodes: cut at these limits (a bigger folder is cut, and its series take the
 # second pass).
 CHUNK_OBJECTS = 512
 CHUNK_BYTES = 256 << 20
