@@ -199,15 +199,6 @@ def crop_series(task: dict[str, Any], parsed: dict[str, tuple], cfg: CropConfig,
     return wire.crops(task, records), needed
 
 
-def crop_files(task: dict[str, Any], files: list[tuple[str, bytes]], cfg: CropConfig) -> list[dict[str, Any]]:
-    """Crop one patient's objects already read whole (no object is fetched)."""
-    try:
-        parsed = {key: parse(data, key, "decode", cfg.max_file_bytes) for key, data in files}
-    except Exception as exc:  # noqa: BLE001 - one bad study never stops the batch
-        return [wire.error(exc, "decode", task)]
-    return crop_series({**task, "object_keys": [k for k, _ in files]}, parsed, cfg)[0]
-
-
 def crop_patient(task: dict[str, Any], cfg: CropConfig) -> list[dict[str, Any]]:
     """One patient's series read by its plan and cropped: CROP rows or an ERROR row, and a READS row."""
     keys, sizes = task["object_keys"], task.get("object_sizes")
