@@ -19,6 +19,48 @@ READ_PLANS = ("auto", "whole", "roi")  # CropConfig.read_plan
 
 
 @dataclass(frozen=True)
+class SynthDifficulty:
+    """How hard the synthetic cohort is to classify (issue 17). ``paper`` is the default; ``easy``
+    is the cohort before it (byte for byte), for fast smoke tests.
+
+    Every draw these settings add comes from its own random stream, so ``easy`` changes nothing.
+    Contrasts scale each lesion feature's blend toward its HU (1 = full strength). The ``paper``
+    values are calibrated on the demo (``benchmarks/calibrate.py``, docs/benchmarks.md).
+    """
+
+    name: str = "paper"
+    roi_box: str = "shared"  # shared: one rule for both classes | lesion: around the abnormal area (easy)
+    conspicuity: float = 1.0  # every lesion feature's contrast, times the patient's own factor:
+    subtle_fraction: float = 0.15  # this share of patients (either class) are subtle cases ...
+    subtle_contrast: tuple[float, float] = (0.25, 0.5)  # ... with this factor; the others:
+    contrast: tuple[float, float] = (0.6, 1.0)
+    lesion_width_mm: tuple[float, float] = (6.0, 12.0)  # lateral extent (easy: 9-15 mm)
+    roi_lateral_margin_mm: tuple[float, float] = (2.0, 5.0)  # the box reaches past the lesion each side
+    osteoporotic_benign: float = 0.6  # share of osteoporotic patients: most benign fractures are
+    osteoporotic_malignant: float = 0.3  # osteoporotic; an older patient with metastases may be too
+    osteoporotic_hu: tuple[float, float] = (70.0, 130.0)  # trabecular bone of an osteoporotic patient
+    trabecular_hu: float = 15.0  # SD of the trabecular texture inside cancellous bone
+    noise_hu: tuple[float, float] = (15.0, 25.0)  # SD of the image noise (a 3 mm bone kernel) ...
+    noise_corr_mm: float = 0.5  # ... correlated in-plane by a Gaussian of this sigma (0: white)
+    mimic_rate: float = 1.0  # scales every mimic's probability (0: none; synth/mimics.py)
+
+
+EASY = SynthDifficulty(name="easy", roi_box="lesion", conspicuity=1.0, subtle_fraction=0.0,
+                       subtle_contrast=(1.0, 1.0), contrast=(1.0, 1.0), lesion_width_mm=(9.0, 15.0),
+                       roi_lateral_margin_mm=(0.0, 0.0), osteoporotic_benign=0.0,
+                       osteoporotic_malignant=0.0, trabecular_hu=0.0,
+                       noise_hu=(10.0, 20.0), noise_corr_mm=0.0, mimic_rate=0.0)
+DIFFICULTIES = {"easy": EASY, "paper": SynthDifficulty()}
+
+
+def difficulty(name: str, **changes: Any) -> SynthDifficulty:
+    """The named preset (``easy`` | ``paper``) with ``changes`` applied."""
+    if name not in DIFFICULTIES:
+        raise ValueError(f"unknown difficulty {name!r}; choose one of {', '.join(DIFFICULTIES)}")
+    return dataclasses.replace(DIFFICULTIES[name], **changes)
+
+
+@dataclass(frozen=True)
 class SynthConfig:
     """Synthetic DICOM cohort (the embedded default data; no claim about real patients)."""
 
@@ -40,6 +82,7 @@ class SynthConfig:
     study: str = "single"  # single: one axial series | clinical: the series of a spine CT study
     dicomdir: bool = False  # each clinical study as DICOM media: DICOMDIR + PT*/ST*/SE*/IM* files
     roi_masks: bool = False  # also each ROI as a mask (NIfTI or DICOM SEG) and annotations_masks.csv
+    difficulty: SynthDifficulty = field(default_factory=SynthDifficulty)  # DIFFICULTIES: paper | easy
 
 
 def clinical_synth(**changes: Any) -> SynthConfig:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from vfx_ray.synth.dicom_writer import SeriesGeometry, voxel_lps
+from vfx_ray.synth.texture import trabecular
 
 VERTEBRA_NAMES = ("T9", "T10", "T11", "T12", "L1", "L2", "L3", "L4", "L5", "S1")
 # A thoracolumbar examination (T1-S1) with one extra vertebra beyond each end.
@@ -64,6 +65,8 @@ class Spine:
     outline_ax: float  # body outline (skin) semi-axes and centre y
     outline_ay: float
     outline_cy: float
+    trabecular_hu: float = 0.0  # SD of the texture of cancellous bone (0: flat)
+    texture: tuple[tuple[float, float, float, float], ...] = ()  # its waves (synth.texture)
 
     @property
     def named(self) -> tuple[Vertebra, ...]:
@@ -217,6 +220,8 @@ def anatomy_hu(x: np.ndarray, y: np.ndarray, z: np.ndarray, s: Spine) -> np.ndar
         _posterior(xs, ys, zs, v, s, local)
         local[disc] = s.hu_disc
         local[inside] = s.hu_cancellous
+        if s.trabecular_hu:
+            local[inside] += trabecular(xs[inside], ys[inside], zs[inside], s.texture, s.trabecular_hu)
         local[shell] = s.hu_cortex
         hu[near] = local
     return hu

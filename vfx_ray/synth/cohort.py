@@ -52,6 +52,8 @@ def _check_config(cfg: SynthConfig) -> None:
         raise ValueError(f"coverage {cfg.coverage!r}, study {cfg.study!r}: use one of {COVERAGES} and {STUDIES}")
     if cfg.study == "clinical" and cfg.enhanced:
         raise ValueError("a clinical study is written as classic CT images; drop enhanced")
+    if cfg.difficulty.roi_box not in ("shared", "lesion"):
+        raise ValueError(f"difficulty.roi_box {cfg.difficulty.roi_box!r}: use shared or lesion")
     if cfg.dicomdir and cfg.study != "clinical":
         raise ValueError("dicomdir needs study='clinical' (the media layout of a whole study)")
 
@@ -82,6 +84,7 @@ def plan_cohort(cfg: SynthConfig) -> list[PatientSpec]:
             patient_position=position, oblique_deg=cfg.oblique_deg, transfer_syntax=syntax,
             enhanced=cfg.enhanced, coverage=cfg.coverage, slice_spacing_mm=spacing,
             fov_mask=cfg.fov_mask, study=cfg.study, dicomdir=cfg.dicomdir, roi_masks=cfg.roi_masks,
+            difficulty=cfg.difficulty,
         ))
     return specs
 

@@ -1,6 +1,7 @@
 """The paper's six visual features on the target vertebra, as functions of LPS mm.
 
-Every change lies in a lateral slab ``[x_min, x_max]`` (9-15 mm, i.e. 3-5 sagittal 3 mm slices)
+Every change lies in a lateral slab ``[x_min, x_max]`` (``SynthDifficulty.lesion_width_mm``: 6-12 mm,
+9-15 mm in the ``easy`` cohort, i.e. 2-5 sagittal 3 mm slices)
 and fades toward the slab's edges (partial volume, the paper's Fig. 3). Malignant signs
 (bone destruction, paravertebral soft tissue mass) and the benign sign (transverse fracture
 line) differ visibly on sagittal slices; compression and cortex interruption occur in both.
@@ -47,16 +48,17 @@ class Lesion:
     dest_phase: float
     neighbour: int | None  # the other affected vertebra (multiple segments)
     neighbour_frac: float
+    contrast: float = 1.0  # every feature's blend toward its HU is scaled by this (conspicuity)
 
 
-def plan_lesion(rng: np.random.Generator, spine: Spine,
-                features: Features) -> tuple[Spine, Lesion]:
+def plan_lesion(rng: np.random.Generator, spine: Spine, features: Features,
+                width_mm: tuple[float, float] = (9.0, 15.0)) -> tuple[Spine, Lesion]:
     """Pick the target vertebra and every lesion parameter; returns the spine with the
     collapsed endplates (compression) applied to its geometry."""
     n = len(spine.vertebrae)
     target = int(rng.integers(2, n - 2))  # a named vertebra with named neighbours on both sides
     v = spine.vertebrae[target]
-    width = rng.uniform(9.0, 15.0)
+    width = rng.uniform(*width_mm)
     xc = rng.uniform(-6.0, 6.0)
     x_min, x_max = xc - width / 2, xc + width / 2
     taper = width * rng.uniform(0.22, 0.3)
@@ -129,7 +131,7 @@ def apply_lesions(hu: np.ndarray, x: np.ndarray, y: np.ndarray, z: np.ndarray, s
 
 def _apply_in_slab(hu: np.ndarray, x: np.ndarray, y: np.ndarray, z: np.ndarray, spine: Spine,
                    lesion: Lesion) -> np.ndarray:
-    w = lateral_weight(x, lesion.x_min, lesion.x_max, lesion.taper_mm)
+    w = lateral_weight(x, lesion.x_min, lesion.x_max, lesion.taper_mm) * np.float32(lesion.contrast)
     f, v, cy = lesion.features, spine.vertebrae[lesion.target], spine.cy
     b = body_coords(v, x, y, cy)
     inside = b.inside(z)

@@ -13,11 +13,14 @@ from dataclasses import dataclass, replace
 import numpy as np
 from pydicom.uid import generate_uid
 
+from vfx_ray.config import EASY, SynthDifficulty
 from vfx_ray.roi import ROI_COLUMNS
 from vfx_ray.synth.anatomy import THORACOLUMBAR, Spine, anatomy_hu, build_spine, sample_volume
 from vfx_ray.synth.dicom_writer import PatientInfo, SeriesGeometry, write_series
 from vfx_ray.synth.lesions import Lesion, apply_lesions, plan_lesion, roi_box
+from vfx_ray.synth.mimics import Extras, apply_extras, plan_difficulty, shared_box
 from vfx_ray.synth.table1 import Features
+from vfx_ray.synth.texture import correlated_noise
 
 FOV_PADDING_HU = -3024.0  # outside the field of view: PixelPaddingValue -2000 as stored
 
@@ -46,6 +49,7 @@ class PatientSpec:
     study: str = "single"
     dicomdir: bool = False
     roi_masks: bool = False
+    difficulty: SynthDifficulty = EASY
 
     @property
     def spacing_mm(self) -> float:
@@ -116,10 +120,14 @@ class PatientModel:
     box: tuple[float, float, float, float, float, float]
     geometry: SeriesGeometry
     n_slices: int
+    extras: Extras | None = None
 
     def hu_at(self, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
-        """Noise-free HU at LPS mm points, lesions included."""
-        return apply_lesions(anatomy_hu(x, y, z, self.spine), x, y, z, self.spine, self.lesion)
+        """Noise-free HU at LPS mm points, lesions and mimics included."""
+        hu = apply_lesions(anatomy_hu(x, y, z, self.spine), x, y, z, self.spine, self.lesion)
+        if self.extras is not None:
+            apply_extras(hu, x, y, z, self.spine, self.lesion, self.extras)
+        return hu
 
 
 def patient_model(spec: PatientSpec) -> PatientModel:
@@ -129,10 +137,12 @@ def patient_model(spec: PatientSpec) -> PatientModel:
         spine = build_spine(rng, len(THORACOLUMBAR) - 2, THORACOLUMBAR, disc_mm=(5.0, 7.5))
     else:
         spine = build_spine(rng, spec.n_vertebrae)
-    spine, lesion = plan_lesion(rng, spine, spec.features)
-    box = roi_box(spine, lesion)
+    d = spec.difficulty
+    spine, lesion = plan_lesion(rng, spine, spec.features, d.lesion_width_mm)
+    spine, lesion, extras = plan_difficulty(d, spec.seed, spec.label, spine, lesion)
+    box = roi_box(spine, lesion) if d.roi_box == "lesion" else shared_box(spec.seed, d, spine, lesion)
     geometry, n = plan_geometry(spec, rng, spine, box)
-    return PatientModel(spine, lesion, box, geometry, n)
+    return PatientModel(spine, lesion, box, geometry, n, extras)
 
 
 def make_patient(spec: PatientSpec, *, noise: bool = True) -> tuple[np.ndarray, SeriesGeometry, dict]:
@@ -143,8 +153,7 @@ def make_patient(spec: PatientSpec, *, noise: bool = True) -> tuple[np.ndarray, 
     hu = sample_volume(model.hu_at, geometry, (n, spec.matrix, spec.matrix),
                        spec.slice_thickness_mm)
     if noise:  # CT quantum noise, its own stream so the anatomy never depends on it
-        rng = np.random.default_rng([spec.seed, 3])
-        hu += rng.normal(0.0, rng.uniform(10.0, 20.0), hu.shape).astype(np.float32)
+        hu += image_noise(spec, hu.shape)
         if spec.fov_mask:
             hu[:, ~fov_disc(spec.matrix)] = FOV_PADDING_HU
     study, series = study_series_uids(spec)
@@ -160,6 +169,15 @@ def make_patient(spec: PatientSpec, *, noise: bool = True) -> tuple[np.ndarray, 
         "n_files": 1 if spec.enhanced else n,
     }
     return hu, geometry, row
+
+
+def image_noise(spec: PatientSpec, shape: tuple[int, ...]) -> np.ndarray:
+    """The series' noise: white (the easy cohort's draws, unchanged) or kernel-correlated."""
+    d, rng = spec.difficulty, np.random.default_rng([spec.seed, 3])
+    sd = rng.uniform(*d.noise_hu)
+    if d.noise_corr_mm <= 0:
+        return rng.normal(0.0, sd, shape).astype(np.float32)
+    return correlated_noise(rng, shape, sd, d.noise_corr_mm, spec.pixel_spacing_mm)
 
 
 def fov_disc(matrix: int) -> np.ndarray:
