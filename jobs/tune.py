@@ -1,4 +1,6 @@
-"""`ray job submit --working-dir . -- python jobs/tune.py --crops URI --out URI [--num-samples N] [--resume]`"""
+"""`ray job submit --working-dir . -- python jobs/tune.py --crops URI --out URI [--num-samples N] [--resume]`
+
+plus `--nested` and the other flags of `vfx-ray tune`."""
 
 import sys
 

@@ -68,6 +68,8 @@ def test_cross_validation_writes_run_folder_and_rerun_skips_done_folds(ray_sessi
         assert not storage.exists(storage.join(out, "ray_train", f"fold_{f['fold']}"))  # checkpoints cleaned
     assert m["pooled"]["per_patient"]["n"] == 24 and m["pooled"]["per_slice"]["n"] == 72
     assert m["pooled"]["per_patient"]["accuracy"] >= 0.75  # the fixture's pattern is easy
+    assert m["params_protocol"]["protocol"] == "none" and m["params_protocol"]["params"] == {}  # the recipe's lr
+    assert [r["lr"] for r in m["fold_runs"]] == [TINY.lr, TINY.lr]
     assert json.loads(storage.read_text(storage.join(out, "metrics.json"))) == m
     dones = [storage.read_text(storage.join(out, f"fold_{k}", "done.json")) for k in range(2)]
     again = cv.run_train_cv(crops_uri, out, TINY)  # every fold has done.json: nothing retrains

@@ -1,7 +1,9 @@
-"""Ray Tune search: ASHA stops trials, outputs, TensorBoard events, resume, train-cv, `ray job submit`."""
+"""Ray Tune search: ASHA stops trials, outputs, TensorBoard events, resume, train-cv, `ray job submit`,
+and the nested protocol (one search per outer fold, fold k's parameters for fold k)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -16,8 +18,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from vfx_ray import cv, storage
+from vfx_ray import cv, folds, storage, tuned
 from vfx_ray import tune as vtune
+from vfx_ray.cli import build_parser, main
 from vfx_ray.config import Config, TrainConfig, TuneConfig
 from vfx_ray.errors import VfxError
 
@@ -131,10 +134,13 @@ def test_asha_stops_trials_and_the_search_writes_its_folder(search):
     assert 1e-5 <= best["lr"] <= 1e-3 and 1e-6 <= best["l2"] <= 1e-2
     winner = min(trials, key=lambda t: t["best_val_loss"])
     assert (winner["lr"], winner["l2"]) == (best["lr"], best["l2"])
-    record = json.loads((out / "search.json").read_text())  # no leakage: fold 0's test patients left out
+    record = json.loads((out / "search.json").read_text())  # fold 0's test patients are left out of its trials
     splits = json.loads((out / "splits.json").read_text())
     assert record["fold"] == 0 and record["patients"] == {"train": 6, "val": 2, "test_left_out": 8}
+    assert record["protocol"] == "single-split"
     assert set(splits["folds"][0]["test"]).isdisjoint(splits["folds"][0]["train"] + splits["folds"][0]["val"])
+    seen = tuned.patients_digest(splits["folds"][0]["train"], splits["folds"][0]["val"])
+    assert {(t["fold"], t["patients"]) for t in trials} == {(0, seen)}  # what every trial's trainer reported
     assert not any((out / "ray_train").glob("*/checkpoint_*"))  # finished trials' checkpoints are gone
 
 
@@ -179,6 +185,9 @@ def test_best_params_feed_train_cv(search, crops_uri, tmp_path):
     config = json.loads((run / "config.json").read_text())
     assert config["params"] == best and (config["train"]["lr"], config["train"]["l2"]) == (best["lr"], best["l2"])
     assert metrics["pooled"]["per_patient"]["n"] == 16
+    protocol = metrics["params_protocol"]
+    assert protocol["protocol"] == "single-split" and protocol["params"] == best
+    assert "fold 1" in protocol["description"] and "optimistic" in protocol["description"]
     # the same settings give the same outer folds: the search never saw train-cv's fold-0 test patients
     assert json.loads((run / "splits.json").read_text()) == json.loads((search["out"] / "splits.json").read_text())
 
@@ -207,3 +216,131 @@ def test_tune_as_a_ray_job_on_a_local_cluster(objectstore_server, crops_uri, tmp
             (local / entry.uri.rsplit("/", 1)[1]).write_bytes(storage.read_bytes(entry.uri))
         assert [s for s, _ in read_scalars(local)["val_loss"]] == [1]
     assert not [e.uri for e in storage.list_files(out) if "/ray_train/" in e.uri]  # no checkpoints left behind
+
+
+# ---------------------------------------------------------------- nested tuning
+def _splits(n_patients: int = 16, n_folds: int = 2, seed: int = 0) -> dict:
+    ids = [f"P{i:03d}" for i in range(n_patients)]
+    return folds.make_splits(pa.table({"patient_id": ids, "label": [i % 2 for i in range(n_patients)]}).to_pandas(),
+                             n_folds, 0.1, seed)
+
+
+def test_nested_params_go_fold_by_fold_only_onto_their_own_outer_folds():
+    splits = _splits()
+    params = tuned.nested({1: {"lr": 2e-4, "l2": 1e-5}, 0: {"lr": 1e-3, "l2": 1e-4}}, splits)
+    assert params["protocol"] == "nested" and list(params["folds"]) == ["0", "1"]
+    assert [tuned.for_fold(params, k)["lr"] for k in (0, 1)] == [1e-3, 2e-4] and tuned.shared(params) is None
+    assert tuned.for_fold({"lr": 3e-4}, 1) == tuned.shared({"lr": 3e-4}) == {"lr": 3e-4}
+    tuned.check(params, 2)
+    tuned.check_splits(params, splits)
+    with pytest.raises(ValueError, match="2 outer folds.*this run has 3"):
+        tuned.check(params, 3)
+    with pytest.raises(ValueError, match="other outer folds"):  # another seed: fold k's test patients differ
+        tuned.check_splits(params, _splits(seed=1))
+    with pytest.raises(ValueError, match="unknown protocol"):
+        tuned.check({"protocol": "mine", "lr": 1e-4}, 2)
+    both = tuned.patients_digest(["P1", "P1", "P2"], ["P3"])
+    assert both == tuned.patients_digest(["P2", "P1"], ["P3"]) != tuned.patients_digest(["P1", "P2", "P9"], ["P3"])
+
+
+def test_params_protocol_says_how_the_parameters_were_chosen():
+    nested = tuned.protocol(tuned.nested({0: {"lr": 1e-3, "l2": 1e-4}, 1: {"lr": 2e-4, "l2": 1e-4}}, _splits()), 2)
+    assert nested["protocol"] == "nested" and nested["params"]["1"] == {"lr": 2e-4, "l2": 1e-4}
+    single = tuned.protocol({"lr": 3e-4, "l2": 1e-5}, 10)
+    assert single["protocol"] == "single-split" and single["params"] == {"lr": 3e-4, "l2": 1e-5}
+    assert "test patients of folds 1–9 were training and validation patients" in single["description"]
+    assert "optimistic" in single["description"] and "fold 0's split" in single["description"]
+    assert tuned.protocol(None, 10)["protocol"] == tuned.protocol({"max_epochs": 2}, 10)["protocol"] == "none"
+
+
+def test_train_cv_refuses_nested_params_of_other_outer_folds_before_training(tiny_crops, tmp_path):
+    crops = tiny_crops(n_patients=16, slices=3, size=32)
+    cfg = TrainConfig(**{**TINY.train.__dict__, "use_gpu": False})  # no Ray: it fails before
+    patients = folds.patient_labels(storage.read_table(crops).select(["patient_id", "label"]).to_pandas())
+    other = folds.make_splits(patients, 2, cfg.val_fraction, seed=1)  # a search run with another --seed
+    params = tuned.nested({0: {"lr": 1e-3, "l2": 1e-4}, 1: {"lr": 2e-4, "l2": 1e-4}}, other)
+    with pytest.raises(ValueError, match="other outer folds"):
+        cv.run_train_cv(crops, str(tmp_path / "run"), cfg, params=params)
+    assert not (tmp_path / "run" / "fold_0").exists()
+    with pytest.raises(ValueError, match="2 outer folds"):
+        cv.run_train_cv(crops, str(tmp_path / "run3"), TrainConfig(**{**cfg.__dict__, "n_folds": 3}), params=params)
+
+
+def test_cli_tune_nested_help_and_bad_input_is_one_line(tmp_path, capsys):
+    tune_help = next(a for a in build_parser()._subparsers._group_actions[0].choices["tune"]._actions
+                     if "--nested" in a.option_strings).help
+    assert "one search per outer fold" in tune_help and "training patients only" in tune_help
+    rc = main(["tune", "--crops", str(tmp_path / "c"), "--out", str(tmp_path / "t"), "--nested", "--folds", "1",
+               "--pretrained", "none"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "at least 2" in err
+    params = tmp_path / "tune" / "best_params.json"
+    params.parent.mkdir()
+    params.write_text(json.dumps(tuned.nested({k: {"lr": 1e-3, "l2": 1e-4} for k in range(3)}, _splits(n_folds=3))))
+    rc = main(["train-cv", "--crops", str(tmp_path / "c"), "--out", str(tmp_path / "run"), "--params",
+               str(params.parent), "--folds", "2", "--pretrained", "none"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "3 outer folds" in err and "this run has 2" in err
+    assert not (tmp_path / "run").exists()
+
+
+NESTED = Config(profile="test", train=dataclasses.replace(TINY.train, max_epochs=1),
+                tune=TuneConfig(num_samples=2, max_epochs=1, grace_period=1))
+
+
+@pytest.fixture(scope="module")
+def nested_search(ray_session, crops_uri, tmp_path_factory):
+    """A nested search: 2 outer folds x 2 trials of one epoch, in one Tune run."""
+    out = tmp_path_factory.mktemp("nested") / "search"
+    t0 = time.time()
+    summary = vtune.run_tune(crops_uri, str(out), NESTED, nested=True, progress=False)
+    print(f"nested search: {time.time() - t0:.0f} s")
+    return {"out": out, "summary": summary}
+
+
+@pytest.mark.slow
+def test_nested_search_tunes_each_outer_fold_without_its_test_patients(nested_search, crops_uri):
+    out, summary = nested_search["out"], nested_search["summary"]
+    splits = json.loads((out / "splits.json").read_text())
+    trials = pq.read_table(out / "trials.parquet").to_pylist()
+    assert len(trials) == summary["trials"] == 4 and {t["status"] for t in trials} == {"terminated"}
+    best = json.loads((out / "best_params.json").read_text())
+    assert best == summary["best_params"] and best["protocol"] == "nested"
+    assert best["splits"] == tuned.splits_key(splits) and list(best["folds"]) == ["0", "1"]
+    for k, part in enumerate(splits["folds"]):
+        mine = [t for t in trials if t["fold"] == k]
+        assert len(mine) == 2 and mine[0]["lr"] == NESTED.train.lr  # each fold tries the recipe first
+        # the patients each trial's trainer reported are fold k's training part, never its test patients
+        assert {t["patients"] for t in mine} == {tuned.patients_digest(part["train"], part["val"])}
+        assert set(part["test"]).isdisjoint(part["train"] + part["val"])
+        winner = min(mine, key=lambda t: t["best_val_loss"])
+        assert json.loads((out / f"fold_{k}" / "best_params.json").read_text()) == best["folds"][str(k)] == {
+            "lr": winner["lr"], "l2": winner["l2"]}
+    assert {t["lr"] for t in trials if t["fold"] == 0} == {t["lr"] for t in trials if t["fold"] == 1}  # same candidates
+    record = json.loads((out / "search.json").read_text())
+    assert record["protocol"] == "nested" and record["folds"] == [0, 1]
+    assert record["patients"]["1"] == {"train": 6, "val": 2, "test_left_out": 8}
+    with pytest.raises(VfxError, match="protocol"):  # resuming it as a single search is refused
+        vtune.run_tune(crops_uri, str(out), NESTED, resume=True)
+
+
+@pytest.mark.slow
+def test_train_cv_applies_fold_ks_nested_params_to_fold_k(nested_search, crops_uri, tmp_path):
+    from vfx_ray.cli_train import read_params
+
+    params = read_params(str(nested_search["out"]), 2)  # the search folder, as train-cv --params takes it
+    params["folds"]["1"]["lr"] = params["folds"]["0"]["lr"] / 2  # distinct per fold, whatever the search chose
+    run = tmp_path / "cv"
+    metrics = cv.run_train_cv(crops_uri, str(run), NESTED.train, params=params)
+    for k in (0, 1):
+        lr = params["folds"][str(k)]["lr"]
+        history = json.loads((run / f"fold_{k}" / "history.json").read_text())
+        assert {h["lr"] for h in history} == {lr}  # the optimizer of fold k ran with fold k's lr
+        assert json.loads((run / f"fold_{k}" / "done.json").read_text())["lr"] == metrics["fold_runs"][k]["lr"] == lr
+    protocol = metrics["params_protocol"]
+    assert protocol["protocol"] == "nested" and protocol["params"] == params["folds"]
+    assert (run / "splits.json").read_text() == (nested_search["out"] / "splits.json").read_text()
+    other = json.loads(json.dumps(params))
+    other["folds"]["1"]["lr"] = 1e-5
+    with pytest.raises(VfxError, match="fold_params"):  # a finished run is not continued with other fold params
+        cv.run_train_cv(crops_uri, str(run), NESTED.train, params=other)

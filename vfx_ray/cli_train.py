@@ -36,8 +36,9 @@ def train_config_from_args(args: argparse.Namespace) -> config_mod.TrainConfig:
     )
 
 
-def read_params(uri: str | None) -> dict | None:
-    """A flat JSON object of TrainConfig fields, e.g. Tune's best_params.json (or its folder)."""
+def read_params(uri: str | None, n_folds: int | None = None) -> dict | None:
+    """A flat JSON object of TrainConfig fields, e.g. Tune's best_params.json (or its folder), or a
+    nested search's per-fold parameters, checked against ``n_folds`` before any work."""
     if not uri:
         return None
     import json
@@ -51,6 +52,13 @@ def read_params(uri: str | None) -> dict | None:
         raise CliError(f"--params {uri} is not JSON: {exc}") from None
     if not isinstance(params, dict):
         raise CliError(f"--params {uri} must hold a JSON object such as {{\"lr\": 1e-4, \"l2\": 1e-4}}")
+    if n_folds is not None:
+        from vfx_ray import tuned
+
+        try:
+            tuned.check(params, n_folds)
+        except ValueError as exc:
+            raise CliError(f"{exc} ({uri})") from None
     return params
 
 
@@ -63,8 +71,11 @@ def check_weights(cfg: config_mod.TrainConfig) -> None:
 
 
 def cmd_train_cv(args: argparse.Namespace) -> int:
-    cfg, params = train_config_from_args(args), read_params(args.params)
-    resolved = config_mod.with_params(cfg, params)
+    from vfx_ray import tuned
+
+    cfg = train_config_from_args(args)
+    params = read_params(args.params, cfg.n_folds)
+    resolved = config_mod.with_params(cfg, tuned.shared(params))
     check_weights(resolved)
     prepare_cluster(args, {"--crops": args.crops, "--out": args.out, "--params": args.params,
                            "--pretrained-path": resolved.pretrained_path})
@@ -131,7 +142,9 @@ def add_train_cv(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--crops", required=True, help="the output folder of `vfx-ray crops` (or its crops.parquet)")
     p.add_argument("--out", required=True, help="run folder URI")
     p.add_argument("--params", help="JSON of TrainConfig fields: the output folder of `vfx-ray tune` (its "
-                   "best_params.json) or any such file")
+                   "best_params.json) or any such file. A single search's lr/L2 go to every fold (the "
+                   "estimate is then optimistic: metrics.json's params_protocol says why); a `tune --nested` "
+                   "search's go fold by fold, fold k's to fold k (same --folds and --seed as the search)")
     add_train_args(p)
     p.add_argument("--max-failures", type=int, default=2, help="worker-group restarts per fold")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep Ray Train checkpoints of finished folds")
@@ -143,17 +156,21 @@ def cmd_tune(args: argparse.Namespace) -> int:
     base = config_mod.profile(args.profile)
     cfg = dataclasses.replace(base, train=train_config_from_args(args))
     check_weights(cfg.train)
+    if cfg.train.n_folds < 2:
+        raise CliError(f"--folds {cfg.train.n_folds}: the search makes train-cv's outer folds, at least 2")
     prepare_cluster(args, {"--crops": args.crops, "--out": args.out, "--pretrained-path": cfg.train.pretrained_path})
     from vfx_ray.tune import run_tune
 
     summary = run_tune(args.crops, args.out, cfg, num_samples=args.num_samples, resume=args.resume,
-                       progress=not args.quiet, max_concurrent=args.max_concurrent)
+                       progress=not args.quiet, nested=args.nested, max_concurrent=args.max_concurrent)
     best = summary["best_params"]
-    print(
-        f"{summary['trials']} trials ({summary['stopped_early']} stopped early by ASHA); best lr {best['lr']:.3g}, "
-        f"l2 {best['l2']:.3g} -> {args.out}/best_params.json (use with train-cv --params); "
-        f"TensorBoard: tensorboard --logdir {args.out}/tensorboard"
-    )
+    per_fold = best["folds"] if args.nested else {"all": best}
+    print(f"{summary['trials']} trials ({summary['stopped_early']} stopped early by ASHA)")
+    for fold, p in per_fold.items():
+        print(f"  best for fold {fold}: lr {p['lr']:.3g}, l2 {p['l2']:.3g}")
+    print(f"-> {args.out}/best_params.json (use with train-cv --params"
+          f"{', same --folds and --seed' if args.nested else ''}); "
+          f"TensorBoard: tensorboard --logdir {args.out}/tensorboard")
     return 0
 
 
@@ -163,15 +180,25 @@ def add_tune(sub: argparse._SubParsersAction) -> None:
         help="Ray Tune search of learning rate and L2 weight (ASHA), feeding train-cv",
         description=(
             "Search lr (log-uniform 1e-5..1e-3) and the L2 weight (log-uniform 1e-6..1e-2) with "
-            "ASHA on validation loss. Trials see training patients only and are judged on "
-            "validation patients drawn from them, never on a test fold. Writes OUT/trials.parquet, "
-            "OUT/best_params.json and TensorBoard event files under OUT/tensorboard."
+            "ASHA on validation loss, on train-cv's outer folds (same --folds and --seed). Each "
+            "trial trains on one outer fold's training patients and is judged on validation patients "
+            "drawn from them, never on that fold's test patients. Without --nested the search runs "
+            "inside outer fold 0 only: its training and validation patients are the other folds' test "
+            "patients, so a train-cv run that applies its choice to every fold is optimistically "
+            "biased (its metrics.json says so). --nested searches inside every outer fold (K times "
+            "the trials) and train-cv applies fold k's choice to fold k. Writes OUT/trials.parquet, "
+            "OUT/best_params.json (nested: also OUT/fold_k/best_params.json) and TensorBoard event "
+            "files under OUT/tensorboard."
         ),
     )
     p.add_argument("--crops", required=True, help="the output folder of `vfx-ray crops` (or its crops.parquet)")
     p.add_argument("--out", required=True, help="search folder URI")
-    p.add_argument("--num-samples", type=positive_int, help="trials (profile default)")
+    p.add_argument("--num-samples", type=positive_int, help="trials (per outer fold with --nested; profile default)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted search in --out")
+    p.add_argument("--nested", action="store_true",
+                   help="nested CV: one search per outer fold, judged inside that fold's training patients only, "
+                   "so no fold's test patients take part in choosing its parameters (--num-samples trials per "
+                   "fold, all in one Tune run)")
     add_train_args(p)
     p.add_argument("--quiet", action="store_true", help="less output")
     p.set_defaults(func=cmd_tune)

@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from vfx_ray import contracts, folds, layout, metrics, paper, placement, raystorage, runrecord, storage
+from vfx_ray import contracts, folds, layout, metrics, paper, placement, raystorage, runrecord, storage, tuned
 from vfx_ray import model as vmodel
 from vfx_ray import train as vtrain
 from vfx_ray.config import TrainConfig, with_params
@@ -121,7 +121,8 @@ def run_fold(
     )
     storage.write_table(preds, storage.join(d, layout.PREDICTIONS))
     storage.write_text(storage.join(d, layout.HISTORY), json.dumps(fit.summary.get("history", []), indent=1))
-    done = {"fold": k, "model_id": mid, **summary, "n_test_slices": test.num_rows, "seconds": time.time() - t0}
+    done = {"fold": k, "model_id": mid, **summary, "lr": cfg.lr, "l2": cfg.l2, "n_test_slices": test.num_rows,
+            "seconds": time.time() - t0}
     storage.write_text(storage.join(d, layout.DONE), json.dumps(done, indent=2))
     if not keep_checkpoints:
         storage.delete_tree(storage.join(out_uri, "ray_train", f"fold_{k}"))
@@ -158,13 +159,16 @@ def run_train_cv(
     """Cross-validate the model on a crops dataset (its file, or the crops job's output folder);
     write the run folder; return metrics.json.
 
-    ``params`` overrides TrainConfig fields (flat dict, e.g. ``{"lr": 3e-4, "l2": 1e-5}``).
+    ``params`` overrides TrainConfig fields: a flat dict (e.g. ``{"lr": 3e-4, "l2": 1e-5}``) for
+    every fold, or the best_params.json of a nested search (``tuned``): fold k's for fold k, refused
+    unless its outer folds are this run's. metrics.json's ``params_protocol`` says which it was.
     Uses the connected Ray cluster, or starts a local one (``RAY_ADDRESS`` is honoured).
     ``cfg.use_gpu=None`` uses GPUs when the cluster has or can get them.
     """
     import ray
 
-    cfg, crops_uri = with_params(cfg, params), layout.crops_file(crops_uri)
+    tuned.check(params, cfg.n_folds)
+    cfg, crops_uri = with_params(cfg, tuned.shared(params)), layout.crops_file(crops_uri)
     if cfg.pretrained == "imagenet":
         vmodel.find_imagenet_weights(cfg.arch, cfg.pretrained_path)  # fail fast, before Ray
     if cfg.use_gpu is None:
@@ -173,25 +177,33 @@ def run_train_cv(
     patients = folds.patient_labels(crops.select(["patient_id", "label"]).to_pandas())
     record = {"train": dataclasses.asdict(cfg), "crops_uri": crops_uri, "params": params or {},
               "versions": {"ray": ray.__version__, "torch": torch.__version__}}
-    runrecord.pin(
-        out_uri, layout.CONFIG, record, lambda r: runrecord.without_runtime(r.get("train", {})), "train", "a run"
-    )
+    runrecord.pin(out_uri, layout.CONFIG, record, _comparable, "train", "a run")
     splits = load_or_make_splits(out_uri, patients, cfg)
+    tuned.check_splits(params, splits)  # fold k's parameters must never have seen fold k's test patients
     pending = [
         k for k in range(cfg.n_folds) if not storage.exists(storage.join(layout.fold_dir(out_uri, k), layout.DONE))
     ]
     if pending:
-        run_folds(pending, crops, splits, cfg, out_uri, max_failures=max_failures,
-                  keep_checkpoints=keep_checkpoints, max_concurrent=max_concurrent)
-    return finalize(out_uri, cfg, unlabelled)
+        run_folds(pending, crops, splits, cfg, out_uri, max_failures=max_failures, keep_checkpoints=keep_checkpoints,
+                  max_concurrent=max_concurrent, fold_params=tuned.per_fold(params))
+    return finalize(out_uri, cfg, unlabelled, params=params)
+
+
+def _comparable(record: dict[str, Any]) -> dict[str, Any]:
+    """What a re-run must share with the run folder's first settings: the training recipe and
+    any per-fold (nested) parameters."""
+    return {"train": runrecord.without_runtime(record.get("train", {})),
+            "fold_params": tuned.per_fold(record.get("params"))}
 
 
 def fold_trial(config: dict[str, Any], *, crops: pa.Table, splits: dict[str, Any], cfg: TrainConfig,
-               out_uri: str, max_failures: int, keep_checkpoints: bool) -> None:
-    """One Tune trial of the fold grid: drive fold ``config["fold"]`` (its epochs reach Tune)."""
+               out_uri: str, max_failures: int, keep_checkpoints: bool, fold_params: dict[str, Any]) -> None:
+    """One Tune trial of the fold grid: drive fold ``config["fold"]`` (its epochs reach Tune)
+    with its own tuned parameters when ``fold_params`` (a nested search's) has them."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    run_fold(int(config["fold"]), crops, splits, cfg, out_uri, max_failures=max_failures,
+    k = int(config["fold"])
+    run_fold(k, crops, splits, with_params(cfg, fold_params.get(str(k))), out_uri, max_failures=max_failures,
              keep_checkpoints=keep_checkpoints, callbacks=[TuneReportCallback()])
 
 
@@ -208,8 +220,10 @@ def describe_fold(trial: Any) -> str:
 
 
 def run_folds(pending: list[int], crops: pa.Table, splits: dict[str, Any], cfg: TrainConfig, out_uri: str, *,
-              max_failures: int, keep_checkpoints: bool, max_concurrent: int | None) -> None:
-    """The pending folds as one Tune grid; raises VfxError naming every fold that failed."""
+              max_failures: int, keep_checkpoints: bool, max_concurrent: int | None,
+              fold_params: dict[str, Any] | None = None) -> None:
+    """The pending folds as one Tune grid (fold k with ``fold_params[str(k)]`` applied, when
+    given); raises VfxError naming every fold that failed."""
     import ray.tune
 
     from vfx_ray.orphans import ReleaseOrphanedWorkers
@@ -223,7 +237,8 @@ def run_folds(pending: list[int], crops: pa.Table, splits: dict[str, Any], cfg: 
          f"({'GPU' if cfg.use_gpu else 'CPU'} workers; fold drivers {where})")
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(fold_trial, crops=crops, splits=splits, cfg=cfg, out_uri=out_uri,
-                                 max_failures=max_failures, keep_checkpoints=keep_checkpoints),
+                                 max_failures=max_failures, keep_checkpoints=keep_checkpoints,
+                                 fold_params=fold_params or {}),
         placement.driver_resources(shape),
     )
     root, fs = raystorage.marker_free_filesystem(out_uri)
@@ -252,8 +267,10 @@ def _short(error: BaseException) -> str:
     return f"{type(error).__name__}: {lines[-1] if lines else ''}"[:500]
 
 
-def finalize(out_uri: str, cfg: TrainConfig, unlabelled: list[str] | None = None) -> dict[str, Any]:
-    """oof_predictions.parquet and metrics.json from the finished folds' predictions."""
+def finalize(out_uri: str, cfg: TrainConfig, unlabelled: list[str] | None = None, *,
+             params: dict[str, Any] | None = None) -> dict[str, Any]:
+    """oof_predictions.parquet and metrics.json from the finished folds' predictions; ``params``
+    (train-cv's --params) says which tuning protocol chose lr/l2 (``params_protocol``)."""
     parts = [
         storage.read_table(storage.join(layout.fold_dir(out_uri, k), layout.PREDICTIONS)) for k in range(cfg.n_folds)
     ]
@@ -265,10 +282,12 @@ def finalize(out_uri: str, cfg: TrainConfig, unlabelled: list[str] | None = None
         for k in range(cfg.n_folds)
     ]
     result["fold_runs"] = [
-        {key: d.get(key) for key in ("fold", "model_id", "epochs", "best_epoch", "best_val_loss", "resumed_from")}
+        {key: d.get(key) for key in ("fold", "model_id", "lr", "l2", "epochs", "best_epoch", "best_val_loss",
+                                     "resumed_from")}
         for d in done
     ]
     result["unlabelled_patients_excluded"] = unlabelled or []
+    result["params_protocol"] = tuned.protocol(params, cfg.n_folds)
     result["paper"] = paper.RESULTS
     storage.write_text(storage.join(out_uri, layout.METRICS), json.dumps(result, indent=2))
     return result

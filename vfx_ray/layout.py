@@ -24,7 +24,7 @@ MANIFEST = "manifest.json"
 # tune
 SEARCH = "search.json"
 TRIALS = "trials.parquet"
-BEST_PARAMS = "best_params.json"
+BEST_PARAMS = "best_params.json"  # nested (tune --nested): also fold_k/best_params.json, fold k's own
 TENSORBOARD = "tensorboard"
 
 # train-cv (a run folder) and, per fold, fold_k/

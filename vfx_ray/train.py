@@ -150,6 +150,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         best_val = None if math.isinf(state.best_val_loss) else state.best_val_loss
         metrics = {"fold": fold, "epoch": state.epoch, "val_loss": val_loss, "best_val_loss": best_val,
                    "best_epoch": state.best_epoch, "epochs_without_improvement": state.epochs_without_improvement,
+                   "lr": float(opt.param_groups[0]["lr"]),  # the optimizer's: what a fold's --params set
                    "epoch_seconds": time.perf_counter() - t0, "ended_at": time.time(),
                    "worker_pid": os.getpid(), **stats}  # the process, to find its log lines
         state.history.append(metrics)
