@@ -1,4 +1,5 @@
-"""The report's tables: the paper's result figures beside ours, per fold, and its Table 1.
+"""The report's tables: the paper's result figures beside ours, per fold, the patient
+aggregation rules, a comparison with another run, and the paper's Table 1.
 
 Tables are pandas DataFrames of display strings (plus numeric columns where a test wants
 the number), so the HTML page, the Markdown file and a notebook show the same thing.
@@ -11,7 +12,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy.stats import chi2_contingency, ttest_ind, ttest_ind_from_stats
+from scipy.stats import chi2_contingency, fisher_exact, ttest_ind, ttest_ind_from_stats
+from scipy.stats.contingency import expected_freq
 
 from vfx_ray.paper import AGE, FEATURE_COUNTS, FEATURES, MALE_COUNTS, PAPER_N
 from vfx_ray.report.inputs import RunData
@@ -28,6 +30,11 @@ FEATURE_NAMES = {
 ABBREV = {"sensitivity": "sens.", "specificity": "spec.", "accuracy": "acc."}
 COHORT_COLUMNS = ("age", "sex", *FEATURES)
 CHI2 = "χ²"  # Pearson χ² via chi2_contingency(correction=False): no Yates correction
+FISHER = "Fisher exact"  # a 2×2 table with an expected count below 5
+# The CI of each level's AUC: per slice the patient-level bootstrap (slices of a patient are
+# not independent, so DeLong per slice is too narrow), per patient DeLong.
+AUC_CI = {"per_slice": "auc_cluster_ci", "per_patient": "auc_ci"}
+RULE_NAMES = {"max": "Max (paper)", "mean": "Mean of slices", "centre": "Centre slice"}
 WELCH = "Welch t"
 _TRUE = {"1", "1.0", "true", "yes", "y", "present"}
 _FALSE = {"0", "0.0", "false", "no", "n", "absent"}
@@ -44,12 +51,19 @@ def fmt_p(p: float | None) -> str:
     return "< 0.001" if p < 0.001 else f"{p:.3f}"
 
 
-def fmt_auc(m: dict[str, Any]) -> str:
+def fmt_ci(m: dict[str, Any], prefix: str) -> str:
+    """``low–high`` of ``prefix_low`` / ``prefix_high``; — when undefined."""
+    low, high = m.get(f"{prefix}_low"), m.get(f"{prefix}_high")
+    return "—" if low is None or high is None else f"{low:.3f}–{high:.3f}"
+
+
+def fmt_auc(m: dict[str, Any], ci: str = "auc_ci") -> str:
+    """AUC (low–high) with the CI named by ``ci`` (``auc_ci``: DeLong, ``auc_cluster_ci``: bootstrap)."""
     if m.get("auc") is None:
         return "—"
-    if m.get("auc_ci_low") is None:
+    if m.get(f"{ci}_low") is None:
         return fmt(m["auc"])
-    return f"{m['auc']:.3f} ({m['auc_ci_low']:.3f}–{m['auc_ci_high']:.3f})"
+    return f"{m['auc']:.3f} ({fmt_ci(m, ci)})"
 
 
 def _with_counts(m: dict[str, Any], stat: str) -> str:
@@ -67,7 +81,8 @@ def _mean_sd(entry: dict[str, Any] | None) -> str:
 
 
 def results_table(run: RunData) -> pd.DataFrame:
-    """The paper's figures beside ours: sensitivity, specificity, accuracy, AUC (95 % CI)."""
+    """The paper's figures beside ours: sensitivity, specificity, accuracy (Wilson 95 % CI) and
+    AUC (95 % CI: per slice the patient-level bootstrap, per patient DeLong)."""
     rows = []
     fold_mean = run.metrics.get("fold_mean")
     for level, name in LEVELS.items():
@@ -75,9 +90,10 @@ def results_table(run: RunData) -> pd.DataFrame:
         for stat in ("sensitivity", "specificity", "accuracy", "auc"):
             row = {
                 "Level": name,
-                "Statistic": "ROC AUC (95 % CI)" if stat == "auc" else stat.capitalize(),
+                "Statistic": "ROC AUC" if stat == "auc" else stat.capitalize(),
                 "Paper": fmt(run.paper.get(level, {}).get(stat), 2),
-                "Ours, pooled": fmt_auc(ours) if stat == "auc" else _with_counts(ours, stat),
+                "Ours, pooled": fmt(ours.get("auc")) if stat == "auc" else _with_counts(ours, stat),
+                "Ours, 95 % CI": fmt_ci(ours, AUC_CI[level] if stat == "auc" else f"{stat}_ci"),
             }
             if fold_mean:
                 row["Ours, fold mean ± SD"] = _mean_sd(fold_mean[level].get(stat))
@@ -94,8 +110,45 @@ def fold_table(run: RunData) -> pd.DataFrame:
         for level, label in LEVELS.items():
             for stat in ("sensitivity", "specificity", "accuracy"):
                 row[f"{label} {ABBREV[stat]}"] = fmt(m[level].get(stat))
-            row[f"{label} AUC (95 % CI)"] = fmt_auc(m[level])
+            row[f"{label} AUC (95 % CI)"] = fmt_auc(m[level], AUC_CI[level])
         rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _with_ci(m: dict[str, Any], stat: str) -> str:
+    return "—" if m.get(stat) is None else f"{fmt(m[stat])} ({fmt_ci(m, f'{stat}_ci')})"
+
+
+def aggregation_table(aggregation: dict[str, Any]) -> pd.DataFrame:
+    """Per patient aggregation rule: AUC (DeLong CI), rates (Wilson CIs), paired DeLong against max."""
+    rows = []
+    for rule, r in aggregation["rules"].items():
+        primary = rule == aggregation.get("primary", "max")
+        rows.append({"Rule": RULE_NAMES.get(rule, rule), "Patients": r["n"], "AUC (95 % CI)": fmt_auc(r),
+                     **{f"{s.capitalize()} (95 % CI)": _with_ci(r, s) for s in ABBREV},
+                     "AUC − max": "—" if primary else fmt(r.get("auc_difference_vs_max")),
+                     "p vs max (paired DeLong)": "—" if primary else fmt_p(r.get("p_vs_max"))})
+    return pd.DataFrame(rows)
+
+
+def _difference(t: dict[str, Any]) -> str:
+    if t.get("difference") is None:
+        return "—"
+    if t.get("difference_ci_low") is None:
+        return f"{t['difference']:+.3f}"
+    return f"{t['difference']:+.3f} ({t['difference_ci_low']:+.3f} to {t['difference_ci_high']:+.3f})"
+
+
+def comparison_table(comparison: dict[str, Any]) -> pd.DataFrame:
+    """Run A against run B on their shared cases: both AUCs, A − B with its 95 % CI, paired DeLong p."""
+    rows = []
+    for level, name, unit in (("per_patient", "Per patient (max)", "patients"), ("per_slice", "Per slice", "slices")):
+        t = comparison.get(level)
+        if t is None:
+            continue
+        rows.append({"Level": name, "Shared cases": f"{t['n']} {unit}", "AUC A": fmt(t.get("auc_a")),
+                     "AUC B": fmt(t.get("auc_b")), "Difference A − B (95 % CI)": _difference(t),
+                     "p (paired DeLong)": fmt_p(t.get("p"))})
     return pd.DataFrame(rows)
 
 
@@ -106,6 +159,18 @@ def chi2_p(table: np.ndarray) -> float | None:
         return float(chi2_contingency(np.asarray(table), correction=False)[1])
     except ValueError:  # a zero row or column: expected frequencies of 0
         return None
+
+
+def two_by_two_p(table: np.ndarray) -> tuple[float | None, str]:
+    """(p, test) of a 2×2 table: Fisher's exact test when an expected count is below 5, where the
+    χ² approximation is poor (Cochran's rule); else χ² without Yates' correction (the paper's).
+    (None, "—") when a row or column is empty: there is nothing to test."""
+    t = np.asarray(table)
+    if (t.sum(axis=0) == 0).any() or (t.sum(axis=1) == 0).any():
+        return None, "—"
+    if expected_freq(t).min() < 5:
+        return float(fisher_exact(t).pvalue), FISHER
+    return chi2_p(t), CHI2
 
 
 def _flags(values: pd.Series) -> pd.Series:
@@ -128,8 +193,9 @@ def _count(present: int, n: int) -> str:
 def cohort_table(cohort: pd.DataFrame) -> pd.DataFrame | None:
     """Paper Table 1 for a cohort (one row per patient, ``label`` 1 malignant / 0 benign).
 
-    Columns: Parameter, Malignant, Benign, p (float), p value (text), Test, then the paper's
-    figures with p recomputed from its published counts by the same tests. Rows exist only for
+    Columns: Parameter, Malignant, Benign, p (float), p value (text), Test (Welch t; χ², or
+    Fisher's exact test for a 2×2 table with an expected count below 5), then the paper's
+    figures with p recomputed from its published counts by the same rules. Rows exist only for
     the columns the annotations carry; None when they carry none of them.
     """
     present = [c for c in COHORT_COLUMNS if c in cohort.columns]
@@ -148,26 +214,17 @@ def cohort_table(cohort: pd.DataFrame) -> pd.DataFrame | None:
         s_m, s_b = _sex(mal["sex"]), _sex(ben["sex"])
         counts = np.array([[(s_m == "M").sum(), (s_m == "F").sum()], [(s_b == "M").sum(), (s_b == "F").sum()]])
         paper = np.array([[MALE_COUNTS[k], PAPER_N[k] - MALE_COUNTS[k]] for k in ("malignant", "benign")])
-        rows.append(
-            _row(
-                "Gender (male/female)",
-                f"{counts[0, 0]}/{counts[0, 1]}",
-                f"{counts[1, 0]}/{counts[1, 1]}",
-                chi2_p(counts),
-                CHI2,
-                f"{paper[0, 0]}/{paper[0, 1]}",
-                f"{paper[1, 0]}/{paper[1, 1]}",
-                chi2_p(paper),
-            )
-        )
+        rows.append(_counts_row("Gender (male/female)", f"{counts[0, 0]}/{counts[0, 1]}",
+                                f"{counts[1, 0]}/{counts[1, 1]}", counts, paper,
+                                f"{paper[0, 0]}/{paper[0, 1]}", f"{paper[1, 0]}/{paper[1, 1]}"))
     for feature in (f for f in FEATURES if f in present):
         f_m, f_b = (_flags(x[feature]).dropna() for x in (mal, ben))
         counts = np.array([[int(f_m.sum()), int(len(f_m) - f_m.sum())], [int(f_b.sum()), int(len(f_b) - f_b.sum())]])
         paper = np.array([[FEATURE_COUNTS[k][feature], PAPER_N[k] - FEATURE_COUNTS[k][feature]]
                           for k in ("malignant", "benign")])
-        rows.append(_row(FEATURE_NAMES[feature], _count(counts[0, 0], len(f_m)), _count(counts[1, 0], len(f_b)),
-                         chi2_p(counts), CHI2, _count(paper[0, 0], PAPER_N["malignant"]),
-                         _count(paper[1, 0], PAPER_N["benign"]), chi2_p(paper)))
+        rows.append(_counts_row(FEATURE_NAMES[feature], _count(counts[0, 0], len(f_m)), _count(counts[1, 0], len(f_b)),
+                                counts, paper, _count(paper[0, 0], PAPER_N["malignant"]),
+                                _count(paper[1, 0], PAPER_N["benign"])))
     table = pd.DataFrame(rows)
     return table.rename(columns={"Malignant": f"Malignant (N = {len(mal)})", "Benign": f"Benign (N = {len(ben)})"})
 
@@ -183,6 +240,14 @@ def _row(name: str, mal: str, ben: str, p: float | None, test: str, paper_mal: s
     return {"Parameter": name, "Malignant": mal, "Benign": ben, "p": p, "p value": fmt_p(p), "Test": test,
             f"Paper malignant (N = {PAPER_N['malignant']})": paper_mal,
             f"Paper benign (N = {PAPER_N['benign']})": paper_ben, "Paper p": fmt_p(paper_p)}
+
+
+def _counts_row(name: str, mal: str, ben: str, counts: np.ndarray, paper: np.ndarray, paper_mal: str,
+                paper_ben: str) -> dict[str, Any]:
+    """A 2×2 row; its Test says which test gave our p (and the paper's, where that differs)."""
+    (p, test), (paper_p, paper_test) = two_by_two_p(counts), two_by_two_p(paper)
+    shown = test if paper_test == test else f"{test} (paper: {paper_test})"
+    return _row(name, mal, ben, p, shown, paper_mal, paper_ben, paper_p)
 
 
 def cohort_frame(run: RunData, annotations: pd.DataFrame) -> pd.DataFrame:
