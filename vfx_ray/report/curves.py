@@ -7,6 +7,8 @@ touches no global state (safe in notebooks, threads and headless jobs).
 
 from __future__ import annotations
 
+import textwrap
+
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
@@ -68,22 +70,32 @@ def confusion_figure(run: RunData) -> Figure:
     return fig
 
 
+MAX_BIAS = ("A patient's probability is the maximum over its slices: the largest of several noisy "
+            "probabilities exceeds what each of them expects, so the per-patient curve is biased upward "
+            "(over-confident) even when each slice is calibrated.")
+
+
 def calibration_figure(run: RunData, n_bins: int = 10) -> Figure:
-    """Reliability diagram (observed malignant fraction per probability bin) and histograms."""
-    fig = Figure(figsize=(11, 4.5), layout="constrained")
+    """Reliability diagram (observed malignant fraction per probability bin) of the per-patient
+    maximum beside the per-slice probabilities, with the maximum's upward bias stated on the
+    plot; the histograms show where the probabilities lie."""
+    fig = Figure(figsize=(11, 5), layout="constrained")
     ax, hist = fig.subplots(1, 2)
     for level, frame in level_frames(run).items():
         observed, predicted = calibration_curve(frame["label"], frame["probability"], n_bins=n_bins, strategy="uniform")
-        ax.plot(predicted, observed, marker="o", color=COLORS[level], label=LEVELS[level])
+        name = "Per patient (max over slices)" if level == "per_patient" else LEVELS[level]
+        ax.plot(predicted, observed, marker="o", color=COLORS[level],
+                label=f"{name}: mean p {frame['probability'].mean():.2f}, observed {frame['label'].mean():.2f}")
         hist.hist(frame["probability"], bins=np.linspace(0, 1, n_bins + 1), histtype="step", lw=2,
-                  color=COLORS[level], label=LEVELS[level], density=True)
+                  color=COLORS[level], label=name, density=True)
     ax.plot([0, 1], [0, 1], ls=":", color="grey", label="perfectly calibrated")
     ax.set(xlabel="Mean predicted probability", ylabel="Observed fraction malignant", xlim=(0, 1), ylim=(0, 1),
            title=f"Calibration ({n_bins} equal-width bins)")
+    fig.suptitle(textwrap.fill("Caveat: " + MAX_BIAS, 150), fontsize=9, color="#8a5a00", ha="center")
     hist.axvline(run.threshold, ls="--", color="black", lw=1, label="threshold")
     hist.set(xlabel="Predicted probability", ylabel="Density", title="Distribution of probabilities", xlim=(0, 1))
-    for a in (ax, hist):
-        a.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="lower right")
+    hist.legend(fontsize=8)
     return fig
 
 
@@ -96,20 +108,29 @@ def net_benefit(y: np.ndarray, prob: np.ndarray, thresholds: np.ndarray) -> np.n
     return tp / len(y) - fp / len(y) * thresholds / (1 - thresholds)
 
 
+def treat_all(prevalence: float, thresholds: np.ndarray) -> np.ndarray:
+    """Net benefit of calling every case malignant: prev − (1 − prev) · pt/(1 − pt)."""
+    pt = np.asarray(thresholds, float)
+    return prevalence - (1 - prevalence) * pt / (1 - pt)
+
+
 def decision_curve_figure(run: RunData, thresholds: np.ndarray | None = None) -> Figure:
-    """Net benefit of acting on the model vs treating all or none, per patient and per slice."""
+    """Net benefit of acting on the model vs treating all or none, per patient and per slice;
+    each level against its own treat-all line (its own prevalence: slices are not patients)."""
     pt = np.linspace(0.01, 0.99, 99) if thresholds is None else np.asarray(thresholds, float)
     fig = Figure(figsize=(7, 4.5), layout="constrained")
     ax = fig.subplots()
-    patients = run.patients
-    prevalence = float(patients["label"].mean())
+    top = 0.05
     for level, frame in level_frames(run).items():
+        prevalence = float(frame["label"].mean())
+        top = max(top, prevalence)
         ax.plot(pt, net_benefit(frame["label"], frame["probability"], pt), color=COLORS[level], lw=2,
                 label=f"model, {LEVELS[level].lower()}")
-    ax.plot(pt, prevalence - (1 - prevalence) * pt / (1 - pt), color="grey", lw=1.5, label="treat all (patients)")
+        ax.plot(pt, treat_all(prevalence, pt), color=COLORS[level], lw=1.2, ls="--", alpha=0.8,
+                label=f"treat all, {LEVELS[level].lower()} (prevalence {prevalence:.2f})")
     ax.axhline(0, color="black", lw=1, label="treat none")
-    ax.axvline(run.threshold, ls="--", color="black", lw=0.8)
-    ax.set(xlabel="Threshold probability", ylabel="Net benefit", xlim=(0, 1),
-           ylim=(-0.05, max(prevalence, 0.05) + 0.05), title="Decision curve")
+    ax.axvline(run.threshold, ls=":", color="black", lw=0.8)
+    ax.set(xlabel="Threshold probability", ylabel="Net benefit", xlim=(0, 1), ylim=(-0.05, top + 0.05),
+           title="Decision curve")
     ax.legend(fontsize=8)
     return fig

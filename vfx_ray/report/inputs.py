@@ -36,7 +36,7 @@ class RunData:
     uri: str
     kind: str  # train-cv | scores
     slices: pd.DataFrame  # patient_id, fold (train-cv only), slice_index, probability, label
-    metrics: dict[str, Any]  # {"pooled": level_metrics, "folds": [...], "fold_mean": ... | None}
+    metrics: dict[str, Any]  # {"pooled": level_metrics, "folds": [...], "fold_mean": ... | None, "aggregation"}
     paper: dict[str, Any]
     threshold: float
     classes: tuple[str, str]
@@ -86,10 +86,12 @@ def _load_train_cv(run_uri: str) -> RunData:
     found = _json(storage.join(run_uri, layout.METRICS))
     threshold = float((found or {}).get("threshold", config.get("train", {}).get("threshold", 0.5)))
     slices = slices.astype({"label": int, "fold": int})
-    summary = found if found is not None else metrics.summarize(slices, threshold)
-    notes = (
-        [] if found is not None else ["metrics.json is missing: metrics were computed from oof_predictions.parquet."]
-    )
+    current = found is not None and "aggregation" in found
+    summary = found if current else {**(found or {}), **metrics.summarize(slices, threshold)}
+    notes = [] if current else [
+        "metrics.json is missing: metrics were computed from oof_predictions.parquet." if found is None else
+        "metrics.json predates the confidence intervals and aggregation rules: its statistics were recomputed "
+        "from oof_predictions.parquet."]
     return RunData(run_uri, TRAIN_CV, slices, summary, summary.get("paper") or paper.RESULTS, threshold,
                    DEFAULT_CLASSES, config, crops_uri=config.get("crops_uri"), notes=notes)
 
@@ -115,12 +117,15 @@ def _load_scores(run_uri: str) -> RunData:
         config.get("threshold", labelled["threshold"][0].as_py() if "threshold" in labelled.column_names else 0.5)
     )
     found = _json(storage.join(run_uri, layout.METRICS))
-    pooled = {k: found[k] for k in ("per_slice", "per_patient")} if found else metrics.level_metrics(slices, threshold)
+    if found is None or "auc_cluster_ci_low" not in found.get("per_slice", {}):  # none, or older than the CIs
+        found = metrics.level_metrics(slices, threshold)
+    pooled = {k: found[k] for k in ("per_slice", "per_patient")}
     notes = []
     if labelled.num_rows < table.num_rows:
         notes.append(f"{table.num_rows - labelled.num_rows} scored patients have no label and are left out.")
-    return RunData(run_uri, SCORES, slices, {"pooled": pooled, "folds": [], "fold_mean": None}, paper.RESULTS,
-                   threshold, classes, config, notes=notes)
+    summary = {**metrics.ci_methods(), "pooled": pooled, "folds": [], "fold_mean": None,
+               "aggregation": metrics.aggregation_rules(slices, threshold)}
+    return RunData(run_uri, SCORES, slices, summary, paper.RESULTS, threshold, classes, config, notes=notes)
 
 
 def annotations_from_crops(crops_uri: str) -> str | None:
@@ -148,20 +153,30 @@ def load_run(run_uri: str, crops_uri: str | None = None, annotations_uri: str | 
     return run
 
 
-def read_crops(crops_uri: str, patient_ids: list[str]) -> dict[tuple[str, int], np.ndarray]:
-    """(patient_id, slice_index) -> middle channel (64x64) of the crop, only for the patients asked.
-
-    Reads just those rows (a Parquet filter), so a large crops dataset costs little.
-    """
+def read_crop_images(crops_uri: str, patient_ids: list[str]) -> dict[tuple[str, int], np.ndarray]:
+    """(patient_id, slice_index) -> the whole C×S×S crop (the model's input, for Grad-CAM),
+    only for the patients asked: just those rows are read (a Parquet filter)."""
     fs, path = storage.filesystem(layout.crops_file(crops_uri))
     table = pq.read_table(path, filesystem=fs, columns=["patient_id", "slice_index", "image"],
                           filters=[("patient_id", "in", list(patient_ids))])
     if table.num_rows == 0:
         return {}
     images = contracts.images_from_arrow(table["image"])
-    middle = images.shape[1] // 2  # channel 1 of 3: the slice itself, between its neighbours
     keys = zip(table["patient_id"].to_pylist(), table["slice_index"].to_pylist(), strict=True)
-    return {(pid, int(k)): images[i, middle] for i, (pid, k) in enumerate(keys)}
+    return {(pid, int(k)): images[i] for i, (pid, k) in enumerate(keys)}
+
+
+def middle_channel(image: np.ndarray) -> np.ndarray:
+    """Channel 1 of 3: the slice itself, between its neighbours (what a crop is shown as)."""
+    return image[image.shape[0] // 2]
+
+
+def read_crops(crops_uri: str, patient_ids: list[str]) -> dict[tuple[str, int], np.ndarray]:
+    """(patient_id, slice_index) -> middle channel (64x64) of the crop, only for the patients asked.
+
+    Reads just those rows (a Parquet filter), so a large crops dataset costs little.
+    """
+    return {key: middle_channel(image) for key, image in read_crop_images(crops_uri, patient_ids).items()}
 
 
 def read_annotations(uri: str) -> pd.DataFrame:
