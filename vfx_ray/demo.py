@@ -15,7 +15,7 @@ from vfx_ray import objectstore, storage
 from vfx_ray.errors import VfxError
 
 BUCKET = "vfx"
-MIN_DEMO_AUC = 0.85  # issue 4: the demo cohort must be learnable
+MIN_DEMO_AUC = 0.80  # issues 4 and 17: the demo cohort (paper difficulty, AUC ~0.83) must be learnt
 
 
 def banner(text: str) -> None:
@@ -68,12 +68,15 @@ def train(outputs: dict[str, str], cfg: config_mod.Config) -> None:
     from vfx_ray.cv import run_train_cv
     from vfx_ray.tune import run_tune
 
-    banner(f"tune (Ray Tune, ASHA, {cfg.tune.num_samples} trials of lr x L2) -> {outputs['tune']}")
-    searched = run_tune(outputs["crops"], outputs["tune"], cfg)  # each stage takes the previous one's folder
+    banner(f"tune --nested (Ray Tune, ASHA, {cfg.tune.num_samples} trials of lr x L2 in each of the "
+           f"{cfg.train.n_folds} outer folds, judged inside its training patients) -> {outputs['tune']}")
+    # each stage takes the previous one's folder; nested: no fold's test patients choose its parameters
+    searched = run_tune(outputs["crops"], outputs["tune"], cfg, nested=True)
     best = searched["best_params"]
-    print(f"{searched['trials']} trials, {searched['stopped_early']} stopped early; best {best}")
-    banner(f"train-cv (Ray Train, demo profile: {cfg.train.arch}, {cfg.train.n_folds} folds, tuned lr/l2) "
-           f"-> {outputs['run']}")
+    chosen = ", ".join(f"fold {k}: lr {p['lr']:.2g}, l2 {p['l2']:.2g}" for k, p in best["folds"].items())
+    print(f"{searched['trials']} trials, {searched['stopped_early']} stopped early; best {chosen}")
+    banner(f"train-cv (Ray Train, demo profile: {cfg.train.arch}, {cfg.train.n_folds} folds, each with its own "
+           f"tuned lr/l2) -> {outputs['run']}")
     result = run_train_cv(outputs["crops"], outputs["run"], cfg.train, params=best)
     for level in ("per_slice", "per_patient"):
         m = result["pooled"][level]
@@ -82,7 +85,8 @@ def train(outputs: dict[str, str], cfg: config_mod.Config) -> None:
     auc = result["pooled"]["per_patient"]["auc"]
     if auc is None or auc < MIN_DEMO_AUC:
         raise VfxError("demo", f"the demo model did not learn (per-patient AUC {auc} < {MIN_DEMO_AUC}): "
-                       "the synthetic lesions are strong, so something upstream is broken")
+                       "the paper preset is calibrated to about 0.83-0.85 on this cohort, so something upstream is "
+                       "broken (docs/benchmarks.md, calibration)")
 
 
 def score_and_report(outputs: dict[str, str], cfg: config_mod.Config, workdir: Path) -> dict[str, Any]:
