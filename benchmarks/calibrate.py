@@ -29,17 +29,12 @@ def _value(text: str):
 
 
 def edge_centre(oof: pd.DataFrame) -> dict[str, float]:
-    """Mean probability of the first/last slice of each patient vs its middle slice(s)."""
-    ranks = oof.groupby("patient_id")["slice_index"].rank(method="first") - 1
-    n = oof.groupby("patient_id")["slice_index"].transform("size")
-    offset = (ranks - (n - 1) / 2).abs()
-    edge = oof[(offset == offset.groupby(oof["patient_id"]).transform("max")) & (n > 1)]
-    centre = oof[offset <= 0.5]
-    out = {}
-    for label, name in ((1, "malignant"), (0, "benign")):
-        out[f"{name}_edge"] = float(edge.loc[edge["label"] == label, "probability"].mean())
-        out[f"{name}_centre"] = float(centre.loc[centre["label"] == label, "probability"].mean())
-    return out
+    """Mean probability of each class's edge (first/last) and centre slices: the report's table."""
+    from vfx_ray.report.slices import edge_centre_table
+
+    table = edge_centre_table(oof, ("benign", "malignant")).set_index("Class")
+    return {f"{name}_{where}": float(table.loc[name, f"{where.capitalize()} mean"])
+            for name in ("malignant", "benign") for where in ("edge", "centre")}
 
 
 def main() -> None:
