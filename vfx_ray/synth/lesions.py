@@ -98,7 +98,8 @@ def plan_lesion(rng: np.random.Generator, spine: Spine, features: Features,
     return replace(spine, vertebrae=tuple(verts)), lesion
 
 
-def _blend(hu: np.ndarray, alpha: np.ndarray, value: float) -> None:
+def blend(hu: np.ndarray, alpha: np.ndarray, value: float) -> None:
+    """Move ``hu`` toward ``value`` by ``alpha`` (0..1) in place: partial volume of a finding."""
     np.add(hu, alpha * (value - hu), out=hu, casting="unsafe")
 
 
@@ -112,7 +113,7 @@ def _destruction(hu, x, y, z, spine: Spine, lesion: Lesion, index: int, scale: f
     q = ((y - yc) / ry) ** 2 + ((z - zc) / rz) ** 2
     q = q * (1 + 0.18 * np.sin(0.9 * y + 0.7 * z + lesion.dest_phase))  # moth-eaten margin
     alpha = w * np.clip((1 - q) / 0.2, 0, 1) * b.inside(z)
-    _blend(hu, alpha, lesion.dest_hu)
+    blend(hu, alpha, lesion.dest_hu)
 
 
 def apply_lesions(hu: np.ndarray, x: np.ndarray, y: np.ndarray, z: np.ndarray, spine: Spine,
@@ -141,20 +142,20 @@ def _apply_in_slab(hu: np.ndarray, x: np.ndarray, y: np.ndarray, z: np.ndarray, 
         dz = z - lesion.line_z
         band = inside & (np.abs(dz) < lesion.line_mm / 2)
         cleft = inside & (dz >= lesion.line_mm / 2) & (dz < lesion.line_mm / 2 + 1.5)
-        _blend(hu, w * band, lesion.line_hu)
-        _blend(hu, w * cleft, 30.0)
+        blend(hu, w * band, lesion.line_hu)
+        blend(hu, w * cleft, 30.0)
     if f.cortex_interruption:
         side = (y < cy - 0.3 * v.ay) if lesion.gap_wall == "anterior" else (y > cy + 0.3 * v.ay)
         gap = inside & side & (b.wall < spine.cortex_mm + 1.0)
         gap &= np.abs(z - lesion.gap_z) < lesion.gap_h / 2
-        _blend(hu, w * gap, lesion.dest_hu if f.bone_destruction and lesion.destruction == "lytic"
+        blend(hu, w * gap, lesion.dest_hu if f.bone_destruction and lesion.destruction == "lytic"
                else 40.0)
     if f.soft_tissue_mass:
         half = lesion.mass_depth / 2 + 1.5
         my = cy - v.ay - lesion.mass_depth / 2 + 1.5
         q = ((y - my) / half) ** 2 + ((z - lesion.mass_zc) / lesion.mass_rz) ** 2
         alpha = w * np.clip((1 - q) / 0.25, 0, 1) * ~inside * (b.r >= 1)
-        _blend(hu, alpha, lesion.mass_hu)
+        blend(hu, alpha, lesion.mass_hu)
     if lesion.neighbour is not None and f.bone_destruction:
         _destruction(hu, x, y, z, spine, lesion, lesion.neighbour, 0.7, w)
     return hu

@@ -21,7 +21,7 @@ import numpy as np
 
 from vfx_ray.config import SynthDifficulty
 from vfx_ray.synth.anatomy import Spine, body_coords, lateral_weight
-from vfx_ray.synth.lesions import Lesion
+from vfx_ray.synth.lesions import Lesion, blend
 from vfx_ray.synth.texture import plan_texture
 
 # Probability of each mimic at SynthDifficulty.mimic_rate = 1.
@@ -115,10 +115,6 @@ def shared_box(seed: int, d: SynthDifficulty, spine: Spine,
             v.zc - v.height / 2 - mz + jz, v.zc + v.height / 2 + mz + jz)
 
 
-def _blend(hu: np.ndarray, alpha: np.ndarray, value: float) -> None:
-    np.add(hu, alpha * (value - hu), out=hu, casting="unsafe")
-
-
 def _ellipsoid(x, y, z, focus: Focus) -> np.ndarray:
     (cx, cy, cz), (rx, ry, rz) = focus.centre, focus.radii
     q = ((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2 + ((z - cz) / rz) ** 2
@@ -137,16 +133,16 @@ def apply_extras(hu: np.ndarray, x: np.ndarray, y: np.ndarray, z: np.ndarray, sp
             alpha = _ellipsoid(x, y, z, focus) * inside
             if focus is extras.haemangioma:  # coarse vertical trabeculae every ~2.5 mm
                 alpha *= np.where(np.cos(2.5 * (y - spine.cy)) > 0.7, 0.3, 1.0).astype(np.float32)
-            _blend(hu, alpha, focus.hu)
+            blend(hu, alpha, focus.hu)
     w = lateral_weight(x, lesion.x_min, lesion.x_max, lesion.taper_mm) * np.float32(lesion.contrast)
     if extras.impaction is not None:
         depth, value = extras.impaction
-        _blend(hu, w * inside * (z > b.top - depth), value)
+        blend(hu, w * inside * (z > b.top - depth), value)
     if extras.haematoma is not None:
         depth, value = extras.haematoma
         front = (y < spine.cy - v.ay * np.sqrt(np.clip(1 - (x / v.ax) ** 2, 0, 1)))
         band = front & (y > spine.cy - v.ay - depth) & (np.abs(z - v.zc) < v.height * 0.6)
-        _blend(hu, w * band * (b.r >= 1), value)
+        blend(hu, w * band * (b.r >= 1), value)
     return hu
 
 
