@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint bench clean chromium dcmtk
+.PHONY: demo test test-fast lint bench clean chromium dcmtk orthanc
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,11 +26,19 @@ dcmtk:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dcmtk >/dev/null; \
 	  else echo "dcmtk missing and not root: the dcmtk checks will be skipped"; fi; }
 
-demo: $(STAMP)
+# The PACS the SRs go to and archives come from: Debian's Orthanc with its DICOMweb plugin. The
+# package would start a system service on 8042/4242 where systemd runs; ours use free ports.
+orthanc:
+	@test -x /usr/sbin/Orthanc -a -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq orthanc orthanc-dicomweb >/dev/null; \
+	  else echo "orthanc missing and not root: the PACS tests will be skipped"; fi; }
+
+demo: $(STAMP) orthanc dcmtk
 	$(BIN)/vfx-ray demo
 
 # Everything, slow end-to-end tests included; pytest exits non-zero (5) when no test ran.
-test: $(STAMP) chromium dcmtk
+test: $(STAMP) chromium dcmtk orthanc
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -v --durations=15
 

@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from vfx_ray import objectstore
+from vfx_ray import objectstore, pacs
 
 AWS_VARS = (
     "AWS_ENDPOINT_URL",
@@ -42,7 +42,28 @@ def objectstore_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def ray_session(objectstore_server):
+def pacs_server(tmp_path_factory):
+    """Debian's Orthanc with DICOMweb on loopback (``vfx_ray.pacs``), its variables exported
+    before Ray starts so local workers inherit them; None where Orthanc is not installed
+    (``make test`` installs it when root: the PACS tests then skip, saying so)."""
+    if not pacs.available():
+        yield None
+        return
+    root = tmp_path_factory.mktemp("orthanc")
+    server = pacs.start(root, log_file=root / "orthanc.log")
+    saved = {k: os.environ.get(k) for k in server.env()}
+    server.export()
+    yield server
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def ray_session(objectstore_server, pacs_server):
     """One local Ray instance for every test that needs it (ray.init costs ~10 s here).
 
     With its dashboard: Ray Train's PlacementGroupCleaner frees the workers of a trial that

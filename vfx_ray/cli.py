@@ -11,7 +11,6 @@ import dataclasses
 import os
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 from vfx_ray import config as config_mod
 from vfx_ray.cli_common import (
@@ -22,6 +21,7 @@ from vfx_ray.cli_common import (
     positive_int,
     prepare_cluster,
 )
+from vfx_ray.cli_services import add_objectstore, add_pacs
 from vfx_ray.cli_train import add_train_cv, add_tune
 from vfx_ray.cli_weights import add_weights
 from vfx_ray.errors import VfxError
@@ -32,44 +32,6 @@ variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGIO
 Ray: a local cluster is started unless RAY_ADDRESS names one.
 Errors are one line; VFX_RAY_DEBUG=1 shows the traceback instead.
 """
-
-
-# ---------------------------------------------------------------- objectstore
-def cmd_objectstore(args: argparse.Namespace) -> int:
-    from vfx_ray import objectstore
-
-    if args.action == "start":
-        current = objectstore.load_state()
-        if current and current.running():
-            raise CliError(
-                f"an embedded store already runs at {current.endpoint} (pid {current.pid}); "
-                "`vfx-ray objectstore stop` first"
-            )
-        store = objectstore.start(
-            args.root,
-            port=args.port,
-            buckets=tuple(args.bucket),
-            log_file=Path(args.root).absolute().parent / "rclone.log",
-            detach=True,
-        )
-        objectstore.save_state(store)
-        print(objectstore.shell_exports(store))
-        print(
-            f"# rclone S3 server on {store.endpoint} serving {store.root} (pid {store.pid});"
-            " eval this output to use it, `vfx-ray objectstore stop` to end it",
-            file=sys.stderr,
-        )
-        return 0
-    store = objectstore.load_state()
-    if store is None or not store.running():
-        raise CliError("no embedded store is running (start one with `vfx-ray objectstore start`)")
-    if args.action == "env":
-        print(objectstore.shell_exports(store))
-    else:  # stop
-        store.stop()
-        objectstore.STATE_FILE.unlink(missing_ok=True)
-        print(f"stopped the embedded store at {store.endpoint}", file=sys.stderr)
-    return 0
 
 
 # ---------------------------------------------------------------- synth
@@ -155,23 +117,6 @@ def add_synth(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--profile", default="paper", choices=config_mod.PROFILES)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_synth)
-
-
-def add_objectstore(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "objectstore",
-        help="start/stop the embedded S3 server (rclone serve s3 on loopback)",
-        description=(
-            "The embedded object store: `rclone serve s3` over a local folder on a free loopback "
-            "port with generated credentials. `start` prints shell exports of the standard AWS "
-            "variables: eval \"$(vfx-ray objectstore start --root ./s3)\"."
-        ),
-    )
-    p.add_argument("action", choices=["start", "stop", "env"])
-    p.add_argument("--root", default="out/s3", help="folder served; its sub-folders are buckets")
-    p.add_argument("--port", type=positive_int, help="port (default: a free one)")
-    p.add_argument("--bucket", action="append", default=["vfx"], help="bucket to create (repeatable)")
-    p.set_defaults(func=cmd_objectstore)
 
 
 # ---------------------------------------------------------------- crops
@@ -381,6 +326,7 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
 
 ADDERS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_objectstore,
+    add_pacs,
     add_synth,
     add_crops,
     add_train_cv,
