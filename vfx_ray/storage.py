@@ -1,10 +1,12 @@
 """One place that turns a URI into a filesystem + path; every reader and writer goes through it.
 
-URIs are local paths or ``s3://bucket/prefix``. S3 settings come from the standard AWS
-variables. pyarrow's S3 filesystem ignores ``AWS_ENDPOINT_URL`` by itself, so it is read here
-and passed as ``endpoint_override``; boto3 reads it natively but gets it explicitly too. Without
-``AWS_REGION``/``AWS_DEFAULT_REGION``, a bucket on AWS is asked for its region (once per bucket
-and process); a custom endpoint gets us-east-1, which S3-compatible servers accept.
+URIs are local paths, ``s3://bucket/prefix`` or, for reading a DICOM archive on a PACS,
+``dicomweb+http(s)://host:port/root`` (:mod:`dicomweb`: its instances as objects, read only).
+S3 settings come from the standard AWS variables. pyarrow's S3 filesystem ignores
+``AWS_ENDPOINT_URL`` by itself, so it is read here and passed as ``endpoint_override``; boto3
+reads it natively but gets it explicitly too. Without ``AWS_REGION``/``AWS_DEFAULT_REGION``, a
+bucket on AWS is asked for its region (once per bucket and process); a custom endpoint gets
+us-east-1, which S3-compatible servers accept.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ from urllib.parse import urlparse
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+from vfx_ray import dicomweb
+from vfx_ray.dicomweb import is_dicomweb as is_dicomweb
 
 # re-exported: the jobs and tests name them here
 from vfx_ray.s3outage import S3_OUTAGE_SECONDS as S3_OUTAGE_SECONDS
@@ -170,6 +175,8 @@ def _boto3_client(endpoint: str | None, region: str, creds: tuple):
 
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path inside it) for a local path or ``s3://bucket/key`` URI."""
+    if is_dicomweb(uri):  # not a local path named "dicomweb+http:"
+        raise ValueError(f"{dicomweb.endpoint(uri)}: a DICOMweb archive holds DICOM instances only; read them by URI")
     if is_s3(uri):
         return s3_filesystem(split_s3(uri)[0]), uri[len(S3_PREFIX) :].rstrip("/")
     return pafs.LocalFileSystem(), os.path.abspath(uri)
@@ -182,7 +189,13 @@ class FileEntry:
 
 
 def list_files(uri: str, suffix: str | None = None) -> list[FileEntry]:
-    """Every file under a prefix, recursively, sorted by URI; any folder layout."""
+    """Every file under a prefix, recursively, sorted by URI; any folder layout. On a PACS:
+    every instance under the root, a study or a series, with its estimated size."""
+    if is_dicomweb(uri):
+        found = [FileEntry(u, size) for u, size in dicomweb.list_instances(uri)]
+        if not found and dicomweb.locate(uri).study:
+            raise FileNotFoundError(f"nothing at {uri}")
+        return [e for e in found if not suffix or e.uri.endswith(suffix)]
     fs, path = filesystem(uri)
     info = _retrying(uri, lambda: fs.get_file_info(path))
     if info.type == pafs.FileType.NotFound:
@@ -200,6 +213,8 @@ def list_files(uri: str, suffix: str | None = None) -> list[FileEntry]:
 
 
 def exists(uri: str) -> bool:
+    if is_dicomweb(uri):
+        return dicomweb.exists(uri)
     fs, path = filesystem(uri)
     return _retrying(uri, lambda: fs.get_file_info(path)).type != pafs.FileType.NotFound
 
@@ -250,9 +265,11 @@ def s3_get(uri: str, nbytes: int | None = None) -> bytes:
 
 
 def read_bytes(uri: str) -> bytes:
-    """A whole object: one GET on S3."""
+    """A whole object: one GET on S3 or a PACS."""
     if is_s3(uri):
         return s3_get(uri)
+    if is_dicomweb(uri):
+        return dicomweb.read_instance(uri)
     with open(uri, "rb") as f:
         return f.read()
 
@@ -277,9 +294,12 @@ def read_many(uris: list[str], nbytes: int | None = None, max_workers: int = 16)
 
 
 def read_prefix(uri: str, nbytes: int) -> bytes:
-    """The first ``nbytes`` of an object: a HEAD and one ranged GET on S3."""
+    """The first ``nbytes`` of an object: a HEAD and one ranged GET on S3. A PACS has no
+    ranged reads: the whole instance (more than ``nbytes``, as a short object gives less)."""
     if is_s3(uri):
         return s3_get(uri, nbytes)
+    if is_dicomweb(uri):
+        return dicomweb.read_instance(uri)
     with open(uri, "rb") as f:
         return f.read(nbytes)
 
@@ -301,6 +321,8 @@ def atomic_output(uri: str) -> Iterator[pa.NativeFile]:
     at the end (a PUT or a multipart upload only becomes visible when complete, and boto3
     aborts a failed multipart upload). On an exception ``uri`` keeps its old content.
     """
+    if is_dicomweb(uri):  # not a local path named "dicomweb+http:"
+        raise ValueError(f"{dicomweb.endpoint(uri)}: a DICOMweb archive is read, not written, through storage")
     if is_s3(uri):
         bucket, key = split_s3(uri)
         with tempfile.NamedTemporaryFile(prefix="vfx-upload-", suffix=".part") as tmp:

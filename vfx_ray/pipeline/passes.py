@@ -41,9 +41,10 @@ def escapes_prefix(archive_uri: str, uri: str) -> bool:
     """Whether an object key lies outside the archive prefix once normalised.
 
     S3 keys may contain ``..`` segments that a later reader would resolve; a local archive
-    may hold symbolic links to files elsewhere. Neither is read.
+    may hold symbolic links to files elsewhere. Neither is read. A PACS's URIs are checked
+    as S3 keys are (a UID that would resolve to ``..``).
     """
-    if not storage.is_s3(archive_uri):
+    if not (storage.is_s3(archive_uri) or storage.is_dicomweb(archive_uri)):
         root = os.path.realpath(archive_uri)
         return os.path.commonpath([root, os.path.realpath(uri)]) != root
     base = archive_uri.rstrip("/")
@@ -134,8 +135,10 @@ def chunk_entries(entries: list[storage.FileEntry], max_objects: int | None = No
 
 def study_folder(uri: str, root: str) -> str:
     """The first folder under the archive root that holds ``uri`` (a patient's or a study's in
-    the usual export layouts); the root itself for an object directly in it."""
+    the usual export layouts; on a PACS ``studies/{uid}``); the root itself for an object directly in it."""
     rel = uri[len(root):].lstrip("/") if uri.startswith(root) else uri
+    if storage.is_dicomweb(uri) and rel.startswith("studies/"):
+        return "/".join(rel.split("/", 2)[:2])
     return rel.split("/", 1)[0] if "/" in rel else ""
 
 
@@ -151,6 +154,8 @@ def chunk_items(entries: list[storage.FileEntry], cpus: int, cfg: CropConfig | N
         shared = itertools.takewhile(lambda p: len(set(p)) == 1, zip(*[e.uri.split("/")[:-1] for e in entries],
                                                                      strict=False))
         root = "/".join(p[0] for p in shared)
+    if entries and storage.is_dicomweb(entries[0].uri):  # no ranged reads: a roi chunk would hold whole objects
+        cfg = dataclasses.replace(cfg, read_plan="whole")
     target = -(-len(entries) // (CHUNKS_PER_CPU * cpus))
     studies = [list(run) for _, run in itertools.groupby(entries, key=lambda e: study_folder(e.uri, root))]
     items = []
