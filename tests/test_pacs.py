@@ -57,3 +57,14 @@ def test_cli_start_env_stop_round_trip(tmp_path):
     assert not state.exists()
     gone = subprocess.run([*VFX, "pacs", "stop"], env=env, capture_output=True, text=True)
     assert gone.returncode == 2 and "no embedded PACS is running" in gone.stderr
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--key-images"], "--key-images needs --sr-out"),
+    (["--sr-out", "dicomweb+http://u:secret@127.0.0.1:1/dicom-web"], "not the URI"),
+])
+def test_wrong_report_target_is_one_line_before_any_work(extra, message, tmp_path):
+    argv = ["score", "--archive", str(tmp_path), "--annotations", "a.csv", "--model", "m.pt", "--out", "o", *extra]
+    res = subprocess.run([*VFX, *argv], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert "secret" not in res.stderr

@@ -129,7 +129,8 @@ def test_no_identifier_reaches_outputs_or_logs(synth_cohort, tmp_path, ray_sessi
     archive, ann = str(work / "dicom"), str(work / "annotations.csv")
     out = tmp_path / "out"
     crops = run_crops(archive, ann, str(out / "crops"), progress=True, pseudonymize=True)
-    scores = run_score(archive, ann, model, str(out / "scores"), progress=True, pseudonymize=True)
+    scores = run_score(archive, ann, model, str(out / "scores"), progress=True, pseudonymize=True,
+                       sr_out=str(out / "reports"), key_images=True)
     assert crops["pseudonymized"] and crops["patients_with_crops"] == 3 and crops["errors"] >= 2, crops
     assert scores["rows"] == 3 and scores["pseudonym_key_id"] == Pseudonymizer(KEY).key_id, scores
 
@@ -137,6 +138,9 @@ def test_no_identifier_reaches_outputs_or_logs(synth_cohort, tmp_path, ray_sessi
     c = storage.read_table(str(out / "crops" / "crops.parquet")).to_pandas()
     s = storage.read_table(str(out / "scores" / "scores.parquet")).to_pandas()
     assert set(c.patient_id) == set(s.patient_id) == {p.patient(i) for i in ids.values()}  # stable: they join
+    reports = [pydicom.dcmread(f) for f in sorted((out / "reports").rglob("*.dcm"))]
+    assert scores["sr_objects_sent"] == 6 and len(reports) == 6, scores  # an SR and a key image per patient
+    assert {r.PatientID for r in reports} == {r.PatientName.family_name for r in reports} == set(s.patient_id)
     errs = storage.read_table(str(out / "crops" / "errors.parquet")).to_pandas()
     assert {"SeriesNotFound"} <= set(errs.error_type) and errs.object_key.dropna().str.startswith("obj-").all()
     index = storage.read_table(str(out / "crops" / "series_index.parquet")).to_pandas()

@@ -73,13 +73,15 @@ def session_token(objectstore_server, request) -> Iterator[str]:
         os.environ["AWS_SESSION_TOKEN"] = saved
 
 
-def test_no_credentials_in_outputs_or_logs(objectstore_server, session_token, capfd,
+def test_no_credentials_in_outputs_or_logs(objectstore_server, session_token, pacs_server, capfd,
                                            caplog) -> None:
+    """Also the PACS's password, where Orthanc is installed: the SRs go there."""
     import ray
 
     secret = objectstore_server.secret_key
     assert os.environ["AWS_SECRET_ACCESS_KEY"] == secret and len(secret) >= 32
-    wanted = needles(secret_key=secret, session_token=session_token)
+    pacs_secret = {"pacs_password": pacs_server.password} if pacs_server else {}
+    wanted = needles(secret_key=secret, session_token=session_token, **pacs_secret)
     caplog.set_level(logging.DEBUG, logger="vfx_ray")
     caplog.set_level(logging.INFO)
     root = f"s3://vfx/secrets-{uuid.uuid4().hex[:8]}"
@@ -90,7 +92,8 @@ def test_no_credentials_in_outputs_or_logs(objectstore_server, session_token, ca
     save_model(build_model("resnet18", pretrained="none"), model, "resnet18")
     archive, annotations = f"{root}/dicom", f"{root}/annotations.csv"
     crops = run_crops(archive, annotations, f"{root}/crops", progress=True)
-    scores = run_score(archive, annotations, model, f"{root}/scores", progress=True)
+    scores = run_score(archive, annotations, model, f"{root}/scores", progress=True,
+                       sr_out=pacs_server.dicomweb_uri if pacs_server else None)
     report = render_report(f"{root}/scores", f"{root}/report", crops_uri=f"{root}/crops")
     try:
         storage.read_bytes(f"{root}/no/such/object")
@@ -118,6 +121,11 @@ def test_no_credentials_in_outputs_or_logs(objectstore_server, session_token, ca
                         "manifest.json", "scores.parquet", "report.html", "report.md"}
     assert expected_outputs <= {p.name for p in ours.rglob("*")}, sorted(ours.rglob("*"))
     assert n_objects >= 20 and n_logs >= 5, (n_objects, n_logs)
+    if pacs_server:  # its storage and log (its 0600 configuration holds the password by design)
+        assert scores["sr_objects_sent"] + scores["sr_objects_already_there"] == 3, scores
+        pacs_root = Path(pacs_server.root)
+        pacs_hits, _ = scan_tree(pacs_root / "storage", wanted)
+        hits += pacs_hits + find("orthanc.log", (pacs_root / "orthanc.log").read_bytes(), wanted)
     leaks = hits + store_hits + ray_hits
     assert not leaks, "credentials found in:\n" + "\n".join(leaks)
 

@@ -212,11 +212,12 @@ def cmd_score(args: argparse.Namespace) -> int:
     from vfx_ray.score import ScoreOptions, run_score
 
     cfg = with_reading(config_mod.profile(args.profile).crops, args)
+    check_report_target(args)
     prepare_cluster(args, {"--archive": args.archive, "--annotations": args.annotations,
                            "--model": args.model, "--out": args.out})
     options = ScoreOptions(threshold=args.threshold, features=args.features, batch_size=args.batch_size,
                            commit_every=args.commit_every, progress=not args.quiet, pseudonymize=args.pseudonymize,
-                           gpu=args.gpu)  # fmt: skip
+                           gpu=args.gpu, sr_out=args.sr_out, key_images=args.key_images)  # fmt: skip
     summary = run_score(args.archive, args.annotations, args.model, args.out, cfg, options)
     line = (
         f"{summary['rows']} patients scored ({summary['scored_now']} now, "
@@ -227,10 +228,26 @@ def cmd_score(args: argparse.Namespace) -> int:
     if summary["chunks"]:
         print(f"read once: {summary['patients_read_once']} patients, second pass: {summary['patients_second_pass']}; "
               f"{summary['chunks_reused']} of {summary['chunks']} chunks taken from an interrupted run")  # fmt: skip
+    if args.sr_out:
+        print(f"reports: {summary['sr_objects_sent']} objects sent, {summary['sr_objects_already_there']} already "
+              f"there, {summary['sr_errors']} not sent (see errors.parquet, stage 'sr') -> {args.sr_out}")
     if "metrics" in summary:
         for level in ("per_slice", "per_patient"):
             print(f"{level:11s} {metrics_line(summary['metrics'][level])}")
     return 0
+
+
+def check_report_target(args: argparse.Namespace) -> None:
+    """--key-images needs --sr-out; a DICOMweb --sr-out must be a usable URI (before any work)."""
+    from vfx_ray import dicomweb
+
+    if args.key_images and not args.sr_out:
+        raise CliError("--key-images needs --sr-out (the key images go where the reports go)")
+    if args.sr_out and dicomweb.is_dicomweb(args.sr_out):
+        try:
+            dicomweb.service_url(args.sr_out)
+        except ValueError as exc:
+            raise CliError(f"--sr-out: {exc}") from None
 
 
 def add_score(sub: argparse._SubParsersAction) -> None:
@@ -259,6 +276,14 @@ def add_score(sub: argparse._SubParsersAction) -> None:
         "--commit-every", type=positive_int, default=25, help="patients per committed part (resume granularity)"
     )
     p.add_argument("--profile", default="paper", choices=config_mod.PROFILES)
+    p.add_argument("--sr-out", metavar="URI",
+                   help="also a DICOM Structured Report (TID 1500) per scored patient: a folder or s3:// prefix "
+                        "(URI/<patient>/<SOP Instance UID>.dcm) or a PACS, dicomweb+http(s)://host/root (STOW-RS; "
+                        "credentials from VFX_RAY_DICOMWEB_USER/_PASSWORD, see `vfx-ray pacs env`). Sent after the "
+                        "scores are written; a re-run sends only what the target lacks")
+    p.add_argument("--key-images", action="store_true",
+                   help="with --sr-out: also a secondary capture per patient (the top slice, the ROI box and its "
+                        "Grad-CAM heatmap), referenced by the SR")
     add_reading(p)
     add_pseudonymize(p)
     add_cluster_args(p, gpu=True)

@@ -1,11 +1,15 @@
 """``vfx-ray demo``: the whole flow on the embedded default, sized for 2 CPU cores.
 
-Starts the embedded S3 store over ``WORKDIR/s3``, writes a small synthetic cohort into it and
-runs each stage through the same functions the CLI and the Ray jobs use.
+Starts the embedded S3 store over ``WORKDIR/s3`` and the embedded PACS (Orthanc) over
+``WORKDIR/pacs``, writes a small synthetic cohort into the store and runs each stage through
+the same functions the CLI and the Ray jobs use; the scores go back to the PACS as DICOM SRs
+with key images. The PACS keeps running afterwards so that its Explorer shows them
+(``vfx-ray pacs stop`` ends it).
 """
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -33,20 +37,44 @@ def run_demo(workdir: str | Path, *, patients: int | None = None, seed: int = 0)
     store = objectstore.start(workdir / "s3", buckets=(BUCKET,), log_file=workdir / "rclone.log")
     store.export()
     print(f"endpoint {store.endpoint}; bucket s3://{BUCKET} is the folder {workdir / 's3' / BUCKET}")
+    server = start_pacs(workdir)
     base = f"s3://{BUCKET}/demo"
     storage.delete_tree(base)  # each demo is a whole fresh run
     outputs = {stage: f"{base}/{stage}" for stage in ("cohort", "crops", "tune", "run", "scores")}
     try:
         make_data(outputs, cfg, synth_cfg)
         train(outputs, cfg)
-        report = score_and_report(outputs, cfg, workdir)
+        report = score_and_report(outputs, cfg, workdir, server.dicomweb_uri if server else None)
     finally:
         store.stop()
     banner(f"done in {time.monotonic() - t0:.0f} s; outputs (S3 URI -> local folder):")
     for stage, uri in outputs.items():
         print(f"  {stage:8s} {uri}  ->  {workdir / 's3' / uri[len('s3://'):]}")
     print(f"\nreport: {report['html']}")
+    if server:
+        print(f"PACS: the SRs and key images are in Orthanc Explorer, {server.explorer} (user {server.user}; "
+              "`vfx-ray pacs env` prints the password, `vfx-ray pacs stop` ends it)")
     return outputs
+
+
+def start_pacs(workdir: Path):  # noqa: ANN201 - a pacs.Pacs or None
+    """A fresh embedded Orthanc over ``workdir/pacs``, detached and recorded like ``vfx-ray pacs
+    start`` (so it outlives the demo); None, said, where Orthanc is not installed."""
+    from vfx_ray import pacs
+
+    if not pacs.available():
+        print("Orthanc is not installed (make demo installs it as root): the SRs go to a folder instead")
+        return None
+    old = pacs.load_state()
+    if old and old.listening():  # the previous demo's, whose reports belong to deleted outputs
+        old.stop()
+    shutil.rmtree(workdir / "pacs", ignore_errors=True)
+    banner(f"embedded PACS (Orthanc + DICOMweb) over {workdir / 'pacs'}")
+    server = pacs.start(workdir / "pacs", log_file=workdir / "orthanc.log", detach=True)
+    pacs.save_state(server)
+    server.export()
+    print(f"DICOMweb {server.dicomweb_uri}")
+    return server
 
 
 def make_data(outputs: dict[str, str], cfg: config_mod.Config, synth_cfg: config_mod.SynthConfig) -> None:
@@ -89,8 +117,10 @@ def train(outputs: dict[str, str], cfg: config_mod.Config) -> None:
                        "broken (docs/benchmarks.md, calibration)")
 
 
-def score_and_report(outputs: dict[str, str], cfg: config_mod.Config, workdir: Path) -> dict[str, Any]:
-    """score the archive with the fold ensemble, then the report of the train-cv run."""
+def score_and_report(outputs: dict[str, str], cfg: config_mod.Config, workdir: Path,
+                     pacs_uri: str | None) -> dict[str, Any]:
+    """score the archive with the fold ensemble (SRs and key images to the PACS), then the
+    report of the train-cv run."""
     from vfx_ray.report import render_report
     from vfx_ray.score import run_score
     from vfx_ray.synth.cohort import MASK_ANNOTATIONS
@@ -99,7 +129,13 @@ def score_and_report(outputs: dict[str, str], cfg: config_mod.Config, workdir: P
            f"and DICOM SEG masks) -> {outputs['scores']}")
     cohort = outputs["cohort"]
     masks = f"{cohort}/{MASK_ANNOTATIONS}"
-    scored = run_score(f"{cohort}/dicom", masks, outputs["run"], outputs["scores"], cfg.crops)
-    print(f"{scored['rows']} patients scored, {scored['errors']} error rows, model {scored['model_id']}")
+    sr_out = pacs_uri or f"{outputs['scores']}/sr"
+    scored = run_score(f"{cohort}/dicom", masks, outputs["run"], outputs["scores"], cfg.crops, sr_out=sr_out,
+                       key_images=True)
+    print(f"{scored['rows']} patients scored, {scored['errors']} error rows, model {scored['model_id']}; "
+          f"{scored['sr_objects_sent']} SRs and key images sent to {sr_out}")
+    if scored["sr_errors"]:
+        raise VfxError("demo", f"{scored['sr_errors']} patients' reports were not sent to {sr_out}: see the "
+                       f"rows of stage 'sr' in {outputs['scores']}/errors.parquet")
     banner(f"report -> {workdir / 'report'}")
     return render_report(outputs["run"], str(workdir / "report"))

@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm import tqdm
 
-from vfx_ray import contracts, layout, metrics, pseudonym, score_parts, storage
+from vfx_ray import contracts, layout, metrics, pseudonym, score_parts, sr_out, storage
 from vfx_ray.annotations import DEFAULT_CLASSES, PatientTask
 from vfx_ray.config import CropConfig
 from vfx_ray.errors import VfxError
@@ -52,6 +52,8 @@ class ScoreOptions:
     progress: bool = True
     pseudonymize: bool = False
     gpu: bool | None = None  # None: on GPUs when the cluster has or can get them
+    sr_out: str | None = None  # a DICOM SR per scored patient: folder/prefix or dicomweb+http(s)://
+    key_images: bool = False  # with sr_out: a secondary capture of the top slice, referenced by the SR
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,6 +200,7 @@ class ScoreJob:
         shown = self.pseudo.patient if self.pseudo else (lambda pid: pid)  # the id as written out
         todo = [t for t in plan.tasks if shown(t.patient_id) not in done_ids]
         errors += plan.errors
+        self.plan, self.headers = plan, index.headers  # the reports refer to the planned series
         sink = PatientSink(self, len(todo))
         second = plan.second_pass(skip=lambda pid: shown(pid) in done_ids)
         try:
@@ -298,13 +301,16 @@ class ScoreJob:
               seconds: float) -> dict[str, Any]:
         """The final files (scores, features, errors, metrics with labels) and the summary."""
         o, model, pseudonyms = self.options, self.models.record(), pseudonym.metadata(self.pseudo)
-        errors = self.pseudo.rows(errors) if self.pseudo else errors
         run_config = {"crops": dataclasses.asdict(self.cfg), "threshold": o.threshold, "classes": list(o.classes),
                       "model": model, "archive": self.archive_uri, **pseudonyms}
         meta = {"vfx_ray.config": json.dumps(run_config), "vfx_ray.model_id": model["model_id"]}
         table = score_parts.write_final(self.out_uri, model["model_id"], meta, o.features)
-        scored_ids = set(table["patient_id"].to_pylist())
-        errors = [e for e in errors if e.get("patient_id") not in scored_ids]  # a re-run healed them
+        errors = [e for e in (self.pseudo.rows(errors) if self.pseudo else errors)
+                  if e.get("patient_id") not in set(table["patient_id"].to_pylist())]  # a re-run healed them
+        reports = self.send_reports(table) if o.sr_out else None
+        if reports:
+            errors += self.pseudo.rows(reports.errors) if self.pseudo else reports.errors
+            head = {**head, **reports.summary()}
         storage.write_table(contracts.errors_table(errors), storage.join(self.out_uri, layout.ERRORS))
         summary = {**head, "rows": table.num_rows, "errors": len(errors), "model_id": model["model_id"],
                    "n_models": model["n_models"], "seconds": round(seconds, 1), **reads, **pseudonyms}
@@ -313,6 +319,16 @@ class ScoreJob:
             summary["metrics"] = label_metrics(labelled, o.threshold, o.classes)
             storage.write_text(storage.join(self.out_uri, layout.METRICS), json.dumps(summary["metrics"], indent=2))
         return summary
+
+    def send_reports(self, table: pa.Table) -> sr_out.Outcome:
+        """An SR (and key image) per scored patient, after the scores are safely written."""
+        from vfx_ray import score_reports
+
+        key_image = score_reports.key_image_maker(self.models.files, self.cfg) if self.options.key_images else None
+        work = score_reports.work(table, self.plan.tasks, self.headers, self.cfg, self.pseudo, key_image)
+        bar = tqdm(total=table.num_rows, desc="score: reports", unit="patient", disable=not self.options.progress)
+        with bar:
+            return sr_out.push(self.options.sr_out, work, on_patient=lambda: bar.update(1))
 
 
 def label_metrics(table: pa.Table, threshold: float, classes: tuple[str, str]) -> dict[str, Any]:
