@@ -1,12 +1,15 @@
-"""Shared fixtures: one embedded S3 store and one Ray session for the whole test run.
+"""Shared fixtures: one embedded S3 store, one PACS and one Ray session for the whole test run.
 
-The store starts first and exports the standard AWS variables, so Ray's workers (which
-inherit the driver's environment at ``ray.init``) reach it too.
+The store and the PACS start first and export their variables (the standard AWS ones,
+VFX_RAY_DICOMWEB_*), so Ray's workers (which inherit the driver's environment at
+``ray.init``) reach them too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import pytest
 
@@ -25,41 +28,44 @@ AWS_VARS = (
 STATE_API_ENV = "RAY_API_SERVER_ADDRESS"  # where Ray's State API clients find the dashboard
 
 
+@contextlib.contextmanager
+def environment(values: dict[str, str], restore: tuple[str, ...] = ()) -> Iterator[None]:
+    """``values`` set in os.environ for the block; afterwards they, and ``restore``, as they were."""
+    saved = {k: os.environ.get(k) for k in {*values, *restore}}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 @pytest.fixture(scope="session")
 def objectstore_server(tmp_path_factory):
     """A running rclone S3 server on loopback, its variables exported in os.environ."""
-    saved = {k: os.environ.get(k) for k in AWS_VARS}
     root = tmp_path_factory.mktemp("s3root")
     store = objectstore.start(root, buckets=("vfx", "test"), log_file=root.parent / "rclone.log")
-    store.export()
-    yield store
+    with environment(store.env(), AWS_VARS):
+        yield store
     store.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 @pytest.fixture(scope="session")
 def pacs_server(tmp_path_factory):
     """Debian's Orthanc with DICOMweb on loopback (``vfx_ray.pacs``), its variables exported
-    before Ray starts so local workers inherit them; None where Orthanc is not installed
-    (``make test`` installs it when root: the PACS tests then skip, saying so)."""
+    before Ray starts so that local workers inherit them. None where Orthanc is not installed
+    (the PACS tests then skip, saying so); ``make test`` installs it when root."""
     if not pacs.available():
         yield None
         return
     root = tmp_path_factory.mktemp("orthanc")
     server = pacs.start(root, log_file=root / "orthanc.log")
-    saved = {k: os.environ.get(k) for k in server.env()}
-    server.export()
-    yield server
+    with environment(server.env()):
+        yield server
     server.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 @pytest.fixture(scope="session")

@@ -202,3 +202,20 @@ def test_pacs_down_leaves_scores_written_and_error_rows(cohort, ray_session, mon
     scores = storage.read_table(os.path.join(out, "scores.parquet")).to_pandas()
     assert sorted(sr_errors.patient_id) == sorted(scores.patient_id)  # every patient accounted for
     assert set(sr_errors.error_type) == {"PacsUnreachable"}
+
+
+def test_a_scored_patient_no_longer_planned_gets_an_error_row_not_a_report(tmp_path, monkeypatch):
+    import pyarrow as pa
+
+    from vfx_ray import score_reports
+    from vfx_ray.pseudonym import KEY_ENV, Pseudonymizer
+
+    table = pa.Table.from_pylist([{**ROW, "series_instance_uid": "1.2.3.4"}])
+    out = sr_out.push(str(tmp_path), score_reports.work(table, [], [], CFG, None, None))
+    assert out.sent == 0 and [(e["patient_id"], e["error_type"]) for e in out.errors] == [("P7", "LookupError")]
+    assert "no longer in the annotations" in out.errors[0]["message"] and not list(tmp_path.iterdir())
+    monkeypatch.setenv(KEY_ENV, "k" * 32)
+    pseudo = Pseudonymizer.from_env()
+    hidden = pa.Table.from_pylist([{**ROW, "patient_id": pseudo.patient("P7"), "series_instance_uid": "2.25.1"}])
+    out = sr_out.push(str(tmp_path), score_reports.work(hidden, [], [], CFG, pseudo, None))
+    assert out.errors[0]["patient_id"] is None and pseudo.patient("P7") in out.errors[0]["message"]

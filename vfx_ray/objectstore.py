@@ -18,6 +18,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 STATE_FILE = Path(os.environ.get("VFX_RAY_HOME", Path.home() / ".vfx_ray")) / "objectstore.json"
 
@@ -169,17 +170,21 @@ def start(
     return store
 
 
-def save_state(store: ObjectStore, path: Path = STATE_FILE) -> None:
+def save_state(server: Any, path: Path = STATE_FILE) -> None:
+    """A started server (a dataclass: this store or a ``pacs.Pacs``) for later commands; 0600,
+    it holds the secret."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(asdict(store)))
+    path.write_text(json.dumps(asdict(server)))
     path.chmod(0o600)
 
 
-def load_state(path: Path = STATE_FILE) -> ObjectStore | None:
+def load_state(path: Path = STATE_FILE, kind: type = ObjectStore) -> Any:
+    """The ``kind`` saved at ``path`` by :func:`save_state`, or None."""
     if not path.exists():
         return None
-    return ObjectStore(**json.loads(path.read_text()))
+    return kind(**json.loads(path.read_text()))
 
 
-def shell_exports(store: ObjectStore) -> str:
-    return "\n".join(f"export {k}={v}" for k, v in store.env().items())
+def shell_exports(server: Any) -> str:
+    """``export`` lines of a server's ``env()``, for ``eval``."""
+    return "\n".join(f"export {k}={v}" for k, v in server.env().items())

@@ -20,9 +20,10 @@ import signal
 import socket
 import subprocess
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
+from vfx_ray import objectstore
 from vfx_ray.objectstore import free_port, wait_listening
 
 STATE_FILE = Path(os.environ.get("VFX_RAY_HOME", Path.home() / ".vfx_ray")) / "pacs.json"
@@ -147,16 +148,12 @@ def start(root: str | os.PathLike, port: int | None = None, log_file: str | os.P
 
 
 def save_state(pacs: Pacs, path: Path = STATE_FILE) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(asdict(pacs)))
-    path.chmod(0o600)
+    objectstore.save_state(pacs, path)
 
 
 def load_state(path: Path = STATE_FILE) -> Pacs | None:
-    if not path.exists():
-        return None
-    return Pacs(**json.loads(path.read_text()))
+    return objectstore.load_state(path, Pacs)
 
 
 def shell_exports(pacs: Pacs) -> str:
-    return "\n".join(f"export {k}={v}" for k, v in pacs.env().items())
+    return objectstore.shell_exports(pacs)

@@ -305,8 +305,9 @@ class ScoreJob:
                       "model": model, "archive": self.archive_uri, **pseudonyms}
         meta = {"vfx_ray.config": json.dumps(run_config), "vfx_ray.model_id": model["model_id"]}
         table = score_parts.write_final(self.out_uri, model["model_id"], meta, o.features)
+        scored_ids = set(table["patient_id"].to_pylist())
         errors = [e for e in (self.pseudo.rows(errors) if self.pseudo else errors)
-                  if e.get("patient_id") not in set(table["patient_id"].to_pylist())]  # a re-run healed them
+                  if e.get("patient_id") not in scored_ids]  # a re-run healed them
         reports = self.send_reports(table) if o.sr_out else None
         if reports:
             errors += self.pseudo.rows(reports.errors) if self.pseudo else reports.errors

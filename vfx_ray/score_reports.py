@@ -57,15 +57,16 @@ def source_series(task: PatientTask, headers: dict[str, dict[str, Any]], header:
 
 def work(table: pa.Table, tasks: list[PatientTask], headers: list[dict[str, Any]], cfg: CropConfig,
          pseudo: Pseudonymizer | None, key_image: Callable[[PatientTask, dict, sr.SourceSeries], Dataset] | None
-         ) -> Iterator[tuple[str, str, Callable[[], list[Dataset]]]]:
+         ) -> Iterator[tuple[str | None, str | None, Callable[[], list[Dataset]]]]:
     """(patient, series, build) per scored row; ``build`` makes [key image, SR] when asked."""
     shown = pseudo.patient if pseudo else (lambda pid: pid)
     by_shown = {shown(t.patient_id): t for t in tasks}
     by_key = {h["object_key"]: h for h in headers}
     for row in table.to_pylist():
         task = by_shown.get(row["patient_id"])
-        if task is None:
-            yield row["patient_id"], row["series_instance_uid"], _missing(row["patient_id"])
+        if task is None:  # the message names it; a pseudonymised run does not know its real id
+            pid, series = (None, None) if pseudo else (row["patient_id"], row["series_instance_uid"])
+            yield pid, series, _missing(row["patient_id"])
             continue
 
         def build(task: PatientTask = task, row: dict = row) -> list[Dataset]:
