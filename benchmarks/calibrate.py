@@ -46,8 +46,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from vfx_ray import config as config_mod
-    from vfx_ray.crops import run_crops
-    from vfx_ray.cv import run_train_cv
+    from vfx_ray.stages.crops import run_crops
+    from vfx_ray.stages.cv import run_train_cv
     from vfx_ray.synth.cohort import generate_cohort, plan_cohort
     from vfx_ray.synth.shortcuts import shortcut_auc, shortcut_features
 

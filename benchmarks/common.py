@@ -22,8 +22,8 @@ def local_folder(uri: str) -> str:
 def cohorts_in_s3(sizes: list[int], matrix: int, synth: dict | None = None):
     """Start the embedded store, write one cohort per size; yields {size: s3 uri}.
     ``synth``: SynthConfig fields to change (e.g. the clinical preset's)."""
-    from vfx_ray import objectstore
     from vfx_ray.config import SynthConfig
+    from vfx_ray.services import objectstore
     from vfx_ray.synth.cohort import generate_cohort
 
     work = Path(tempfile.mkdtemp(prefix="bench-"))
@@ -48,8 +48,9 @@ def plain_patients(archive: str, annotations_uri: str):
     decoded and cropped by the same pure functions; yields (task, crops) per patient."""
     from collections import defaultdict
 
-    from vfx_ray import annotations, dicom, geometry, storage
+    from vfx_ray import storage
     from vfx_ray.config import CropConfig
+    from vfx_ray.imaging import annotations, dicom, geometry
 
     cfg = CropConfig()
     files_by_series: dict[str, list] = defaultdict(list)

@@ -39,11 +39,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from vfx_ray import epochs, resident
-from vfx_ray import model as vmodel
-from vfx_ray.augment import AffineRanges, random_affine
 from vfx_ray.config import SynthConfig, TrainConfig
-from vfx_ray.ensemble import Ensemble
+from vfx_ray.ml import epochs, resident
+from vfx_ray.ml import model as vmodel
+from vfx_ray.ml.augment import AffineRanges, random_affine
+from vfx_ray.ml.ensemble import Ensemble
 
 # A fold's training crops in the paper: 433 patients x ~4 sagittal slices x 0.9 (docs/cluster.md,
 # "Sizing"): ~77 MB of 3x64x64 float32, ~31 M images over 10 folds x 100 epochs x 20 passes.

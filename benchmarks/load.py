@@ -28,7 +28,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from vfx_ray import storage
-    from vfx_ray.model import build_model, save_model
+    from vfx_ray.ml.model import build_model, save_model
 
     sizes = sorted(int(s) for s in args.sizes.split(","))
     torch.manual_seed(0)

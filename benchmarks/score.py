@@ -54,8 +54,8 @@ def main() -> None:
 
     import ray
 
-    from vfx_ray.model import build_model, predict_proba, save_model
-    from vfx_ray.score import run_score
+    from vfx_ray.ml.model import build_model, predict_proba, save_model
+    from vfx_ray.stages.score import run_score
 
     torch.manual_seed(0)
     net = build_model(args.arch, pretrained="none").eval()

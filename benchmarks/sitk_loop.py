@@ -58,7 +58,7 @@ def main(archive: str, annotations: str, model: str | None = None) -> None:
     if model:
         import torch
 
-        from vfx_ray.model import load_model
+        from vfx_ray.ml.model import load_model
 
         net = load_model(model)[0].eval()
         score = lambda x: torch.sigmoid(net(torch.from_numpy(np.stack(x)).float())).max().item()  # noqa: E731

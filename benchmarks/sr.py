@@ -22,7 +22,7 @@ CT = "1.2.840.10008.5.1.4.1.1.2"
 
 
 def reports(n: int, instances: int = 150) -> list[Dataset]:
-    from vfx_ray import sr
+    from vfx_ray.export import sr
 
     out = []
     for i in range(n):
@@ -49,7 +49,8 @@ def timed(label: str, n: int, step, baseline: float | None = None) -> float:
 
 
 def main() -> None:
-    from vfx_ray import pacs, sr_out
+    from vfx_ray.export import sr_out
+    from vfx_ray.services import pacs
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--patients", type=int, default=100)

@@ -3,8 +3,8 @@
     .venv/bin/python benchmarks/train.py [--arch resnet18] [--size 64] [--patients 48]
         [--epochs 4] [--augment-factor 2] [--workers 1 2]
 
-The plain loop runs the reference ``train_one_epoch`` + ``evaluate`` (vfx_ray.epochs), the Ray
-workers the device-resident loop (vfx_ray.resident), with the same augmentation ranges, batch
+The plain loop runs the reference ``train_one_epoch`` + ``evaluate`` (vfx_ray.ml.epochs), the Ray
+workers the device-resident loop (vfx_ray.ml.resident), with the same augmentation ranges, batch
 size and 1 torch thread per worker (Ray gives a 1-CPU worker OMP_NUM_THREADS=1). The Ray
 figure is the wall time between consecutive epoch reports, so it includes reading the shard
 (once per fold), the per-epoch checkpoint and ``ray.train.report``; the first
@@ -25,11 +25,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from crops_fixture import make_crops  # noqa: E402
 
-from vfx_ray import contracts, epochs  # noqa: E402
-from vfx_ray import model as vmodel  # noqa: E402
-from vfx_ray import train as vtrain  # noqa: E402
-from vfx_ray.augment import AffineRanges, random_affine  # noqa: E402
+from vfx_ray import contracts  # noqa: E402
 from vfx_ray.config import TrainConfig  # noqa: E402
+from vfx_ray.ml import epochs  # noqa: E402
+from vfx_ray.ml import model as vmodel  # noqa: E402
+from vfx_ray.ml.augment import AffineRanges, random_affine  # noqa: E402
+from vfx_ray.stages import train as vtrain  # noqa: E402
 
 
 def plain_epochs(train, val, cfg: TrainConfig, n_epochs: int) -> list[float]:

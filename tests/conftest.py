@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from vfx_ray import objectstore, pacs
+from vfx_ray.services import objectstore, pacs
 
 AWS_VARS = (
     "AWS_ENDPOINT_URL",
@@ -55,7 +55,7 @@ def objectstore_server(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def pacs_server(tmp_path_factory):
-    """Debian's Orthanc with DICOMweb on loopback (``vfx_ray.pacs``), its variables exported
+    """Debian's Orthanc with DICOMweb on loopback (``vfx_ray.services.pacs``), its variables exported
     before Ray starts so that local workers inherit them. None where Orthanc is not installed
     (the PACS tests then skip, saying so); ``make test`` installs it when root."""
     if not pacs.available():

@@ -22,8 +22,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vfx_ray.objectstore import free_port
-from vfx_ray.placement import DRIVER_RESOURCE
+from vfx_ray.runtime.placement import DRIVER_RESOURCE
+from vfx_ray.services.objectstore import free_port
 
 BIN = Path(sys.executable).parent
 

@@ -7,8 +7,8 @@ import math
 import pandas as pd
 import pytest
 
-from vfx_ray import annotations as ann
 from vfx_ray.errors import VfxError
+from vfx_ray.imaging import annotations as ann
 
 BOX = dict(
     roi_x_min_mm=-6.0, roi_x_max_mm=6.0, roi_y_min_mm=10.0, roi_y_max_mm=40.0, roi_z_min_mm=-20.0, roi_z_max_mm=10.0

@@ -11,8 +11,9 @@ import pathlib
 import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "vfx_ray"
-JOBS = {"vfx_ray.crops", "vfx_ray.score", "vfx_ray.score_parts", "vfx_ray.cv", "vfx_ray.tune", "vfx_ray.train",
-        "vfx_ray.demo", "vfx_ray.cli", "vfx_ray.cli_train", "vfx_ray.cli_common", "vfx_ray.cli_weights"}
+JOBS = {"vfx_ray.stages.crops", "vfx_ray.stages.score", "vfx_ray.stages.score_parts", "vfx_ray.stages.cv",
+        "vfx_ray.stages.tune", "vfx_ray.stages.train", "vfx_ray.stages.demo",
+        "vfx_ray.cli.app", "vfx_ray.cli.train", "vfx_ray.cli.common", "vfx_ray.cli.weights"}
 PIPELINE = {f"vfx_ray.pipeline.{m}" for m in ("wire", "tasks", "datasets", "passes")}
 
 
@@ -63,7 +64,8 @@ def test_no_import_cycles(graph):
 
 def test_the_cycle_check_can_fail(graph):
     with pytest.raises(graphlib.CycleError):
-        graphlib.TopologicalSorter({**graph, "vfx_ray.storage": graph["vfx_ray.storage"] | {"vfx_ray.crops"}}).prepare()
+        cyclic = {**graph, "vfx_ray.storage": graph["vfx_ray.storage"] | {"vfx_ray.stages.crops"}}
+        graphlib.TopologicalSorter(cyclic).prepare()
 
 
 def test_the_pipeline_imports_no_job_and_only_datasets_imports_ray(graph):
@@ -75,15 +77,16 @@ def test_the_pipeline_imports_no_job_and_only_datasets_imports_ray(graph):
 
 
 def test_score_does_not_import_the_crops_job_and_the_scoring_actor_stays_small(graph):
-    assert "vfx_ray.crops" not in reachable(graph, "vfx_ray.score")
-    heavy = {"vfx_ray.dicom", "vfx_ray.annotations", "vfx_ray.metrics", "vfx_ray.pipeline.tasks",
-             "vfx_ray.pipeline.passes"}
-    assert not reachable(graph, "vfx_ray.scorer") & heavy
+    assert "vfx_ray.stages.crops" not in reachable(graph, "vfx_ray.stages.score")
+    heavy = {"vfx_ray.imaging.dicom", "vfx_ray.imaging.annotations", "vfx_ray.evaluation.metrics",
+             "vfx_ray.pipeline.tasks", "vfx_ray.pipeline.passes"}
+    assert not reachable(graph, "vfx_ray.stages.scorer") & heavy
 
 
 def test_pure_modules_import_no_job_and_no_pipeline(graph):
-    pure = ["vfx_ray.dicom", "vfx_ray.geometry", "vfx_ray.roi", "vfx_ray.annotations", "vfx_ray.folds",
-            "vfx_ray.metrics", "vfx_ray.storage", "vfx_ray.layout", "vfx_ray.paper", "vfx_ray.config"]
+    pure = ["vfx_ray.imaging.dicom", "vfx_ray.imaging.geometry", "vfx_ray.imaging.roi", "vfx_ray.imaging.annotations",
+            "vfx_ray.evaluation.folds", "vfx_ray.evaluation.metrics", "vfx_ray.storage", "vfx_ray.layout",
+            "vfx_ray.paper", "vfx_ray.config"]
     for m in pure:
         assert not reachable(graph, m) & (JOBS | PIPELINE), m
 

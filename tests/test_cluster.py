@@ -18,7 +18,7 @@ import ray.autoscaler
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-from vfx_ray.cli import build_parser
+from vfx_ray.cli.app import build_parser
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())

@@ -1,4 +1,4 @@
-"""vfx_ray.dicom on phantom series: headers, series index, slice order, HU, codecs, bad input."""
+"""vfx_ray.imaging.dicom on phantom series: headers, series index, slice order, HU, codecs, bad input."""
 
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ from phantoms import (
 )
 
 from vfx_ray.config import CropConfig
-from vfx_ray.dicom import HEADER_PREFIX_BYTES, group_series, load_volume, read_header
 from vfx_ray.errors import VfxError
+from vfx_ray.imaging.dicom import HEADER_PREFIX_BYTES, group_series, load_volume, read_header
 from vfx_ray.synth.dicom_writer import PatientInfo
 
 HEADER_KEYS = {

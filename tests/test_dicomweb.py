@@ -18,9 +18,9 @@ import requests
 
 from vfx_ray import contracts, dicomweb, storage
 from vfx_ray.config import CropConfig
-from vfx_ray.crops import run_crops
-from vfx_ray.objectstore import free_port
 from vfx_ray.pipeline import passes
+from vfx_ray.services.objectstore import free_port
+from vfx_ray.stages.crops import run_crops
 
 COHORT = {"patients": 3, "seed": 21}  # test_pseudonym's: the session generates it once
 
@@ -172,8 +172,8 @@ def test_scores_from_the_pacs_equal_scores_from_the_folder(uploaded, pacs_server
     """``score --archive dicomweb+http://…``: the same pipeline, the same probabilities."""
     import torch
 
-    from vfx_ray.model import build_model, save_model
-    from vfx_ray.score import run_score
+    from vfx_ray.ml.model import build_model, save_model
+    from vfx_ray.stages.score import run_score
 
     torch.manual_seed(0)
     model = str(tmp_path / "model.pt")

@@ -31,12 +31,14 @@ import pytest
 import torch
 from ray_nodes import Cluster, _node, alive_nodes, local_cluster
 
-from vfx_ray import objectstore, score_parts, storage
+from vfx_ray import storage
 from vfx_ray.config import SynthConfig
-from vfx_ray.crops import run_crops
-from vfx_ray.model import build_model, save_model
-from vfx_ray.score import run_score
-from vfx_ray.score_parts import PARTS
+from vfx_ray.ml.model import build_model, save_model
+from vfx_ray.services import objectstore
+from vfx_ray.stages import score_parts
+from vfx_ray.stages.crops import run_crops
+from vfx_ray.stages.score import run_score
+from vfx_ray.stages.score_parts import PARTS
 from vfx_ray.synth.cohort import generate_cohort
 
 pytestmark = pytest.mark.slow
@@ -242,8 +244,8 @@ def test_read_only_destination_leaves_nothing_looking_complete(cohort, objectsto
 
 NODE_DRIVER = """
 import json, sys, ray
-from vfx_ray.crops import run_crops
-from vfx_ray.score import run_score
+from vfx_ray.stages.crops import run_crops
+from vfx_ray.stages.score import run_score
 root, model = sys.argv[1], sys.argv[2]
 ray.init()  # RAY_ADDRESS names the cluster
 crops = run_crops(f"{root}/dicom", f"{root}/annotations.csv", f"{root}/crops", progress=False)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from vfx_ray import folds
+from vfx_ray.evaluation import folds
 
 
 def cohort(n: int = 60, n_malignant: int = 40) -> pd.DataFrame:

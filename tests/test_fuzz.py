@@ -1,4 +1,4 @@
-"""Fuzz the two readers of untrusted bytes, vfx_ray.dicom.read_header and load_volume.
+"""Fuzz the two readers of untrusted bytes, vfx_ray.imaging.dicom.read_header and load_volume.
 
 Property: they return data or raise VfxError; never another exception (it would become an error
 row with a raw type, or crash a Ray worker), never a hang, never a large allocation. Inputs are
@@ -42,8 +42,8 @@ from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID
 
 from vfx_ray.config import CropConfig
-from vfx_ray.dicom import Volume, load_volume, read_header
 from vfx_ray.errors import VfxError
+from vfx_ray.imaging.dicom import Volume, load_volume, read_header
 
 REGRESSIONS = Path(__file__).parent / "fuzz_regressions"
 EXAMPLES = int(os.environ.get("VFX_FUZZ_EXAMPLES", "0"))  # 0: the CI budget below

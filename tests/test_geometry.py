@@ -1,4 +1,4 @@
-"""vfx_ray.geometry on phantoms: LPS mapping, ROI boxes, slice choice, the paper's crops."""
+"""vfx_ray.imaging.geometry on phantoms: LPS mapping, ROI boxes, slice choice, the paper's crops."""
 
 from __future__ import annotations
 
@@ -11,16 +11,16 @@ from phantoms import GEOMETRIES, SHAPE, box_hu, centred_geometry, cube, edit, fi
 
 from vfx_ray.config import CropConfig
 from vfx_ray.contracts import crops_table
-from vfx_ray.dicom import load_volume
 from vfx_ray.errors import VfxError
-from vfx_ray.geometry import (
+from vfx_ray.imaging.dicom import load_volume
+from vfx_ray.imaging.geometry import (
     crop_samples,
     sagittal_reformat,
     select_slices,
     to_sitk,
     zscore,
 )
-from vfx_ray.roi import RoiBox
+from vfx_ray.imaging.roi import RoiBox
 from vfx_ray.synth.dicom_writer import voxel_lps
 
 CUBE_CENTRE = (3.0, 5.0, 10.0)

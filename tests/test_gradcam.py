@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vfx_ray.gradcam import gradcam
-from vfx_ray.model import build_model
+from vfx_ray.ml.gradcam import gradcam
+from vfx_ray.ml.model import build_model
 
 QUADRANTS = {"top-left": (0, 0), "top-right": (0, 32), "bottom-left": (32, 0), "bottom-right": (32, 32)}
 

@@ -18,11 +18,12 @@ import pydicom
 import pytest
 from phantoms import edit
 
-from vfx_ray import contracts, dicom, geometry, storage
+from vfx_ray import contracts, storage
 from vfx_ray.config import CropConfig, SynthConfig
-from vfx_ray.crops import run_crops
+from vfx_ray.imaging import dicom, geometry
+from vfx_ray.imaging.roi import RoiBox
 from vfx_ray.pipeline import tasks
-from vfx_ray.roi import RoiBox
+from vfx_ray.stages.crops import run_crops
 from vfx_ray.synth.cohort import plan_cohort
 from vfx_ray.synth.patient import patient_files
 

@@ -1,4 +1,4 @@
-"""vfx_ray.keyimage on a phantom: the ROI outline, bright objects and the heatmap land where their
+"""vfx_ray.export.keyimage on a phantom: the ROI outline, bright objects and the heatmap land where their
 mm positions map (rows head to feet, columns anterior to posterior), and the Secondary Capture
 round-trips with the study's identity and UIDs fixed by patient, series and model."""
 
@@ -19,13 +19,13 @@ from pydicom import Dataset
 from scipy import ndimage
 from torch import nn
 
-from vfx_ray import keyimage, sr
 from vfx_ray.config import CropConfig
-from vfx_ray.dicom import load_volume
-from vfx_ray.geometry import crop_samples
-from vfx_ray.gradcam import gradcam
-from vfx_ray.model import build_model, save_model
-from vfx_ray.roi import RoiBox
+from vfx_ray.export import keyimage, sr
+from vfx_ray.imaging.dicom import load_volume
+from vfx_ray.imaging.geometry import crop_samples
+from vfx_ray.imaging.roi import RoiBox
+from vfx_ray.ml.gradcam import gradcam
+from vfx_ray.ml.model import build_model, save_model
 
 CFG = CropConfig()
 SLICE = 0  # x = 0 mm: both cubes fill its 3 mm slab

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from vfx_ray import metrics
+from vfx_ray.evaluation import metrics
 
 Z95 = 1.959963984540054
 

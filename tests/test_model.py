@@ -11,10 +11,10 @@ import torchvision
 from crops_fixture import make_crops
 
 from vfx_ray import contracts, errors
-from vfx_ray import model as vmodel
-from vfx_ray.augment import AffineRanges, random_affine
 from vfx_ray.config import TrainConfig
-from vfx_ray.epochs import FitState, evaluate, l2_penalty, train_one_epoch
+from vfx_ray.ml import model as vmodel
+from vfx_ray.ml.augment import AffineRanges, random_affine
+from vfx_ray.ml.epochs import FitState, evaluate, l2_penalty, train_one_epoch
 
 
 @pytest.fixture

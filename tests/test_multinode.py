@@ -16,8 +16,8 @@ DRIVER = """
 import json, sys, ray
 from ray.util.state import list_tasks
 from vfx_ray.config import CropConfig, TrainConfig
-from vfx_ray.cv import run_train_cv
-from vfx_ray.crops import run_crops
+from vfx_ray.stages.cv import run_train_cv
+from vfx_ray.stages.crops import run_crops
 
 root = sys.argv[1]
 ray.init()  # RAY_ADDRESS names the cluster

@@ -53,7 +53,7 @@ def test_cohort_notebook_runs_on_a_generated_cohort(tmp_path, monkeypatch):
 
 
 def test_results_notebook_runs_on_a_given_run(tmp_path, monkeypatch):
-    from vfx_ray.report import write_example_run
+    from vfx_ray.report.example_run import write_example_run
 
     run = write_example_run(str(tmp_path / "example"), n_patients=20, n_folds=2)
     monkeypatch.setenv("VFX_RUN", run)

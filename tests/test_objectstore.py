@@ -81,7 +81,7 @@ def test_cli_start_env_stop_round_trip(tmp_path):
 
 
 def test_store_stops_cleanly_in_process(tmp_path):
-    from vfx_ray import objectstore
+    from vfx_ray.services import objectstore
 
     store = objectstore.start(tmp_path / "root")
     assert store.running()

@@ -12,7 +12,7 @@ import sys
 import pytest
 import requests
 
-from vfx_ray import pacs
+from vfx_ray.services import pacs
 
 VFX = [sys.executable, "-m", "vfx_ray.cli"]
 pytestmark = pytest.mark.skipif(not pacs.available(), reason="Orthanc is not installed (make test installs it)")

@@ -11,9 +11,10 @@ import pyarrow as pa
 import pytest
 from phantoms import PATIENT, centred_geometry, series
 
-from vfx_ray import contracts, dicom, storage
-from vfx_ray.annotations import PatientTask
+from vfx_ray import contracts, storage
 from vfx_ray.config import CropConfig
+from vfx_ray.imaging import dicom
+from vfx_ray.imaging.annotations import PatientTask
 from vfx_ray.pipeline import datasets, passes, tasks, wire
 from vfx_ray.pipeline.wire import CROP_WIRE, SCORED_WIRE, Kind
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from vfx_ray import placement
 from vfx_ray.errors import VfxError
-from vfx_ray.placement import ClusterShape
+from vfx_ray.runtime import placement
+from vfx_ray.runtime.placement import ClusterShape
 
 LAUNCHER = {
     "head_node_type": "head",
@@ -55,7 +55,7 @@ def test_local_paths_are_refused_where_other_nodes_cannot_see_them(tmp_path):
 def test_shape_of_a_live_instance_reads_the_launcher_config(ray_session, tmp_path, monkeypatch):
     import yaml
 
-    from vfx_ray import raysession
+    from vfx_ray.runtime import raysession
 
     config = tmp_path / "ray_bootstrap_config.yaml"
     config.write_text(yaml.safe_dump(LAUNCHER))
@@ -74,7 +74,7 @@ def test_shape_of_a_live_instance_reads_the_launcher_config(ray_session, tmp_pat
 def test_orphaned_worker_groups_are_told_from_live_and_foreign_ones():
     from types import SimpleNamespace as A
 
-    from vfx_ray.orphans import GRACE_S, orphaned
+    from vfx_ray.runtime.orphans import GRACE_S, orphaned
 
     cpu = {"CPU": 1.0}
 

@@ -24,11 +24,11 @@ import torch
 from leakscan import find, needles, scan_tree
 
 from vfx_ray import storage
-from vfx_ray.crops import run_crops
 from vfx_ray.errors import VfxError
-from vfx_ray.model import build_model, save_model
-from vfx_ray.pseudonym import KEY_ENV, Pseudonymizer
-from vfx_ray.score import run_score
+from vfx_ray.imaging.pseudonym import KEY_ENV, Pseudonymizer
+from vfx_ray.ml.model import build_model, save_model
+from vfx_ray.stages.crops import run_crops
+from vfx_ray.stages.score import run_score
 
 KEY = "k" * 8 + secrets.token_hex(16)
 

@@ -15,13 +15,13 @@ import pydicom
 import pytest
 from phantoms import GEOMETRIES, SHAPE, box_hu, cube, edit, series
 
-from vfx_ray import geometry
 from vfx_ray.config import CropConfig
-from vfx_ray.dicom import load_volume, series_layout
-from vfx_ray.dicom_limits import parse
+from vfx_ray.imaging import geometry
+from vfx_ray.imaging.dicom import load_volume, series_layout
+from vfx_ray.imaging.dicom_limits import parse
+from vfx_ray.imaging.roi import RoiBox
 from vfx_ray.pipeline import passes, tasks
 from vfx_ray.pipeline.wire import Kind
-from vfx_ray.roi import RoiBox
 from vfx_ray.storage import FileEntry
 
 CFG = CropConfig(crop_size=32)

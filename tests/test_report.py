@@ -20,19 +20,17 @@ import pytest
 from scipy.stats import t as student_t
 from sklearn.metrics import roc_auc_score
 
-from vfx_ray import contracts, metrics, score, storage
+from vfx_ray import contracts, storage
 from vfx_ray.cli import main
-from vfx_ray.report import (
-    SECTION_IDS,
-    cohort_table,
-    load_run,
-    net_benefit,
-    pick_examples,
-    render_report,
-    tables,
-    write_example_run,
-)
-from vfx_ray.report.example_run import example_slices
+from vfx_ray.evaluation import metrics
+from vfx_ray.report import tables
+from vfx_ray.report.curves import net_benefit
+from vfx_ray.report.example_run import example_slices, write_example_run
+from vfx_ray.report.inputs import load_run
+from vfx_ray.report.render import SECTION_IDS, render_report
+from vfx_ray.report.slices import pick_examples
+from vfx_ray.report.tables import cohort_table
+from vfx_ray.stages import score
 
 IMG = '<img src="data:image/png;base64,'
 N_FIGURES = 5 + 4 * 2  # ROC, confusion, calibration, decision curve, edge vs centre + 2 examples of TP/FP/TN/FN
@@ -292,8 +290,8 @@ def test_report_of_a_real_tiny_train_cv_run(ray_session, tmp_path):
     import pyarrow.parquet as pq
     from crops_fixture import make_crops
 
-    from vfx_ray import cv
     from vfx_ray.config import TrainConfig
+    from vfx_ray.stages import cv
 
     crops_dir = tmp_path / "crops"
     crops_dir.mkdir()

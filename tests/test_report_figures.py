@@ -15,25 +15,14 @@ import pytest
 import torch
 
 from vfx_ray import layout, storage
-from vfx_ray.gradcam import gradcam
-from vfx_ray.model import build_model, save_model
-from vfx_ray.report import (
-    RunData,
-    calibration_figure,
-    decision_curve_figure,
-    edge_centre_table,
-    load_run,
-    net_benefit,
-    pick_examples,
-    read_crop_images,
-    render_report,
-    rescued,
-    slice_positions,
-    treat_all,
-    write_example_run,
-)
+from vfx_ray.ml.gradcam import gradcam
+from vfx_ray.ml.model import build_model, save_model
+from vfx_ray.report.curves import calibration_figure, decision_curve_figure, net_benefit, treat_all
+from vfx_ray.report.example_run import write_example_run
 from vfx_ray.report.heatmaps import example_heatmaps, held_out_folds
-from vfx_ray.report.render import slices_section
+from vfx_ray.report.inputs import RunData, load_run, read_crop_images
+from vfx_ray.report.render import render_report, slices_section
+from vfx_ray.report.slices import edge_centre_table, pick_examples, rescued, slice_positions
 
 
 def _slices(patients: dict[str, tuple[int, int, list[float]]]) -> pd.DataFrame:

@@ -11,9 +11,10 @@ import pandas as pd
 import pytest
 from phantoms import GEOMETRIES, box_hu, cube, series
 
-from vfx_ray import dicom, roi_mask, storage
+from vfx_ray import storage
 from vfx_ray.config import SynthConfig
-from vfx_ray.roi import ROI_COLUMNS, RoiBox
+from vfx_ray.imaging import dicom, roi_mask
+from vfx_ray.imaging.roi import ROI_COLUMNS, RoiBox
 from vfx_ray.synth.cohort import MASK_ANNOTATIONS, generate_cohort
 from vfx_ray.synth.masks import RAS_TO_LPS, nifti_box_mask, seg_box_mask
 
@@ -79,7 +80,7 @@ def test_masks_that_cannot_be_used_are_error_rows_and_boxes_stay(tmp_path):
 def test_crops_from_masks_equal_crops_from_the_same_boxes(tmp_path, ray_session):
     """synth --roi-masks: odd patients get NIfTI masks of their boxes (same crops), even ones a
     SEG on the CT grid (crops of the box snapped to the voxels, no error)."""
-    from vfx_ray.crops import run_crops
+    from vfx_ray.stages.crops import run_crops
 
     root = tmp_path / "cohort"
     generate_cohort(str(root), SynthConfig(patients=4, matrix=128, seed=9, roi_masks=True), workers=1,

@@ -19,12 +19,14 @@ import pandas as pd
 import pytest
 import torch
 
-from vfx_ray import dicom, geometry, score, score_parts, storage
-from vfx_ray.annotations import read_annotations
+from vfx_ray import storage
 from vfx_ray.config import CropConfig
-from vfx_ray.model import build_model, load_model, predict_proba, save_model
+from vfx_ray.imaging import dicom, geometry
+from vfx_ray.imaging.annotations import read_annotations
+from vfx_ray.imaging.roi import RoiBox
+from vfx_ray.ml.model import build_model, load_model, predict_proba, save_model
 from vfx_ray.pipeline import tasks
-from vfx_ray.roi import RoiBox
+from vfx_ray.stages import score, score_parts
 
 CFG = CropConfig()
 
@@ -219,8 +221,8 @@ def test_rerun_over_some_committed_patients_scores_the_rest_from_the_header_inde
 def test_fold_checkpoint_reproduces_its_out_of_fold_probabilities(synth_cohort, tmp_path, ray_session):
     """crops -> train-cv -> score with fold 0's model.pt: the fold's test slices agree to 1e-5."""
     from vfx_ray.config import TrainConfig
-    from vfx_ray.crops import run_crops
-    from vfx_ray.cv import run_train_cv
+    from vfx_ray.stages.crops import run_crops
+    from vfx_ray.stages.cv import run_train_cv
 
     data, root = synth_cohort(patients=12, seed=5), str(tmp_path)
     run_crops(f"{data}/dicom", f"{data}/annotations.csv", f"{root}/crops", CFG, progress=False)

@@ -11,12 +11,12 @@ import pydicom
 import pytest
 from phantoms import GEOMETRIES, PATIENT, box_hu, centred_geometry, cube, edit, series
 
-from vfx_ray import annotations as ann
-from vfx_ray import dicom, series_select
 from vfx_ray.cli import main
 from vfx_ray.config import DEFAULT_SERIES_RULES, SeriesRule
 from vfx_ray.errors import VfxError
-from vfx_ray.roi import RoiBox
+from vfx_ray.imaging import annotations as ann
+from vfx_ray.imaging import dicom, series_select
+from vfx_ray.imaging.roi import RoiBox
 
 ROI = RoiBox(-5.0, 5.0, -5.0, 5.0, -5.0, 5.0)  # the middle of the phantoms
 

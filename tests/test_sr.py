@@ -20,9 +20,12 @@ import torch
 from pydicom import Dataset
 from pydicom.uid import generate_uid
 
-from vfx_ray import objectstore, score, sr, sr_out, storage
+from vfx_ray import storage
 from vfx_ray.config import CropConfig
-from vfx_ray.model import build_model, save_model
+from vfx_ray.export import sr, sr_out
+from vfx_ray.ml.model import build_model, save_model
+from vfx_ray.services import objectstore
+from vfx_ray.stages import score
 
 CFG = CropConfig()
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -207,8 +210,8 @@ def test_pacs_down_leaves_scores_written_and_error_rows(cohort, ray_session, mon
 def test_a_scored_patient_no_longer_planned_gets_an_error_row_not_a_report(tmp_path, monkeypatch):
     import pyarrow as pa
 
-    from vfx_ray import score_reports
-    from vfx_ray.pseudonym import KEY_ENV, Pseudonymizer
+    from vfx_ray.export import score_reports
+    from vfx_ray.imaging.pseudonym import KEY_ENV, Pseudonymizer
 
     table = pa.Table.from_pylist([{**ROW, "series_instance_uid": "1.2.3.4"}])
     out = sr_out.push(str(tmp_path), score_reports.work(table, [], [], CFG, None, None))

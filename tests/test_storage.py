@@ -11,7 +11,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from vfx_ray import contracts, raystorage, storage
+from vfx_ray import contracts, storage
+from vfx_ray.runtime import raystorage
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -15,9 +15,10 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
-from vfx_ray import dicom, storage
-from vfx_ray.annotations import read_annotations
+from vfx_ray import storage
 from vfx_ray.config import CropConfig, clinical_synth
+from vfx_ray.imaging import dicom
+from vfx_ray.imaging.annotations import read_annotations
 from vfx_ray.synth.cohort import generate_cohort
 from vfx_ray.synth.patient import FOV_PADDING_HU
 
@@ -113,7 +114,7 @@ def test_the_media_layout_has_a_dicomdir_that_indexes_every_file(media):
 def crops_of_unnamed_and_bone_only(root: Path, tmp_path: Path) -> tuple[dict, dict, str]:
     """The crops job on the whole study with no series named, and on an archive of its bone
     series alone: (both summaries, the bone series uid)."""
-    from vfx_ray.crops import run_crops
+    from vfx_ray.stages.crops import run_crops
 
     ann = read_annotations(str(root / "annotations.csv"))
     bone_uid = ann["series_instance_uid"][0]
@@ -160,8 +161,8 @@ def test_score_chooses_the_same_series(media, tmp_path, ray_session):
     """Score shares the pipeline: with no series named it scores the bone series."""
     import torch
 
-    from vfx_ray.model import build_model, save_model
-    from vfx_ray.score import run_score
+    from vfx_ray.ml.model import build_model, save_model
+    from vfx_ray.stages.score import run_score
 
     ann = read_annotations(str(media / "annotations.csv"))
     ann.assign(series_instance_uid=None, label=None).to_csv(tmp_path / "unnamed.csv", index=False)

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 
 from vfx_ray.config import EASY, CropConfig, SynthConfig, difficulty
-from vfx_ray.geometry import select_slices, slice_x
-from vfx_ray.roi import RoiBox
+from vfx_ray.imaging.geometry import select_slices, slice_x
+from vfx_ray.imaging.roi import RoiBox
 from vfx_ray.synth.anatomy import lateral_weight
 from vfx_ray.synth.cohort import plan_cohort
 from vfx_ray.synth.mimics import RATES

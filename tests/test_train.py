@@ -15,11 +15,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from vfx_ray import cv, folds, storage
-from vfx_ray import model as vmodel
-from vfx_ray import train as vtrain
+from vfx_ray import storage
 from vfx_ray.config import TrainConfig, with_params
 from vfx_ray.errors import VfxError
+from vfx_ray.evaluation import folds
+from vfx_ray.ml import model as vmodel
+from vfx_ray.stages import cv
+from vfx_ray.stages import train as vtrain
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = TrainConfig(arch="resnet18", pretrained="none", lr=1e-3, batch_size=16, max_epochs=2, patience=5,

@@ -18,11 +18,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from vfx_ray import cv, folds, storage, tuned
-from vfx_ray import tune as vtune
-from vfx_ray.cli import build_parser, main
+from vfx_ray import storage
+from vfx_ray.cli.app import build_parser, main
 from vfx_ray.config import Config, TrainConfig, TuneConfig
 from vfx_ray.errors import VfxError
+from vfx_ray.evaluation import folds, tuned
+from vfx_ray.stages import cv
+from vfx_ray.stages import tune as vtune
 
 REPO = Path(__file__).resolve().parents[1]
 # 4 trials of at most 2 epochs; ASHA's only rung is epoch 1, where a trial goes on only if it
@@ -326,7 +328,7 @@ def test_nested_search_tunes_each_outer_fold_without_its_test_patients(nested_se
 
 @pytest.mark.slow
 def test_train_cv_applies_fold_ks_nested_params_to_fold_k(nested_search, crops_uri, tmp_path):
-    from vfx_ray.cli_train import read_params
+    from vfx_ray.cli.train import read_params
 
     params = read_params(str(nested_search["out"]), 2)  # the search folder, as train-cv --params takes it
     params["folds"]["1"]["lr"] = params["folds"]["0"]["lr"] / 2  # distinct per fold, whatever the search chose

@@ -10,9 +10,9 @@ import pytest
 import torch
 import torchvision
 
-from vfx_ray import model as vmodel
 from vfx_ray import storage
 from vfx_ray.cli import main
+from vfx_ray.ml import model as vmodel
 
 
 @pytest.fixture(autouse=True)
@@ -133,7 +133,7 @@ def test_help_names_the_command_and_its_flags(capsys):
 
 
 def test_cli_arch_choices_follow_the_model():
-    from vfx_ray import cli_weights
+    from vfx_ray.cli import weights as cli_weights
 
     assert cli_weights.ARCHS == vmodel.ARCHS  # kept apart only so that --help needs no torch
 

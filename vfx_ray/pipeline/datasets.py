@@ -15,8 +15,9 @@ from typing import Any
 import pandas as pd
 import ray
 
-from vfx_ray import dicom, storage
+from vfx_ray import storage
 from vfx_ray.config import CropConfig
+from vfx_ray.imaging import dicom
 from vfx_ray.pipeline import tasks
 
 DECODE_MEMORY_CAP = 4 << 30

@@ -26,10 +26,11 @@ import pandas as pd
 import pyarrow as pa
 from tqdm import tqdm
 
-from vfx_ray import annotations as ann_mod
-from vfx_ray import dicom, pseudonym, roi_mask, storage
+from vfx_ray import storage
 from vfx_ray.config import CropConfig
 from vfx_ray.errors import VfxError
+from vfx_ray.imaging import annotations as ann_mod
+from vfx_ray.imaging import dicom, pseudonym, roi_mask
 from vfx_ray.pipeline import datasets, tasks, wire
 from vfx_ray.pipeline.wire import Kind
 

@@ -23,14 +23,15 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 
-from vfx_ray import annotations as ann_mod
-from vfx_ray import dicom, geometry, storage
+from vfx_ray import storage
 from vfx_ray.config import CropConfig
-from vfx_ray.dicom_limits import parse
 from vfx_ray.errors import VfxError, error_row
+from vfx_ray.imaging import annotations as ann_mod
+from vfx_ray.imaging import dicom, geometry
+from vfx_ray.imaging.dicom_limits import parse
+from vfx_ray.imaging.roi import RoiBox
 from vfx_ray.pipeline import wire
 from vfx_ray.pipeline.wire import CROP_WIRE, Kind, fingerprint, row
-from vfx_ray.roi import RoiBox
 
 # Headers are read from a ranged GET of the first bytes: a CT header is a few KiB, the pixel
 # data that follows is 128 KiB (256²) to 512 KiB (512²). A longer header is retried whole.

@@ -19,8 +19,9 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from vfx_ray import contracts, layout, metrics, paper, storage
+from vfx_ray import contracts, layout, paper, storage
 from vfx_ray.config import SynthConfig, TrainConfig
+from vfx_ray.evaluation import metrics
 from vfx_ray.synth.table1 import allocate
 
 WRONG = {"malignant": (0.42, 0.18), "benign": (0.72, 0.61)}  # peaks of the misclassified patients

@@ -2,7 +2,7 @@
 
 A train-cv run's ``oof_predictions.parquet`` says in which fold each patient was a test
 patient; that fold's ``fold_k/model.pt`` (``model.load_model``, the scorer's loader) made
-its out-of-fold probabilities, so its Grad-CAM (``vfx_ray.gradcam``) shows what those
+its out-of-fold probabilities, so its Grad-CAM (``vfx_ray.ml.gradcam``) shows what those
 probabilities looked at. Heatmaps only decorate the Fig. 3 plots: a scores folder, a run
 without its models or an unreadable model is a note, never a failed report. torch is
 imported only when there is a model to run, so reading a run stays light.
@@ -36,8 +36,8 @@ def _reason(exc: Exception) -> str:
 
 
 def _fold_heatmaps(uri: str, keys: list[Key], images: dict[Key, np.ndarray]) -> dict[Key, np.ndarray]:
-    from vfx_ray.gradcam import gradcam
-    from vfx_ray.model import load_model
+    from vfx_ray.ml.gradcam import gradcam
+    from vfx_ray.ml.model import load_model
 
     model, _ = load_model(uri)
     return dict(zip(keys, gradcam(model, np.stack([images[k] for k in keys])), strict=True))

@@ -2,7 +2,7 @@
 
 Two kinds of run folder are understood (local path or s3://, always read through
 :mod:`vfx_ray.storage`): a train-cv run (``oof_predictions.parquet`` + ``metrics.json``, see
-:mod:`vfx_ray.cv`) and a scores folder (``scores.parquet``, see :mod:`vfx_ray.score`) whose
+:mod:`vfx_ray.stages.cv`) and a scores folder (``scores.parquet``, see :mod:`vfx_ray.stages.score`) whose
 patients carry labels. Both become one table of slice predictions with integer labels, so
 every table and figure is drawn the same way. Missing crops or annotations are noted for the
 report, never fatal: they only decorate the results.
@@ -21,10 +21,11 @@ import pandas as pd
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from vfx_ray import annotations as ann_mod
-from vfx_ray import contracts, layout, metrics, paper, storage
-from vfx_ray.annotations import DEFAULT_CLASSES
+from vfx_ray import contracts, layout, paper, storage
 from vfx_ray.errors import VfxError
+from vfx_ray.evaluation import metrics
+from vfx_ray.imaging import annotations as ann_mod
+from vfx_ray.imaging.annotations import DEFAULT_CLASSES
 
 TRAIN_CV, SCORES = "train-cv", "scores"
 

@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from vfx_ray import layout, metrics, storage
+from vfx_ray import layout, storage
+from vfx_ray.evaluation import metrics
 from vfx_ray.report import curves, document, heatmaps, slices, tables
 from vfx_ray.report.document import Image, Section
 from vfx_ray.report.inputs import TRAIN_CV, RunData, load_run, middle_channel, read_annotations, read_crop_images

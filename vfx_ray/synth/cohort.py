@@ -18,8 +18,8 @@ import pydicom
 
 from vfx_ray import layout, storage
 from vfx_ray.config import SynthConfig
+from vfx_ray.imaging.roi import ROI_COLUMNS, RoiBox
 from vfx_ray.paper import FEATURES
-from vfx_ray.roi import ROI_COLUMNS, RoiBox
 from vfx_ray.synth.dicom_writer import TRANSFER_SYNTAXES
 from vfx_ray.synth.patient import PatientSpec, patient_files
 from vfx_ray.synth.study import clinical_study

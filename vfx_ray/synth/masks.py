@@ -15,7 +15,7 @@ import numpy as np
 import pydicom
 from pydicom.uid import generate_uid
 
-from vfx_ray.roi import RoiBox
+from vfx_ray.imaging.roi import RoiBox
 
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # its own inverse
 NIFTI_VOXEL_MM = 1.0

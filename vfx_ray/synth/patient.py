@@ -14,7 +14,7 @@ import numpy as np
 from pydicom.uid import generate_uid
 
 from vfx_ray.config import EASY, SynthDifficulty
-from vfx_ray.roi import ROI_COLUMNS
+from vfx_ray.imaging.roi import ROI_COLUMNS
 from vfx_ray.synth.anatomy import THORACOLUMBAR, Spine, anatomy_hu, build_spine, sample_volume
 from vfx_ray.synth.dicom_writer import PatientInfo, SeriesGeometry, write_series
 from vfx_ray.synth.lesions import Lesion, apply_lesions, plan_lesion, roi_box

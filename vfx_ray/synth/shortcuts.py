@@ -16,9 +16,9 @@ import numpy as np
 import pandas as pd
 
 from vfx_ray.config import CropConfig
-from vfx_ray.dicom import Volume
-from vfx_ray.geometry import crop_box, crop_samples
-from vfx_ray.roi import RoiBox
+from vfx_ray.imaging.dicom import Volume
+from vfx_ray.imaging.geometry import crop_box, crop_samples
+from vfx_ray.imaging.roi import RoiBox
 from vfx_ray.synth.anatomy import sample_volume
 from vfx_ray.synth.patient import PatientSpec, image_noise, patient_model
 

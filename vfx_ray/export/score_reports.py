@@ -1,0 +1,111 @@
+"""The score job's reports: for each scored patient, its SR (and key image) built from the
+``scores.parquet`` row, the planned series and one header read of that series, then sent by
+:mod:`sr_out`. Runs on the driver after the scores are written (one ranged read per patient;
+``--key-images`` reads and decodes the series once more to draw its slice).
+
+With ``--pseudonymize`` every identifier in the objects is the run's pseudonym (patient id
+and name, Study/Series/SOP Instance and Frame of Reference UIDs) and the birth date,
+accession number, study id, dates and referring physician are left empty: such reports
+belong in a research PACS, which is where their pseudonymised study lives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pyarrow as pa
+from pydicom import Dataset
+
+from vfx_ray import storage
+from vfx_ray.config import CropConfig
+from vfx_ray.export import sr
+from vfx_ray.imaging import dicom
+from vfx_ray.imaging.annotations import PatientTask
+from vfx_ray.imaging.dicom_limits import parse
+from vfx_ray.imaging.pseudonym import Pseudonymizer
+from vfx_ray.imaging.roi import RoiBox
+
+BLANKED = ("PatientBirthDate", "AccessionNumber", "StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName")
+
+
+def study_header(task: PatientTask, cfg: CropConfig) -> Dataset:
+    """The patient and study attributes from the series' first object's header."""
+    key = task.object_keys[0]
+    ds, _, _ = parse(storage.read_prefix(key, dicom.HEADER_PREFIX_BYTES), key, "sr", cfg.max_file_bytes,
+                     object_size=None)
+    return ds
+
+
+def source_series(task: PatientTask, headers: dict[str, dict[str, Any]], header: Dataset,
+                  pseudo: Pseudonymizer | None) -> sr.SourceSeries:
+    """What the report refers to, with identifiers as the run writes them."""
+    study = Dataset()
+    for kw in sr.STUDY_KEYWORDS:
+        setattr(study, kw, header.get(kw, ""))
+    instances = [(headers[k]["sop_class_uid"], headers[k]["sop_instance_uid"]) for k in task.object_keys
+                 if k in headers]
+    series, frame = task.series_instance_uid, str(header.get("FrameOfReferenceUID", "")) or None
+    if pseudo:
+        pid = pseudo.patient(task.patient_id)
+        study.PatientID, study.PatientName = pid, f"{pid}^"  # the pseudonym as the family name
+        study.StudyInstanceUID = pseudo.uid(str(study.StudyInstanceUID))
+        for kw in BLANKED:
+            setattr(study, kw, "")
+        series, frame = pseudo.uid(series), pseudo.uid(frame)
+        instances = [(c, pseudo.uid(u)) for c, u in instances]
+    return sr.SourceSeries(study, series, instances, frame)
+
+
+def work(table: pa.Table, tasks: list[PatientTask], headers: list[dict[str, Any]], cfg: CropConfig,
+         pseudo: Pseudonymizer | None, key_image: Callable[[PatientTask, dict, sr.SourceSeries], Dataset] | None
+         ) -> Iterator[tuple[str | None, str | None, Callable[[], list[Dataset]]]]:
+    """(patient, series, build) per scored row; ``build`` makes [key image, SR] when asked."""
+    shown = pseudo.patient if pseudo else (lambda pid: pid)
+    by_shown = {shown(t.patient_id): t for t in tasks}
+    by_key = {h["object_key"]: h for h in headers}
+    for row in table.to_pylist():
+        task = by_shown.get(row["patient_id"])
+        if task is None:  # the message names it; a pseudonymised run does not know its real id
+            pid, series = (None, None) if pseudo else (row["patient_id"], row["series_instance_uid"])
+            yield pid, series, _missing(row["patient_id"])
+            continue
+
+        def build(task: PatientTask = task, row: dict = row) -> list[Dataset]:
+            source = source_series(task, by_key, study_header(task, cfg), pseudo)
+            key_images = [key_image(task, row, source)] if key_image else []
+            malignant = row["probability"] >= row["threshold"]  # how patient_row chose the prediction
+            return [*key_images, sr.structured_report(row, source, task.roi, malignant, key_images)]
+
+        yield task.patient_id, task.series_instance_uid, build
+
+
+def key_image_maker(model_files: list[str], cfg: CropConfig) -> Callable[[PatientTask, dict, sr.SourceSeries], Dataset]:
+    """A function that draws a patient's key image: its series decoded once more on the driver,
+    the slice of the highest probability, the models' mean Grad-CAM (loaded once, on first use)."""
+    from vfx_ray.export import keyimage
+    from vfx_ray.ml.model import load_model
+
+    loaded: list[Any] = []
+
+    def make(task: PatientTask, row: dict, source: sr.SourceSeries) -> Dataset:
+        if not loaded:
+            loaded.extend(load_model(f)[0] for f in model_files)
+        data = storage.read_many(task.object_keys)
+        bad = next((d for d in data if isinstance(d, BaseException)), None)
+        if bad is not None:
+            raise bad
+        volume = dicom.load_volume(list(zip(task.object_keys, data, strict=True)), cfg)
+        probs = row["slice_probabilities"]
+        top = row["slice_indices"][max(range(len(probs)), key=probs.__getitem__)]
+        rgb = keyimage.render(volume, RoiBox(*task.roi, patient_id=task.patient_id), top, cfg, loaded,
+                              row["probability"], row["threshold"])
+        return keyimage.secondary_capture(rgb, source, row["patient_id"], row["model_id"])
+
+    return make
+
+
+def _missing(pid: str) -> Callable[[], list[Dataset]]:
+    def fail() -> list[Dataset]:
+        raise LookupError(f"patient {pid} has scores but is no longer in the annotations or the archive")
+    return fail

@@ -1,0 +1,188 @@
+"""The crops job: an archive and its annotations in, the paper's crops out.
+
+Writes ``crops.parquet``, ``errors.parquet``, ``series_index.parquet``, ``reads.parquet`` and
+``manifest.json`` (names in :mod:`layout`). The reading is :mod:`vfx_ray.pipeline`'s: a first pass reads each
+object once, indexes and crops; the patients it could not vouch for take a second pass.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from vfx_ray import contracts, layout, storage
+from vfx_ray.config import CropConfig
+from vfx_ray.imaging import pseudonym
+from vfx_ray.pipeline import passes, wire
+
+
+def run_crops(archive_uri: str, annotations_uri: str, out_uri: str, cfg: CropConfig | None = None, *,
+              progress: bool = True, pseudonymize: bool = False) -> dict[str, Any]:
+    """The crops job (see the module's docstring). ``pseudonymize``: identifiers in every
+    output replaced by keyed hashes (:mod:`pseudonym`). Returns the manifest."""
+    from vfx_ray.runtime.raysession import ensure_ray
+
+    cfg = cfg or CropConfig()
+    pseudo = pseudonym.maybe(pseudonymize, archive_uri)
+    ensure_ray()
+    t0 = time.monotonic()
+    entries, errors = passes.list_archive(archive_uri, cfg)
+    annotations, mask_errors = passes.read_annotations(annotations_uri)
+    errors += mask_errors
+    reads = ReadLog()
+    with tempfile.TemporaryDirectory(prefix="vfx-crops-") as tmp:
+        spill = os.path.join(tmp, "first_pass.parquet")  # candidates on disk: memory stays flat
+        index = first_pass(archive_uri, entries, annotations, cfg, spill, reads, progress)
+        plan = passes.plan(annotations, index, cfg, pseudo)
+        storage.write_table(_hide(pseudo, series_table(plan)), storage.join(out_uri, layout.SERIES_INDEX))
+        second = plan.second_pass()
+        stream = tqdm(passes.second_pass(second, cfg, "crop", plan.sizes), total=len(second), desc="crops: patients",
+                      unit="patient", disable=not progress)
+        results = itertools.chain(read_once_results(spill, plan.read_once, cfg),
+                                  second_pass_results(stream, cfg, reads))
+        written = write_crops(results, storage.join(out_uri, layout.CROPS), cfg, archive_uri, pseudo)
+    errors += plan.errors + written.errors
+    errors = pseudo.rows(errors) if pseudo else errors
+    storage.write_table(contracts.errors_table(errors), storage.join(out_uri, layout.ERRORS))
+    storage.write_table(_hide(pseudo, reads.table(plan)), storage.join(out_uri, layout.READS))
+    summary = {
+        "archive": archive_uri,
+        "annotations": annotations_uri,
+        "patients_planned": len(plan.tasks),
+        "patients_with_crops": len(written.patients),
+        "crops": written.crops,
+        "errors": len(errors),
+        "series": len(plan.series),
+        "patients_read_once": len(plan.read_once),
+        "patients_second_pass": len(second),
+        "reads": reads.summary(plan),
+        "seconds": round(time.monotonic() - t0, 1),
+        "config": dataclasses.asdict(cfg),
+        **pseudonym.metadata(pseudo),
+    }
+    storage.write_text(storage.join(out_uri, layout.MANIFEST), json.dumps(summary, indent=2))
+    return summary
+
+
+def first_pass(archive_uri: str, entries: list[storage.FileEntry], annotations: pd.DataFrame, cfg: CropConfig,
+               spill: str, reads: ReadLog, progress: bool) -> passes.ArchiveIndex:
+    """The first pass: the archive index, candidates' rows spilled to ``spill``, reads logged."""
+    with pq.ParquetWriter(spill, wire.CROP_WIRE) as spill_writer:
+        def keep(_chunk: str | None, rows: pa.Table) -> None:
+            spill_writer.write_table(wire.of_kind(rows, wire.RESULT_KINDS))
+            reads.take(rows, first=True)
+
+        chunks = passes.first_pass_chunks(entries, cfg, annotations, root=archive_uri)
+        return passes.first_pass(chunks, entries, keep, "crops: objects read", progress)
+
+
+def series_table(plan: passes.Plan) -> pa.Table:
+    """The series index, each series marked ``selected`` (the crops come from it) and with
+    ``selection``: ``selected``, named in the annotations, why the series rules passed it
+    over, or empty for a series of a patient not annotated."""
+    if not plan.series:
+        return pa.table({"series_instance_uid": pa.array([], pa.string())})
+    chosen = {t.series_instance_uid for t in plan.tasks}
+    rows = []
+    for s in plan.series:
+        uid = s["series_instance_uid"]
+        rows.append({**s, "selected": uid in chosen, "selection": plan.selection.get(uid)})
+    return pa.Table.from_pylist(rows)
+
+
+def _hide(pseudo: pseudonym.Pseudonymizer | None, table: pa.Table) -> pa.Table:
+    return pseudo.table(table) if pseudo else table
+
+
+def read_once_results(spill: str, read_once: set[str], cfg: CropConfig) -> Iterator[tuple[pa.Table, list[dict]]]:
+    """The first pass's rows of the patients it vouched for, as (crops table, error rows)."""
+    keep = pa.array(sorted(read_once), pa.string())
+    for batch in pq.ParquetFile(spill).iter_batches(batch_size=512):
+        table = pa.Table.from_batches([batch])
+        yield wire.to_crops(table.filter(pc.is_in(table["patient_id"], keep)), cfg)
+
+
+def second_pass_results(stream: Iterable[passes.PatientRows], cfg: CropConfig, reads: ReadLog
+                        ) -> Iterator[tuple[pa.Table, list[dict]]]:
+    for patient in stream:
+        if patient.rows is not None:
+            reads.take(patient.rows, first=False)
+        if patient.rows is None:  # its task was lost: a TaskLost error row
+            yield contracts.crops_table([], cfg.channels, cfg.crop_size), patient.errors
+        else:
+            yield wire.to_crops(patient.rows, cfg)[0], patient.errors
+
+
+@dataclasses.dataclass
+class ReadLog:
+    """How each planned patient's series was read (the tasks' READS rows): the first pass's
+    where the driver kept its crops, else the second pass's."""
+
+    first: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    second: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    bytes_read_total: int = 0  # every byte read, for whichever patient, in both passes
+
+    def take(self, rows: pa.Table, first: bool) -> None:
+        for meta in wire.metas(wire.of_kind(rows, (wire.Kind.READS,))):
+            if not meta["patient_id"] or not first:  # a chunk's total, or a second-pass patient's
+                self.bytes_read_total += meta["bytes_read"]
+            if meta["patient_id"]:
+                (self.first if first else self.second)[meta["patient_id"]] = {**meta, "pass": 1 if first else 2}
+
+    def records(self, plan: passes.Plan) -> list[dict[str, Any]]:
+        got = ((self.first if t.patient_id in plan.read_once else self.second).get(t.patient_id) for t in plan.tasks)
+        return [r for r in got if r]
+
+    def table(self, plan: passes.Plan) -> pa.Table:
+        return pa.Table.from_pylist(self.records(plan), schema=READS_SCHEMA)
+
+    def summary(self, plan: passes.Plan) -> dict[str, Any]:
+        """Patients per plan; their bytes read against the bytes of the objects their crops needed;
+        and every byte the job read (other series and unannotated patients included)."""
+        records = self.records(plan)
+        read, needed = sum(r["bytes_read"] for r in records), sum(r["bytes_needed"] for r in records)
+        return {"patients_per_plan": dict(collections.Counter(r["plan"] for r in records)), "bytes_read": read,
+                "bytes_needed": needed, "read_per_needed": round(read / needed, 2) if needed else None,
+                "bytes_read_total": self.bytes_read_total}
+
+
+READS_SCHEMA = pa.schema([("patient_id", pa.string()), ("series_instance_uid", pa.string()), ("plan", pa.string()),
+                          ("pass", pa.int8()), ("objects_read_whole", pa.int64()), ("bytes_read", pa.int64()),
+                          ("bytes_needed", pa.int64())])
+
+
+@dataclasses.dataclass
+class Written:
+    crops: int = 0
+    patients: set[str] = dataclasses.field(default_factory=set)
+    errors: list[dict] = dataclasses.field(default_factory=list)
+
+
+def write_crops(results: Iterable[tuple[pa.Table, list[dict]]], uri: str, cfg: CropConfig, archive_uri: str,
+                pseudo: pseudonym.Pseudonymizer | None) -> Written:
+    """Stream crops tables into one Parquet file (atomic), its settings in the file's metadata."""
+    metadata = {"vfx_ray.crop_config": json.dumps(dataclasses.asdict(cfg)), "vfx_ray.archive": archive_uri,
+                "vfx_ray.pseudonyms": json.dumps(pseudonym.metadata(pseudo))}
+    schema = contracts.crops_schema(cfg.channels, cfg.crop_size).with_metadata(metadata)
+    written = Written()
+    with storage.atomic_output(uri) as sink, pq.ParquetWriter(sink, schema) as writer:
+        for table, errors in results:
+            written.errors += errors
+            if table.num_rows:
+                writer.write_table(_hide(pseudo, table).replace_schema_metadata(metadata))
+                written.crops += table.num_rows
+                written.patients |= set(table["patient_id"].to_pylist())
+    return written

@@ -1,0 +1,346 @@
+"""Batch scoring of a DICOM archive: the pipeline's crops stream into model actors.
+
+One Ray Data pipeline: the decode tasks of :mod:`vfx_ray.pipeline` (first-pass chunks, then
+second-pass patients) feed ``map_batches`` on a small actor pool that loads the model(s)
+once per actor (:mod:`scorer`; a GPU each when the cluster has GPUs). The driver takes each
+patient's slice probabilities, keeps the maximum (the paper's rule) and commits Parquet
+parts as it goes (:mod:`score_parts`), so a killed run re-run with the same ``--out`` and
+model redoes only what was not committed; ``scores.parquet`` holds one row per patient.
+
+The job in steps: :meth:`ScoreJob.score_chunks` (the first pass: index, crop and score every
+chunk; a re-run over committed patients indexes headers only), plan (:func:`passes.plan`),
+:meth:`ScoreJob.score_rest` (the patients the first pass could not vouch for) and
+:meth:`ScoreJob.write` (the final files).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import itertools
+import json
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+from tqdm import tqdm
+
+from vfx_ray import contracts, layout, storage
+from vfx_ray.config import CropConfig
+from vfx_ray.errors import VfxError
+from vfx_ray.evaluation import metrics
+from vfx_ray.export import sr_out
+from vfx_ray.imaging import pseudonym
+from vfx_ray.imaging.annotations import DEFAULT_CLASSES, PatientTask
+from vfx_ray.pipeline import passes, wire
+from vfx_ray.pipeline.wire import Kind
+from vfx_ray.stages import score_parts
+
+DECODE_CPUS, SCORER_CPUS = 0.95, 0.05  # per decode task and per CPU scoring actor (see ScoreJob.scoring)
+GPU_BATCH, CPU_BATCH = 1024, 64  # crops per model call: a GPU needs big batches, a CPU gains nothing
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreOptions:
+    """How to score: threshold and classes of the decision, outputs, resources."""
+
+    threshold: float = 0.5
+    features: bool = False  # also write each slice's pooled ResNet features
+    batch_size: int | None = None  # rows per model call: GPU_BATCH on GPUs, CPU_BATCH on CPUs
+    classes: tuple[str, str] = DEFAULT_CLASSES
+    commit_every: int = 25  # patients per committed part (or a minute): at most this is redone
+    progress: bool = True
+    pseudonymize: bool = False
+    gpu: bool | None = None  # None: on GPUs when the cluster has or can get them
+    sr_out: str | None = None  # a DICOM SR per scored patient: folder/prefix or dicomweb+http(s)://
+    key_images: bool = False  # with sr_out: a secondary capture of the top slice, referenced by the SR
+
+
+@dataclasses.dataclass(frozen=True)
+class Models:
+    """One checkpoint or a train-cv run's fold ensemble, with the id its scores carry."""
+
+    files: list[str]
+    ids: list[str]
+
+    @classmethod
+    def load(cls, model_uri: str) -> Models:
+        from vfx_ray.ml.model import model_record
+
+        files = model_files(model_uri)
+        return cls(files, [model_record(f)["model_id"] for f in files])
+
+    @property
+    def model_id(self) -> str:
+        return ensemble_id(self.ids)
+
+    def record(self) -> dict[str, Any]:
+        return {"model_id": self.model_id, "n_models": len(self.files), "members": self.ids, "files": self.files}
+
+
+def model_files(model_uri: str) -> list[str]:
+    """One checkpoint, or every ``fold_*/model.pt`` of a train-cv run (the fold ensemble)."""
+    if model_uri.endswith(".pt"):
+        if not storage.exists(model_uri):
+            raise FileNotFoundError(f"no model file at {model_uri}")
+        return [model_uri]
+    found = [e.uri for e in storage.list_files(model_uri) if e.uri.endswith("/model.pt") and "/fold_" in e.uri]
+    if not found:
+        raise VfxError("score", f"{model_uri} holds no fold_*/model.pt: give a train-cv run or a model.pt file")
+    return sorted(found)
+
+
+def ensemble_id(ids: list[str]) -> str:
+    """A single model's id, or a content hash of the sorted member ids for an ensemble."""
+    if len(ids) == 1:
+        return ids[0]
+    return hashlib.sha256(",".join(sorted(ids)).encode()).hexdigest()[:16]
+
+
+def run_score(archive_uri: str, annotations_uri: str, model_uri: str, out_uri: str, cfg: CropConfig | None = None,
+              options: ScoreOptions | None = None, **overrides: Any) -> dict[str, Any]:
+    """Score every annotated patient of an archive; write scores.parquet + errors.parquet.
+
+    ``overrides``: fields of :class:`ScoreOptions` (``threshold=0.4``). Returns the summary.
+    """
+    options = dataclasses.replace(options or ScoreOptions(), **overrides)
+    return ScoreJob(archive_uri, out_uri, cfg or CropConfig(), options, Models.load(model_uri)).run(annotations_uri)
+
+
+def patient_row(pid: str, slices: list[dict], model: dict, threshold: float, classes: tuple[str, str]) -> dict:
+    """One ``scores.parquet`` row: the slices in order and their maximum (the paper's rule)."""
+    slices = sorted(slices, key=lambda s: s["slice_index"])
+    probs = [float(s["probability"]) for s in slices]
+    p = max(probs)
+    label = slices[0].get("label")
+    return {
+        "patient_id": pid,
+        "series_instance_uid": slices[0]["series_instance_uid"],
+        "vertebra": slices[0].get("vertebra"),
+        "n_slices": len(slices),
+        "slice_indices": [int(s["slice_index"]) for s in slices],
+        "slice_probabilities": probs,
+        "probability": p,
+        "prediction": classes[1] if p >= threshold else classes[0],
+        "threshold": threshold,
+        "label": None if label is None else classes[int(label)],
+        "model_id": model["model_id"],
+        "n_models": model["n_models"],
+        "scored_at": datetime.now(UTC),
+    }
+
+
+def scored_slices(rows: pa.Table) -> list[dict[str, Any]]:
+    """A patient's scored CROP rows as slice records with their probability (and embedding)."""
+    crops = wire.of_kind(rows, (Kind.CROP,))
+    return [{**meta, "probability": p, "embedding": e} for meta, p, e in
+            zip(wire.metas(crops), crops["probability"].to_pylist(), crops["embedding"].to_pylist(), strict=True)]
+
+
+@dataclasses.dataclass
+class FirstPassResults:
+    """The first pass's scored slices and error rows per patient (kept for those it vouches for)."""
+
+    slices: dict[str, list[dict[str, Any]]] = dataclasses.field(default_factory=dict)
+    errors: dict[str, list[dict[str, Any]]] = dataclasses.field(default_factory=dict)
+    chunks: int = 0
+    chunks_reused: int = 0
+
+    def take(self, rows: pa.Table) -> None:
+        for s in scored_slices(rows):
+            self.slices.setdefault(s["patient_id"], []).append(s)
+        for e in wire.metas(wire.of_kind(rows, (Kind.ERROR,))):
+            self.errors.setdefault(e["patient_id"], []).append(e)
+
+
+class PatientSink:
+    """Turns each finished patient's slices into its scores row and commits it in parts."""
+
+    def __init__(self, job: ScoreJob, total: int) -> None:
+        self.job, self.model, self.scored = job, job.models.record(), 0
+        self.writer = score_parts.PartWriter(job.out_uri, every=job.options.commit_every)
+        self.bar = tqdm(total=total, desc="score: patients", unit="patient", disable=not job.options.progress)
+
+    def add(self, pid: str, slices: list[dict[str, Any]]) -> None:
+        o, pseudo = self.job.options, self.job.pseudo
+        if slices:
+            row = patient_row(pid, slices, self.model, o.threshold, o.classes)
+            feats = score_parts.features_table(pid, slices) if o.features else None
+            if pseudo:
+                row, feats = pseudo.row(row), feats if feats is None else pseudo.table(feats)
+            self.writer.add(row, feats)
+            self.scored += 1
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+        self.writer.flush()
+
+
+class ScoreJob:
+    """One ``score`` run; :meth:`run` reads top-down through its steps."""
+
+    def __init__(self, archive_uri: str, out_uri: str, cfg: CropConfig, options: ScoreOptions, models: Models) -> None:
+        self.archive_uri, self.out_uri, self.cfg, self.options, self.models = archive_uri, out_uri, cfg, options, models
+        self.pseudo = pseudonym.maybe(options.pseudonymize, archive_uri)
+
+    def run(self, annotations_uri: str) -> dict[str, Any]:
+        from vfx_ray.runtime.raysession import ensure_ray
+
+        ensure_ray()
+        t0 = time.monotonic()
+        self._place()
+        entries, errors = passes.list_archive(self.archive_uri, self.cfg)
+        annotations, mask_errors = passes.read_annotations(annotations_uri)
+        errors += mask_errors
+        done = score_parts.committed(self.out_uri, self.models.model_id)
+        done_ids = set(done["patient_id"].to_pylist()) if done is not None else set()
+        index, first = self.score_chunks(entries, annotations, bool(done_ids))
+        plan = passes.plan(annotations, index, self.cfg, self.pseudo)
+        shown = self.pseudo.patient if self.pseudo else (lambda pid: pid)  # the id as written out
+        todo = [t for t in plan.tasks if shown(t.patient_id) not in done_ids]
+        errors += plan.errors
+        self.plan, self.headers = plan, index.headers  # the reports refer to the planned series
+        sink = PatientSink(self, len(todo))
+        second = plan.second_pass(skip=lambda pid: shown(pid) in done_ids)
+        try:
+            errors += self.score_rest(todo, plan, first, second, sink)
+        except BaseException:
+            with contextlib.suppress(Exception):  # keep what is finished, if the output takes it
+                sink.writer.flush()
+            raise
+        sink.close()
+        head = {"patients_planned": len(plan.tasks), "scored_now": sink.scored, "skipped_already_scored": len(done_ids)}
+        reads = {"patients_read_once": len(plan.read_once & {t.patient_id for t in todo}),
+                 "patients_second_pass": len(second), "chunks": first.chunks, "chunks_reused": first.chunks_reused}
+        return self.write(errors, head, reads, time.monotonic() - t0)
+
+    def _place(self) -> None:
+        """Where the model runs: up to one actor per GPU the cluster can have, or CPU actors."""
+        import ray
+
+        from vfx_ray.runtime.placement import use_gpu
+        from vfx_ray.runtime.raysession import cluster_shape
+
+        shape = cluster_shape()
+        self.gpus = max(1, shape.max_gpus) if use_gpu(self.options.gpu, shape) else 0
+        self.cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        self.batch_size = self.options.batch_size or (GPU_BATCH if self.gpus else CPU_BATCH)
+
+    def scoring(self, ds: Any) -> Any:
+        """The scoring stage on a dataset of wire rows.
+
+        Decoding (CPU tasks in already-running workers) starts at once and streams into a
+        small actor pool that scores: from 1 up to one actor per GPU the cluster can have
+        (it starts with what it gets: no waiting for GPU nodes), or on CPU one per 8 cores
+        (ResNet50 on 64x64 crops scores ~8x faster than a core decodes) asking for
+        SCORER_CPUS, so that it fits beside a decode task on any node (DECODE_CPUS) and its
+        start (torch, the models) overlaps the decoding instead of delaying it.
+        """
+        import ray
+
+        from vfx_ray.stages.scorer import SliceScorer
+
+        if self.gpus:
+            pool, resources = ray.data.ActorPoolStrategy(min_size=1, max_size=self.gpus), {"num_gpus": 1, "num_cpus": 1}
+        else:
+            pool = ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, self.cpus // 8))
+            resources = {"num_cpus": SCORER_CPUS}
+        kwargs = {
+            "files": self.models.files,
+            "cfg": self.cfg,
+            "features": self.options.features,
+            "use_gpu": self.gpus > 0,
+        }
+        return ds.map_batches(SliceScorer, fn_constructor_kwargs=kwargs, batch_size=self.batch_size,
+                              batch_format="pyarrow", compute=pool, **resources)
+
+    def score_chunks(self, entries: list[storage.FileEntry], annotations: pd.DataFrame,
+                   resumed: bool) -> tuple[passes.ArchiveIndex, FirstPassResults]:
+        """A fresh ``--out``: index, crop and score each chunk, committing finished chunks
+        (resumable by chunk). A re-run over committed patients: ranged header reads only."""
+        first = FirstPassResults()
+        if resumed:
+            return passes.index_headers(entries, self.cfg), first
+        cache = None  # pseudonymised runs keep real ids out of the output store: no chunk commits
+        if not self.pseudo:
+            key = score_parts.cache_key(self.models.model_id, self.cfg, self.options.features, annotations)
+            cache = score_parts.ChunkCache(self.out_uri, key)
+        items = passes.chunk_items(entries, self.cpus, self.cfg, self.archive_uri)
+        first.chunks = len(items)
+        reused = [i for i in items if cache and i["chunk"] in cache.names]
+        fresh = [i for i in items if i not in reused]
+        first.chunks_reused = len(reused)
+        uris = {i["chunk"]: i["uris"] for i in fresh}
+
+        def keep(chunk: str | None, rows: pa.Table) -> None:
+            if cache and chunk in uris:
+                cache.commit(chunk, rows, uris[chunk])
+            first.take(rows)
+
+        chunks = [(i["chunk"], cache.read(i["chunk"])) for i in reused] if cache else []
+        fresh_chunks = passes.first_pass_chunks(entries, self.cfg, annotations, self.scoring, DECODE_CPUS, fresh)
+        index = passes.first_pass(itertools.chain(chunks, fresh_chunks), entries, keep, "score: objects read",
+                                  self.options.progress)
+        return index, first
+
+    def score_rest(self, todo: list[PatientTask], plan: passes.Plan, first: FirstPassResults,
+                   second: list[PatientTask], sink: PatientSink) -> list[dict[str, Any]]:
+        """Every patient to do into ``sink``: first-pass results, then the second pass."""
+        errors: list[dict[str, Any]] = []
+        for t in todo:
+            if t.patient_id in plan.read_once:
+                errors += first.errors.get(t.patient_id, [])
+                sink.add(t.patient_id, first.slices.get(t.patient_id, []))
+        for patient in passes.second_pass(second, self.cfg, "score", plan.sizes, self.scoring, DECODE_CPUS):
+            errors += patient.errors
+            sink.add(patient.task.patient_id, scored_slices(patient.rows) if patient.rows is not None else [])
+        return errors
+
+    def write(self, errors: list[dict[str, Any]], head: dict[str, int], reads: dict[str, int],
+              seconds: float) -> dict[str, Any]:
+        """The final files (scores, features, errors, metrics with labels) and the summary."""
+        o, model, pseudonyms = self.options, self.models.record(), pseudonym.metadata(self.pseudo)
+        run_config = {"crops": dataclasses.asdict(self.cfg), "threshold": o.threshold, "classes": list(o.classes),
+                      "model": model, "archive": self.archive_uri, **pseudonyms}
+        meta = {"vfx_ray.config": json.dumps(run_config), "vfx_ray.model_id": model["model_id"]}
+        table = score_parts.write_final(self.out_uri, model["model_id"], meta, o.features)
+        scored_ids = set(table["patient_id"].to_pylist())
+        errors = [e for e in (self.pseudo.rows(errors) if self.pseudo else errors)
+                  if e.get("patient_id") not in scored_ids]  # a re-run healed them
+        reports = self.send_reports(table) if o.sr_out else None
+        if reports:
+            errors += self.pseudo.rows(reports.errors) if self.pseudo else reports.errors
+            head = {**head, **reports.summary()}
+        storage.write_table(contracts.errors_table(errors), storage.join(self.out_uri, layout.ERRORS))
+        summary = {**head, "rows": table.num_rows, "errors": len(errors), "model_id": model["model_id"],
+                   "n_models": model["n_models"], "seconds": round(seconds, 1), **reads, **pseudonyms}
+        labelled = table.filter(pc.is_valid(table["label"]))
+        if labelled.num_rows:
+            summary["metrics"] = label_metrics(labelled, o.threshold, o.classes)
+            storage.write_text(storage.join(self.out_uri, layout.METRICS), json.dumps(summary["metrics"], indent=2))
+        return summary
+
+    def send_reports(self, table: pa.Table) -> sr_out.Outcome:
+        """An SR (and key image) per scored patient, after the scores are safely written."""
+        from vfx_ray.export import score_reports
+
+        key_image = score_reports.key_image_maker(self.models.files, self.cfg) if self.options.key_images else None
+        work = score_reports.work(table, self.plan.tasks, self.headers, self.cfg, self.pseudo, key_image)
+        bar = tqdm(total=table.num_rows, desc="score: reports", unit="patient", disable=not self.options.progress)
+        with bar:
+            return sr_out.push(self.options.sr_out, work, on_patient=lambda: bar.update(1))
+
+
+def label_metrics(table: pa.Table, threshold: float, classes: tuple[str, str]) -> dict[str, Any]:
+    """The paper's per-slice and per-patient metrics when the annotations carry labels."""
+    rows = []
+    for pid, label, probs in zip(table["patient_id"].to_pylist(), table["label"].to_pylist(),
+                                 table["slice_probabilities"].to_pylist(), strict=True):
+        y = classes.index(label)
+        rows += [{"patient_id": pid, "label": y, "probability": p} for p in probs]
+    return {"threshold": threshold, **metrics.level_metrics(pd.DataFrame(rows), threshold)}
