@@ -47,7 +47,7 @@ def main() -> None:
 
     from vfx_ray import config as config_mod
     from vfx_ray.stages.crops import run_crops
-    from vfx_ray.stages.cv import run_train_cv
+    from vfx_ray.stages.train_cv import run_train_cv
     from vfx_ray.synth.cohort import generate_cohort, plan_cohort
     from vfx_ray.synth.shortcuts import shortcut_auc, shortcut_features
 

@@ -23,11 +23,11 @@ def cohorts_in_s3(sizes: list[int], matrix: int, synth: dict | None = None):
     """Start the embedded store, write one cohort per size; yields {size: s3 uri}.
     ``synth``: SynthConfig fields to change (e.g. the clinical preset's)."""
     from vfx_ray.config import SynthConfig
-    from vfx_ray.services import objectstore
+    from vfx_ray.services import object_store
     from vfx_ray.synth.cohort import generate_cohort
 
     work = Path(tempfile.mkdtemp(prefix="bench-"))
-    store = objectstore.start(work / "s3", buckets=("vfx",))
+    store = object_store.start(work / "s3", buckets=("vfx",))
     store.export()
     STORE_ROOT.append(work / "s3")
     try:

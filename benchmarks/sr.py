@@ -49,8 +49,8 @@ def timed(label: str, n: int, step, baseline: float | None = None) -> float:
 
 
 def main() -> None:
-    from vfx_ray.export import sr_out
-    from vfx_ray.services import pacs
+    from vfx_ray.export import delivery
+    from vfx_ray.services import orthanc
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--patients", type=int, default=100)
@@ -58,14 +58,14 @@ def main() -> None:
     built: list[Dataset] = []
     timed("build SRs (highdicom)", n, lambda: built.extend(reports(n)))
     work = Path(tempfile.mkdtemp(prefix="bench-sr-"))
-    server = pacs.start(work / "pacs", log_file=work / "orthanc.log")
+    server = orthanc.start(work / "pacs", log_file=work / "orthanc.log")
     server.export()
     try:
         work_items = [(ds.PatientID, "s", (lambda d=ds: [d])) for ds in built]
-        folder = timed("folder (baseline)", n, lambda: sr_out.push(str(work / "folder"), work_items).summary())
-        timed("Orthanc, STOW-RS (QIDO-RS first)", n, lambda: sr_out.push(server.dicomweb_uri, work_items).summary(),
+        folder = timed("folder (baseline)", n, lambda: delivery.push(str(work / "folder"), work_items).summary())
+        timed("Orthanc, STOW-RS (QIDO-RS first)", n, lambda: delivery.push(server.dicomweb_uri, work_items).summary(),
               folder)
-        timed("Orthanc again (QIDO-RS only)", n, lambda: sr_out.push(server.dicomweb_uri, work_items).summary(),
+        timed("Orthanc again (QIDO-RS only)", n, lambda: delivery.push(server.dicomweb_uri, work_items).summary(),
               folder)
     finally:
         server.stop()

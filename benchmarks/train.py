@@ -30,7 +30,7 @@ from vfx_ray.config import TrainConfig  # noqa: E402
 from vfx_ray.ml import epochs  # noqa: E402
 from vfx_ray.ml import model as vmodel  # noqa: E402
 from vfx_ray.ml.augment import AffineRanges, random_affine  # noqa: E402
-from vfx_ray.stages import train as vtrain  # noqa: E402
+from vfx_ray.stages import fold_trainer as vtrain  # noqa: E402
 
 
 def plain_epochs(train, val, cfg: TrainConfig, n_epochs: int) -> list[float]:

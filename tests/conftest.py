@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from vfx_ray.services import objectstore, pacs
+from vfx_ray.services import object_store, orthanc
 
 AWS_VARS = (
     "AWS_ENDPOINT_URL",
@@ -47,7 +47,7 @@ def environment(values: dict[str, str], restore: tuple[str, ...] = ()) -> Iterat
 def objectstore_server(tmp_path_factory):
     """A running rclone S3 server on loopback, its variables exported in os.environ."""
     root = tmp_path_factory.mktemp("s3root")
-    store = objectstore.start(root, buckets=("vfx", "test"), log_file=root.parent / "rclone.log")
+    store = object_store.start(root, buckets=("vfx", "test"), log_file=root.parent / "rclone.log")
     with environment(store.env(), AWS_VARS):
         yield store
     store.stop()
@@ -55,14 +55,14 @@ def objectstore_server(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def pacs_server(tmp_path_factory):
-    """Debian's Orthanc with DICOMweb on loopback (``vfx_ray.services.pacs``), its variables exported
+    """Debian's Orthanc with DICOMweb on loopback (``vfx_ray.services.orthanc``), its variables exported
     before Ray starts so that local workers inherit them. None where Orthanc is not installed
     (the PACS tests then skip, saying so); ``make test`` installs it when root."""
-    if not pacs.available():
+    if not orthanc.available():
         yield None
         return
     root = tmp_path_factory.mktemp("orthanc")
-    server = pacs.start(root, log_file=root / "orthanc.log")
+    server = orthanc.start(root, log_file=root / "orthanc.log")
     with environment(server.env()):
         yield server
     server.stop()
@@ -81,7 +81,7 @@ def ray_session(objectstore_server, pacs_server):
     import ray
 
     if not ray.is_initialized():
-        port = objectstore.free_port()
+        port = object_store.free_port()
         os.environ[STATE_API_ENV] = f"http://127.0.0.1:{port}"
         ray.init(
             num_cpus=2,

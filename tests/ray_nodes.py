@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vfx_ray.runtime.placement import DRIVER_RESOURCE
-from vfx_ray.services.objectstore import free_port
+from vfx_ray.services.object_store import free_port
 
 BIN = Path(sys.executable).parent
 

@@ -19,7 +19,7 @@ import requests
 from vfx_ray import contracts, dicomweb, storage
 from vfx_ray.config import CropConfig
 from vfx_ray.pipeline import passes
-from vfx_ray.services.objectstore import free_port
+from vfx_ray.services.object_store import free_port
 from vfx_ray.stages.crops import run_crops
 
 COHORT = {"patients": 3, "seed": 21}  # test_pseudonym's: the session generates it once

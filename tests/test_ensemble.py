@@ -10,7 +10,7 @@ import torch
 from vfx_ray.config import CropConfig
 from vfx_ray.ml import model as vmodel
 from vfx_ray.ml.ensemble import Ensemble
-from vfx_ray.stages.scorer import SliceScorer
+from vfx_ray.stages.slice_scorer import SliceScorer
 
 SIZE = 32
 

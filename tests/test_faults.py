@@ -34,21 +34,21 @@ from ray_nodes import Cluster, _node, alive_nodes, local_cluster
 from vfx_ray import storage
 from vfx_ray.config import SynthConfig
 from vfx_ray.ml.model import build_model, save_model
-from vfx_ray.services import objectstore
-from vfx_ray.stages import score_parts
+from vfx_ray.services import object_store
+from vfx_ray.stages import committed_parts
+from vfx_ray.stages.committed_parts import PARTS
 from vfx_ray.stages.crops import run_crops
 from vfx_ray.stages.score import run_score
-from vfx_ray.stages.score_parts import PARTS
 from vfx_ray.synth.cohort import generate_cohort
 
 pytestmark = pytest.mark.slow
 N = 12
 
 
-def restart(store: objectstore.ObjectStore, read_only: bool = False) -> None:
+def restart(store: object_store.ObjectStore, read_only: bool = False) -> None:
     """The same server again (same root, port and keys), optionally refusing writes."""
     store.stop()
-    new = objectstore.start(
+    new = object_store.start(
         store.root, port=store.port, buckets=(), keys=(store.access_key, store.secret_key), read_only=read_only
     )
     store.pid = new.pid
@@ -114,7 +114,7 @@ def store_back_up(objectstore_server):
 
 def chunk_files(out: str) -> list[storage.FileEntry]:
     """The first pass's committed chunks (``score`` reads an archive once, a chunk at a time)."""
-    folder = storage.join(out, PARTS, score_parts.CHUNK_DIR)
+    folder = storage.join(out, PARTS, committed_parts.CHUNK_DIR)
     return storage.list_files(folder, suffix=".parquet") if storage.exists(folder) else []
 
 
@@ -271,8 +271,8 @@ def add_worker(cluster: Cluster, log: Path) -> subprocess.Popen:
     args = [
         f"--address={cluster.gcs_address}",
         "--num-cpus=1",
-        f"--dashboard-agent-listen-port={objectstore.free_port()}",
-        f"--metrics-export-port={objectstore.free_port()}",
+        f"--dashboard-agent-listen-port={object_store.free_port()}",
+        f"--metrics-export-port={object_store.free_port()}",
     ]
     node = _node(args, cluster.env, log, cluster.temp_dirs[0])
     cluster.procs.append(node)  # stopped with the cluster

@@ -1,4 +1,4 @@
-"""vfx_ray.export.keyimage on a phantom: the ROI outline, bright objects and the heatmap land where their
+"""vfx_ray.export.key_image on a phantom: the ROI outline, bright objects and the heatmap land where their
 mm positions map (rows head to feet, columns anterior to posterior), and the Secondary Capture
 round-trips with the study's identity and UIDs fixed by patient, series and model."""
 
@@ -20,7 +20,7 @@ from scipy import ndimage
 from torch import nn
 
 from vfx_ray.config import CropConfig
-from vfx_ray.export import keyimage, sr
+from vfx_ray.export import key_image, sr
 from vfx_ray.imaging.dicom import load_volume
 from vfx_ray.imaging.geometry import crop_samples
 from vfx_ray.imaging.roi import RoiBox
@@ -67,13 +67,13 @@ def models():
 
 @pytest.fixture(scope="module")
 def image(volume, models):
-    return keyimage.render(volume, ROI, SLICE, CFG, models, P)
+    return key_image.render(volume, ROI, SLICE, CFG, models, P)
 
 
 def to_pixel(y_mm: float, z_mm: float, size: int = 512) -> tuple[float, float]:
     """(row, column) pixel centre coordinate where an LPS (y, z) point is drawn."""
-    top, left, side = keyimage.image_rect(size)
-    wide = keyimage.context_roi(ROI)
+    top, left, side = key_image.image_rect(size)
+    wide = key_image.context_roi(ROI)
     col = left + (y_mm - wide.y_min) / (wide.y_max - wide.y_min) * side - 0.5
     row = top + (wide.z_max - z_mm) / (wide.z_max - wide.z_min) * side - 0.5
     return row, col
@@ -81,10 +81,10 @@ def to_pixel(y_mm: float, z_mm: float, size: int = 512) -> tuple[float, float]:
 
 def test_an_rgb_picture_of_the_asked_size(volume, models, image):
     assert image.shape == (512, 512, 3) and image.dtype == np.uint8
-    small = keyimage.render(volume, ROI, SLICE, CFG, models[:1], P, size=256)
+    small = key_image.render(volume, ROI, SLICE, CFG, models[:1], P, size=256)
     assert small.shape == (256, 256, 3)
     with pytest.raises(ValueError, match="not one of the ROI's slices"):
-        keyimage.render(volume, ROI, 7, CFG, models, P)
+        key_image.render(volume, ROI, 7, CFG, models, P)
 
 
 def test_the_roi_outline_is_drawn_on_the_roi_extent_not_the_square(image):
@@ -99,7 +99,7 @@ def test_the_roi_outline_is_drawn_on_the_roi_extent_not_the_square(image):
 
 
 def test_bright_objects_appear_where_their_mm_position_maps(image):
-    top, left, side = keyimage.image_rect(512)
+    top, left, side = key_image.image_rect(512)
     region = np.zeros(image.shape[:2], bool)
     region[top : top + side, left : left + side] = True
     bright = region & (image.mean(axis=-1) > 180)  # 1000 HU in W1500/L300, heatmap or not
@@ -113,10 +113,10 @@ def test_bright_objects_appear_where_their_mm_position_maps(image):
 
 def test_the_heatmap_tints_only_the_crop_square(volume, models, image):
     crop = next(r for r in crop_samples(volume, ROI, CFG) if r["slice_index"] == SLICE)
-    heat = keyimage.heatmap(models, crop["image"])
+    heat = key_image.heatmap(models, crop["image"])
     expected = np.mean([gradcam(m, crop["image"][None])[0] for m in models], axis=0)
     assert np.allclose(heat, expected, atol=1e-6) and heat.max() > 0.25
-    top, left, side = keyimage.image_rect(512)
+    top, left, side = key_image.image_rect(512)
     (r0, c0), (r1, c1) = to_pixel(crop["box_y_min_mm"], crop["box_z_max_mm"]), to_pixel(
         crop["box_y_max_mm"], crop["box_z_min_mm"])
     colour = image.max(axis=-1).astype(int) - image.min(axis=-1) > 12
@@ -132,9 +132,9 @@ def test_the_heatmap_tints_only_the_crop_square(volume, models, image):
 def test_the_heatmap_is_drawn_the_crop_s_way_up(volume):
     # the evidence is the bright cube, anterior and inferior in the ROI: a transposed or flipped
     # map would tint the square's posterior or superior part instead
-    image = keyimage.render(volume, ROI, SLICE, CFG, [BrightnessNet()], P)
+    image = key_image.render(volume, ROI, SLICE, CFG, [BrightnessNet()], P)
     colour = (image.max(axis=-1).astype(int) - image.min(axis=-1)) * ~np.all(image == (0, 255, 0), axis=-1)
-    top, left, side = keyimage.image_rect(512)
+    top, left, side = key_image.image_rect(512)
     colour[:top], colour[top + side :] = 0, 0  # the text bands: the caution is in yellow
     hot = colour > colour.max() / 2
     expected = np.array(to_pixel(INSIDE[1], INSIDE[2]))
@@ -146,11 +146,11 @@ def test_models_may_be_files_and_the_caption_says_the_decision(tmp_path, volume,
     for n, m in enumerate(models):
         uris.append(str(tmp_path / f"fold{n}" / "model.pt"))
         save_model(m, uris[-1], "resnet18")
-    assert np.array_equal(keyimage.render(volume, ROI, SLICE, CFG, uris, P), image)
-    assert keyimage.caption(P, 0.5, 3, 9.0, 3.0, 2)[0] == "p(malignant) = 0.83  threshold 0.50 -> malignant"
-    assert keyimage.caption(0.5, 0.5, 3, 9.0, 3.0, 1)[0].endswith("-> malignant")  # p >= threshold, as scored
-    assert keyimage.caption(0.31, 0.4, 3, 9.0, 3.0, 1)[0].endswith("threshold 0.40 -> benign")
-    assert keyimage.caption(P, 0.5, 3, 9.0, 3.0, 1)[1].startswith("slice 3 ")
+    assert np.array_equal(key_image.render(volume, ROI, SLICE, CFG, uris, P), image)
+    assert key_image.caption(P, 0.5, 3, 9.0, 3.0, 2)[0] == "p(malignant) = 0.83  threshold 0.50 -> malignant"
+    assert key_image.caption(0.5, 0.5, 3, 9.0, 3.0, 1)[0].endswith("-> malignant")  # p >= threshold, as scored
+    assert key_image.caption(0.31, 0.4, 3, 9.0, 3.0, 1)[0].endswith("threshold 0.40 -> benign")
+    assert key_image.caption(P, 0.5, 3, 9.0, 3.0, 1)[1].startswith("slice 3 ")
 
 
 # ---------------------------------------------------------------- the Secondary Capture
@@ -175,7 +175,7 @@ def encoded(ds: Dataset) -> bytes:
 
 @pytest.fixture(scope="module")
 def sc_bytes(image):
-    return encoded(keyimage.secondary_capture(image, source(), "PSEUDO7", "model-a", created=WHEN))
+    return encoded(key_image.secondary_capture(image, source(), "PSEUDO7", "model-a", created=WHEN))
 
 
 def test_the_secondary_capture_round_trips(image, sc_bytes):
@@ -187,8 +187,8 @@ def test_the_secondary_capture_round_trips(image, sc_bytes):
                                                                           src.study.StudyInstanceUID)
     assert ds.SOPClassUID == pydicom.uid.SecondaryCaptureImageStorage and ds.Modality == "OT"
     assert ds.BurnedInAnnotation == "NO" and ds.ImageComments == sr.CAUTION
-    assert list(ds.PatientOrientation) == ["P", "F"] and ds.SeriesNumber == keyimage.KEY_IMAGE_SERIES_NUMBER
-    assert ds.SeriesDescription == keyimage.SERIES_DESCRIPTION and ds.Manufacturer == sr.MANUFACTURER
+    assert list(ds.PatientOrientation) == ["P", "F"] and ds.SeriesNumber == key_image.KEY_IMAGE_SERIES_NUMBER
+    assert ds.SeriesDescription == key_image.SERIES_DESCRIPTION and ds.Manufacturer == sr.MANUFACTURER
     assert [i.ReferencedSOPInstanceUID for i in ds.SourceImageSequence] == [u for _, u in src.instances]
     (series,) = ds.ReferencedSeriesSequence
     assert series.SeriesInstanceUID == src.series_instance_uid and len(series.ReferencedInstanceSequence) == 4
@@ -198,10 +198,10 @@ def test_uids_are_fixed_by_patient_series_and_model(image, sc_bytes):
     ds = pydicom.dcmread(io.BytesIO(sc_bytes))
     assert ds.SOPInstanceUID == sr.report_uid("PSEUDO7", source().series_instance_uid, "model-a", kind="key-image")
     assert ds.SeriesInstanceUID != ds.SOPInstanceUID
-    assert encoded(keyimage.secondary_capture(image, source(), "PSEUDO7", "model-a", created=WHEN)) == sc_bytes
-    other = keyimage.secondary_capture(image, source(), "PSEUDO7", "model-b", created=WHEN)
+    assert encoded(key_image.secondary_capture(image, source(), "PSEUDO7", "model-a", created=WHEN)) == sc_bytes
+    other = key_image.secondary_capture(image, source(), "PSEUDO7", "model-b", created=WHEN)
     assert other.SOPInstanceUID != ds.SOPInstanceUID and other.SeriesInstanceUID != ds.SeriesInstanceUID
-    later = keyimage.secondary_capture(image, source(), "PSEUDO7", "model-a")  # now: other dates, same UIDs
+    later = key_image.secondary_capture(image, source(), "PSEUDO7", "model-a")  # now: other dates, same UIDs
     assert (later.SOPInstanceUID, later.SeriesInstanceUID) == (ds.SOPInstanceUID, ds.SeriesInstanceUID)
 
 

@@ -16,7 +16,7 @@ DRIVER = """
 import json, sys, ray
 from ray.util.state import list_tasks
 from vfx_ray.config import CropConfig, TrainConfig
-from vfx_ray.stages.cv import run_train_cv
+from vfx_ray.stages.train_cv import run_train_cv
 from vfx_ray.stages.crops import run_crops
 
 root = sys.argv[1]

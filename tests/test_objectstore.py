@@ -46,7 +46,7 @@ def test_cli_start_env_stop_round_trip(tmp_path):
     assert exports["AWS_ENDPOINT_URL"].startswith("http://127.0.0.1:")
     assert len(exports["AWS_SECRET_ACCESS_KEY"]) >= 32
     assert (root / "vfx").is_dir() and (root / "extra").is_dir()
-    state = (tmp_path / "home" / "objectstore.json")
+    state = (tmp_path / "home" / "object_store.json")
     assert oct(state.stat().st_mode & 0o777) == "0o600"  # holds the secret
     pid = int(__import__("json").loads(state.read_text())["pid"])
     try:
@@ -81,9 +81,9 @@ def test_cli_start_env_stop_round_trip(tmp_path):
 
 
 def test_store_stops_cleanly_in_process(tmp_path):
-    from vfx_ray.services import objectstore
+    from vfx_ray.services import object_store
 
-    store = objectstore.start(tmp_path / "root")
+    store = object_store.start(tmp_path / "root")
     assert store.running()
     with open(f"/proc/{store.pid}/cmdline", "rb") as f:
         assert store.secret_key.encode() not in f.read()  # `ps` shows every user the command line

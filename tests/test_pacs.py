@@ -12,10 +12,10 @@ import sys
 import pytest
 import requests
 
-from vfx_ray.services import pacs
+from vfx_ray.services import orthanc
 
 VFX = [sys.executable, "-m", "vfx_ray.cli"]
-pytestmark = pytest.mark.skipif(not pacs.available(), reason="Orthanc is not installed (make test installs it)")
+pytestmark = pytest.mark.skipif(not orthanc.available(), reason="Orthanc is not installed (make test installs it)")
 
 
 def parse_exports(text: str) -> dict[str, str]:
@@ -27,7 +27,7 @@ def test_cli_start_env_stop_round_trip(tmp_path):
     started = subprocess.run([*VFX, "pacs", "start", "--root", str(tmp_path / "pacs")], env=env,
                              capture_output=True, text=True, timeout=60, check=True)
     exports = parse_exports(started.stdout)
-    url, user, password = (exports[v] for v in (pacs.URL_VAR, pacs.USER_VAR, pacs.PASSWORD_VAR))
+    url, user, password = (exports[v] for v in (orthanc.URL_VAR, orthanc.USER_VAR, orthanc.PASSWORD_VAR))
     state = tmp_path / "home" / "pacs.json"
     port = json.loads(state.read_text())["port"]
     http = f"http://127.0.0.1:{port}"

@@ -55,20 +55,20 @@ def test_local_paths_are_refused_where_other_nodes_cannot_see_them(tmp_path):
 def test_shape_of_a_live_instance_reads_the_launcher_config(ray_session, tmp_path, monkeypatch):
     import yaml
 
-    from vfx_ray.runtime import raysession
+    from vfx_ray.runtime import session
 
     config = tmp_path / "ray_bootstrap_config.yaml"
     config.write_text(yaml.safe_dump(LAUNCHER))
-    monkeypatch.setenv(raysession.LAUNCHER_CONFIG_ENV, str(config))
-    raysession.cluster_shape.cache_clear()
+    monkeypatch.setenv(session.LAUNCHER_CONFIG_ENV, str(config))
+    session.cluster_shape.cache_clear()
     try:
-        shape = raysession.cluster_shape()
+        shape = session.cluster_shape()
         assert shape == ClusterShape(nodes=1, gpus=0, max_gpus=10, autoscaling=True, driver_resource=False)
-        monkeypatch.setenv(raysession.LAUNCHER_CONFIG_ENV, str(tmp_path / "none.yaml"))
-        raysession.cluster_shape.cache_clear()
-        assert raysession.cluster_shape() == ClusterShape(nodes=1)
+        monkeypatch.setenv(session.LAUNCHER_CONFIG_ENV, str(tmp_path / "none.yaml"))
+        session.cluster_shape.cache_clear()
+        assert session.cluster_shape() == ClusterShape(nodes=1)
     finally:
-        raysession.cluster_shape.cache_clear()
+        session.cluster_shape.cache_clear()
 
 
 def test_orphaned_worker_groups_are_told_from_live_and_foreign_ones():

@@ -18,7 +18,7 @@ from phantoms import GEOMETRIES, SHAPE, box_hu, cube, edit, series
 from vfx_ray.config import CropConfig
 from vfx_ray.imaging import geometry
 from vfx_ray.imaging.dicom import load_volume, series_layout
-from vfx_ray.imaging.dicom_limits import parse
+from vfx_ray.imaging.guards import parse
 from vfx_ray.imaging.roi import RoiBox
 from vfx_ray.pipeline import passes, tasks
 from vfx_ray.pipeline.wire import Kind

@@ -291,7 +291,7 @@ def test_report_of_a_real_tiny_train_cv_run(ray_session, tmp_path):
     from crops_fixture import make_crops
 
     from vfx_ray.config import TrainConfig
-    from vfx_ray.stages import cv
+    from vfx_ray.stages import train_cv
 
     crops_dir = tmp_path / "crops"
     crops_dir.mkdir()
@@ -311,7 +311,7 @@ def test_report_of_a_real_tiny_train_cv_run(ray_session, tmp_path):
     (crops_dir / "manifest.json").write_text(json.dumps({"annotations": str(tmp_path / "annotations.csv")}))
     cfg = TrainConfig(arch="resnet18", pretrained="none", n_folds=2, max_epochs=1, augment_factor=1, batch_size=16)
     run = str(tmp_path / "run")
-    cv.run_train_cv(str(crops_dir / "crops.parquet"), run, cfg)
+    train_cv.run_train_cv(str(crops_dir / "crops.parquet"), run, cfg)
     out = render_report(run, str(tmp_path / "out"))
     page = Path(out["html"]).read_text()
     for sid in SECTION_IDS:

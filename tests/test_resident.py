@@ -14,7 +14,7 @@ from vfx_ray.config import TrainConfig
 from vfx_ray.ml import epochs, resident
 from vfx_ray.ml import model as vmodel
 from vfx_ray.ml.augment import AffineRanges, random_affine
-from vfx_ray.stages import train as vtrain
+from vfx_ray.stages import fold_trainer as vtrain
 
 CPU = resident.DeviceOptions.for_device("cpu")
 CFG = TrainConfig(arch="resnet18", pretrained="none", lr=1e-3, batch_size=8, augment_factor=2, l2=1e-4)

@@ -13,7 +13,8 @@ from phantoms import GEOMETRIES, box_hu, cube, series
 
 from vfx_ray import storage
 from vfx_ray.config import SynthConfig
-from vfx_ray.imaging import dicom, roi_mask
+from vfx_ray.imaging import dicom
+from vfx_ray.imaging import masks as roi_mask
 from vfx_ray.imaging.roi import ROI_COLUMNS, RoiBox
 from vfx_ray.synth.cohort import MASK_ANNOTATIONS, generate_cohort
 from vfx_ray.synth.masks import RAS_TO_LPS, nifti_box_mask, seg_box_mask

@@ -26,7 +26,7 @@ from vfx_ray.imaging.annotations import read_annotations
 from vfx_ray.imaging.roi import RoiBox
 from vfx_ray.ml.model import build_model, load_model, predict_proba, save_model
 from vfx_ray.pipeline import tasks
-from vfx_ray.stages import score, score_parts
+from vfx_ray.stages import committed_parts, score
 
 CFG = CropConfig()
 
@@ -137,7 +137,7 @@ def test_killed_run_resumes_with_one_row_per_patient(cohort, scored, tmp_path):
     """Killed in the first pass (a chunk per patient folder here): the re-run takes the
     committed chunks instead of reading them again, and writes one row per patient."""
     out = str(tmp_path / "killed")
-    chunks = f"{out}/_parts/{score_parts.CHUNK_DIR}/*/*.parquet"
+    chunks = f"{out}/_parts/{committed_parts.CHUNK_DIR}/*/*.parquet"
     cmd = [
         sys.executable,
         "-m",
@@ -175,7 +175,7 @@ def test_killed_run_resumes_with_one_row_per_patient(cohort, scored, tmp_path):
     assert sorted(df["patient_id"]) == sorted(cohort["ann"]["patient_id"])  # exactly one row each
     assert "6 patients scored (6 now, 0 already done)" in res.stdout
     assert f"read once: 6 patients, second pass: 0; {kept} of 6 chunks taken from an interrupted run" in res.stdout
-    assert not glob.glob(f"{out}/_parts/{score_parts.CHUNK_DIR}")  # the finished run leaves no chunks
+    assert not glob.glob(f"{out}/_parts/{committed_parts.CHUNK_DIR}")  # the finished run leaves no chunks
     np.testing.assert_allclose(
         df.sort_values("patient_id")["probability"],
         pd.read_parquet(f"{cohort['work']}/scores_unlabelled/scores.parquet").sort_values("patient_id")["probability"],
@@ -222,7 +222,7 @@ def test_fold_checkpoint_reproduces_its_out_of_fold_probabilities(synth_cohort, 
     """crops -> train-cv -> score with fold 0's model.pt: the fold's test slices agree to 1e-5."""
     from vfx_ray.config import TrainConfig
     from vfx_ray.stages.crops import run_crops
-    from vfx_ray.stages.cv import run_train_cv
+    from vfx_ray.stages.train_cv import run_train_cv
 
     data, root = synth_cohort(patients=12, seed=5), str(tmp_path)
     run_crops(f"{data}/dicom", f"{data}/annotations.csv", f"{root}/crops", CFG, progress=False)

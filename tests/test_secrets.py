@@ -139,7 +139,7 @@ def test_no_credentials_when_joining_a_cluster(objectstore_server, session_token
     import ray
 
     node = ray._private.worker._global_node
-    code = ("import ray\nfrom vfx_ray.runtime.raysession import ensure_ray\nensure_ray()\n"
+    code = ("import ray\nfrom vfx_ray.runtime.session import ensure_ray\nensure_ray()\n"
             "print(ray.get(ray.remote(lambda: 1).remote()))\n")
     env = {**os.environ, "RAY_ADDRESS": node.gcs_address}
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, timeout=180)
@@ -151,7 +151,7 @@ def test_no_credentials_when_joining_a_cluster(objectstore_server, session_token
 
 
 def test_workers_of_a_cluster_get_the_store_settings_never_credentials() -> None:
-    from vfx_ray.runtime.raysession import FORWARDED_ENV, worker_env
+    from vfx_ray.runtime.session import FORWARDED_ENV, worker_env
 
     shell = {"AWS_REGION": "eu-west-1", "AWS_ENDPOINT_URL": "http://store:9000", "AWS_DEFAULT_REGION": "",
              "AWS_ACCESS_KEY_ID": "AKIA", "AWS_SECRET_ACCESS_KEY": "s3cr3t", "AWS_SESSION_TOKEN": "t0k3n"}

@@ -22,9 +22,9 @@ from pydicom.uid import generate_uid
 
 from vfx_ray import storage
 from vfx_ray.config import CropConfig
-from vfx_ray.export import sr, sr_out
+from vfx_ray.export import delivery, sr
 from vfx_ray.ml.model import build_model, save_model
-from vfx_ray.services import objectstore
+from vfx_ray.services import object_store
 from vfx_ray.stages import score
 
 CFG = CropConfig()
@@ -112,14 +112,14 @@ def test_report_uid_is_fixed_by_patient_series_and_model():
 def test_folder_target_is_idempotent(tmp_path):
     ds = sr.structured_report(ROW, source(), (0, 1, 0, 1, 0, 1), malignant=True)
     work = [("P7", "s", lambda: [ds])]
-    first, second = sr_out.push(str(tmp_path), work), sr_out.push(str(tmp_path), work)
+    first, second = delivery.push(str(tmp_path), work), delivery.push(str(tmp_path), work)
     assert (first.sent, first.already_there, second.sent, second.already_there) == (1, 0, 0, 1)
     assert (tmp_path / "P7" / f"{ds.SOPInstanceUID}.dcm").exists()
 
 
 def test_pacs_down_gives_an_error_row_per_patient_and_gives_up_after_a_few(monkeypatch):
-    monkeypatch.setattr(sr_out, "BACKOFF_S", 0.01)
-    port = objectstore.free_port()  # nothing listens there
+    monkeypatch.setattr(delivery, "BACKOFF_S", 0.01)
+    port = object_store.free_port()  # nothing listens there
     ds = sr.structured_report(ROW, source(), (0, 1, 0, 1, 0, 1), malignant=True)
     tried: list[str] = []
 
@@ -127,7 +127,7 @@ def test_pacs_down_gives_an_error_row_per_patient_and_gives_up_after_a_few(monke
         return lambda: tried.append(pid) or [ds]
 
     work = [(f"P{i}", "s", build(f"P{i}")) for i in range(6)]
-    out = sr_out.push(f"dicomweb+http://127.0.0.1:{port}/dicom-web", work)
+    out = delivery.push(f"dicomweb+http://127.0.0.1:{port}/dicom-web", work)
     assert out.sent == 0 and [e["patient_id"] for e in out.errors] == [f"P{i}" for i in range(6)]
     assert {e["error_type"] for e in out.errors} == {"PacsUnreachable"} and tried == ["P0", "P1", "P2"]
     assert all(f"127.0.0.1:{port}" in e["message"] and e["stage"] == "sr" for e in out.errors)
@@ -194,9 +194,9 @@ def test_score_sends_one_sr_per_patient_to_orthanc_and_a_rerun_sends_none(cohort
 
 
 def test_pacs_down_leaves_scores_written_and_error_rows(cohort, ray_session, monkeypatch):
-    monkeypatch.setattr(sr_out, "BACKOFF_S", 0.01)
+    monkeypatch.setattr(delivery, "BACKOFF_S", 0.01)
     out = os.path.join(cohort["work"], "scores_down")
-    down = f"dicomweb+http://127.0.0.1:{objectstore.free_port()}/dicom-web"
+    down = f"dicomweb+http://127.0.0.1:{object_store.free_port()}/dicom-web"
     summary = score.run_score(f"{cohort['root']}/dicom", cohort["ann"], cohort["model"], out, CFG, progress=False,
                               sr_out=down)
     assert summary["rows"] == 6 and summary["sr_objects_sent"] == 0
@@ -210,15 +210,15 @@ def test_pacs_down_leaves_scores_written_and_error_rows(cohort, ray_session, mon
 def test_a_scored_patient_no_longer_planned_gets_an_error_row_not_a_report(tmp_path, monkeypatch):
     import pyarrow as pa
 
-    from vfx_ray.export import score_reports
+    from vfx_ray.export import patient_reports
     from vfx_ray.imaging.pseudonym import KEY_ENV, Pseudonymizer
 
     table = pa.Table.from_pylist([{**ROW, "series_instance_uid": "1.2.3.4"}])
-    out = sr_out.push(str(tmp_path), score_reports.work(table, [], [], CFG, None, None))
+    out = delivery.push(str(tmp_path), patient_reports.work(table, [], [], CFG, None, None))
     assert out.sent == 0 and [(e["patient_id"], e["error_type"]) for e in out.errors] == [("P7", "LookupError")]
     assert "no longer in the annotations" in out.errors[0]["message"] and not list(tmp_path.iterdir())
     monkeypatch.setenv(KEY_ENV, "k" * 32)
     pseudo = Pseudonymizer.from_env()
     hidden = pa.Table.from_pylist([{**ROW, "patient_id": pseudo.patient("P7"), "series_instance_uid": "2.25.1"}])
-    out = sr_out.push(str(tmp_path), score_reports.work(hidden, [], [], CFG, pseudo, None))
+    out = delivery.push(str(tmp_path), patient_reports.work(hidden, [], [], CFG, pseudo, None))
     assert out.errors[0]["patient_id"] is None and pseudo.patient("P7") in out.errors[0]["message"]

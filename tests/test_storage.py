@@ -12,7 +12,7 @@ import pyarrow as pa
 import pytest
 
 from vfx_ray import contracts, storage
-from vfx_ray.runtime import raystorage
+from vfx_ray.runtime import train_storage
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -165,13 +165,13 @@ def test_marker_free_filesystem_only_for_custom_endpoints(monkeypatch, tmp_path)
         monkeypatch.setenv(name, "WHEN_REQUIRED")
     monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # an S3-compatible server
-    path, fs = raystorage.marker_free_filesystem("s3://bkt/run/ray_train")
+    path, fs = train_storage.marker_free_filesystem("s3://bkt/run/ray_train")
     assert path == "bkt/run/ray_train" and isinstance(fs, pafs.PyFileSystem)
-    assert isinstance(fs.handler, raystorage.NoDirMarkers)
+    assert isinstance(fs.handler, train_storage.NoDirMarkers)
     monkeypatch.delenv("AWS_ENDPOINT_URL")  # AWS S3: the URI, for Ray to open with pyarrow's own
-    assert raystorage.marker_free_filesystem("s3://bkt/run/ray_train") == ("s3://bkt/run/ray_train", None)
+    assert train_storage.marker_free_filesystem("s3://bkt/run/ray_train") == ("s3://bkt/run/ray_train", None)
     monkeypatch.chdir(tmp_path)
-    assert raystorage.marker_free_filesystem("runs/x") == (str(tmp_path / "runs" / "x"), None)
+    assert train_storage.marker_free_filesystem("runs/x") == (str(tmp_path / "runs" / "x"), None)
 
 
 def test_credentials_held_back_leave_the_environment_but_not_storage(monkeypatch):
@@ -190,7 +190,7 @@ def test_credentials_held_back_leave_the_environment_but_not_storage(monkeypatch
 def test_marker_free_filesystem_pickles_without_credentials(objectstore_server):
     import pickle
 
-    path, fs = raystorage.marker_free_filesystem("s3://test/pickled/run")
+    path, fs = train_storage.marker_free_filesystem("s3://test/pickled/run")
     blob = pickle.dumps(fs)  # what Ray Tune writes into tuner.pkl in the output folder
     assert objectstore_server.secret_key.encode() not in blob
     assert os.environ["AWS_ACCESS_KEY_ID"].encode() not in blob

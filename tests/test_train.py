@@ -20,8 +20,8 @@ from vfx_ray.config import TrainConfig, with_params
 from vfx_ray.errors import VfxError
 from vfx_ray.evaluation import folds
 from vfx_ray.ml import model as vmodel
-from vfx_ray.stages import cv
-from vfx_ray.stages import train as vtrain
+from vfx_ray.stages import fold_trainer as vtrain
+from vfx_ray.stages import train_cv
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = TrainConfig(arch="resnet18", pretrained="none", lr=1e-3, batch_size=16, max_epochs=2, patience=5,
@@ -55,7 +55,7 @@ def test_a_worker_placed_for_a_gpu_without_cuda_fails():
 
 def test_cross_validation_writes_run_folder_and_rerun_skips_done_folds(ray_session, crops_uri):
     out = f"s3://test/cv-{uuid.uuid4().hex[:8]}"
-    m = cv.run_train_cv(crops_uri, out, TINY)
+    m = train_cv.run_train_cv(crops_uri, out, TINY)
     for name in ("config.json", "splits.json", "oof_predictions.parquet", "metrics.json"):
         assert storage.exists(storage.join(out, name)), name
     splits = folds.splits_from_json(storage.read_text(storage.join(out, "splits.json")))
@@ -74,11 +74,11 @@ def test_cross_validation_writes_run_folder_and_rerun_skips_done_folds(ray_sessi
     assert [r["lr"] for r in m["fold_runs"]] == [TINY.lr, TINY.lr]
     assert json.loads(storage.read_text(storage.join(out, "metrics.json"))) == m
     dones = [storage.read_text(storage.join(out, f"fold_{k}", "done.json")) for k in range(2)]
-    again = cv.run_train_cv(crops_uri, out, TINY)  # every fold has done.json: nothing retrains
+    again = train_cv.run_train_cv(crops_uri, out, TINY)  # every fold has done.json: nothing retrains
     assert again == m  # and no fold was written again (its done.json holds its seconds):
     assert [storage.read_text(storage.join(out, f"fold_{k}", "done.json")) for k in range(2)] == dones
     with pytest.raises(VfxError, match="different settings"):
-        cv.run_train_cv(crops_uri, out, TINY, params={"lr": 1e-2})
+        train_cv.run_train_cv(crops_uri, out, TINY, params={"lr": 1e-2})
 
 
 @pytest.mark.slow

@@ -22,8 +22,8 @@ from vfx_ray import storage
 from vfx_ray.cli.app import build_parser, main
 from vfx_ray.config import Config, TrainConfig, TuneConfig
 from vfx_ray.errors import VfxError
-from vfx_ray.evaluation import folds, tuned
-from vfx_ray.stages import cv
+from vfx_ray.evaluation import folds, tuned_params
+from vfx_ray.stages import train_cv
 from vfx_ray.stages import tune as vtune
 
 REPO = Path(__file__).resolve().parents[1]
@@ -141,7 +141,7 @@ def test_asha_stops_trials_and_the_search_writes_its_folder(search):
     assert record["fold"] == 0 and record["patients"] == {"train": 6, "val": 2, "test_left_out": 8}
     assert record["protocol"] == "single-split"
     assert set(splits["folds"][0]["test"]).isdisjoint(splits["folds"][0]["train"] + splits["folds"][0]["val"])
-    seen = tuned.patients_digest(splits["folds"][0]["train"], splits["folds"][0]["val"])
+    seen = tuned_params.patients_digest(splits["folds"][0]["train"], splits["folds"][0]["val"])
     assert {(t["fold"], t["patients"]) for t in trials} == {(0, seen)}  # what every trial's trainer reported
     assert not any((out / "ray_train").glob("*/checkpoint_*"))  # finished trials' checkpoints are gone
 
@@ -183,7 +183,7 @@ def test_best_params_feed_train_cv(search, crops_uri, tmp_path):
     best = json.loads((search["out"] / "best_params.json").read_text())
     run = tmp_path / "cv"
     one_epoch = TrainConfig(**{**TINY.train.__dict__, "max_epochs": 1})
-    metrics = cv.run_train_cv(crops_uri, str(run), one_epoch, params=best)
+    metrics = train_cv.run_train_cv(crops_uri, str(run), one_epoch, params=best)
     config = json.loads((run / "config.json").read_text())
     assert config["params"] == best and (config["train"]["lr"], config["train"]["l2"]) == (best["lr"], best["l2"])
     assert metrics["pooled"]["per_patient"]["n"] == 16
@@ -229,30 +229,34 @@ def _splits(n_patients: int = 16, n_folds: int = 2, seed: int = 0) -> dict:
 
 def test_nested_params_go_fold_by_fold_only_onto_their_own_outer_folds():
     splits = _splits()
-    params = tuned.nested({1: {"lr": 2e-4, "l2": 1e-5}, 0: {"lr": 1e-3, "l2": 1e-4}}, splits)
+    params = tuned_params.nested({1: {"lr": 2e-4, "l2": 1e-5}, 0: {"lr": 1e-3, "l2": 1e-4}}, splits)
     assert params["protocol"] == "nested" and list(params["folds"]) == ["0", "1"]
-    assert [tuned.for_fold(params, k)["lr"] for k in (0, 1)] == [1e-3, 2e-4] and tuned.shared(params) is None
-    assert tuned.for_fold({"lr": 3e-4}, 1) == tuned.shared({"lr": 3e-4}) == {"lr": 3e-4}
-    tuned.check(params, 2)
-    tuned.check_splits(params, splits)
+    assert [tuned_params.for_fold(params, k)["lr"] for k in (0, 1)] == [1e-3, 2e-4]
+    assert tuned_params.shared(params) is None
+    assert tuned_params.for_fold({"lr": 3e-4}, 1) == tuned_params.shared({"lr": 3e-4}) == {"lr": 3e-4}
+    tuned_params.check(params, 2)
+    tuned_params.check_splits(params, splits)
     with pytest.raises(ValueError, match="2 outer folds.*this run has 3"):
-        tuned.check(params, 3)
+        tuned_params.check(params, 3)
     with pytest.raises(ValueError, match="other outer folds"):  # another seed: fold k's test patients differ
-        tuned.check_splits(params, _splits(seed=1))
+        tuned_params.check_splits(params, _splits(seed=1))
     with pytest.raises(ValueError, match="unknown protocol"):
-        tuned.check({"protocol": "mine", "lr": 1e-4}, 2)
-    both = tuned.patients_digest(["P1", "P1", "P2"], ["P3"])
-    assert both == tuned.patients_digest(["P2", "P1"], ["P3"]) != tuned.patients_digest(["P1", "P2", "P9"], ["P3"])
+        tuned_params.check({"protocol": "mine", "lr": 1e-4}, 2)
+    both = tuned_params.patients_digest(["P1", "P1", "P2"], ["P3"])
+    assert both == tuned_params.patients_digest(["P2", "P1"], ["P3"])
+    assert both != tuned_params.patients_digest(["P1", "P2", "P9"], ["P3"])
 
 
 def test_params_protocol_says_how_the_parameters_were_chosen():
-    nested = tuned.protocol(tuned.nested({0: {"lr": 1e-3, "l2": 1e-4}, 1: {"lr": 2e-4, "l2": 1e-4}}, _splits()), 2)
+    per_fold = {0: {"lr": 1e-3, "l2": 1e-4}, 1: {"lr": 2e-4, "l2": 1e-4}}
+    nested = tuned_params.protocol(tuned_params.nested(per_fold, _splits()), 2)
     assert nested["protocol"] == "nested" and nested["params"]["1"] == {"lr": 2e-4, "l2": 1e-4}
-    single = tuned.protocol({"lr": 3e-4, "l2": 1e-5}, 10)
+    single = tuned_params.protocol({"lr": 3e-4, "l2": 1e-5}, 10)
     assert single["protocol"] == "single-split" and single["params"] == {"lr": 3e-4, "l2": 1e-5}
     assert "test patients of folds 1–9 were training and validation patients" in single["description"]
     assert "optimistic" in single["description"] and "fold 0's split" in single["description"]
-    assert tuned.protocol(None, 10)["protocol"] == tuned.protocol({"max_epochs": 2}, 10)["protocol"] == "none"
+    assert tuned_params.protocol(None, 10)["protocol"] == "none"
+    assert tuned_params.protocol({"max_epochs": 2}, 10)["protocol"] == "none"
 
 
 def test_train_cv_refuses_nested_params_of_other_outer_folds_before_training(tiny_crops, tmp_path):
@@ -260,12 +264,13 @@ def test_train_cv_refuses_nested_params_of_other_outer_folds_before_training(tin
     cfg = TrainConfig(**{**TINY.train.__dict__, "use_gpu": False})  # no Ray: it fails before
     patients = folds.patient_labels(storage.read_table(crops).select(["patient_id", "label"]).to_pandas())
     other = folds.make_splits(patients, 2, cfg.val_fraction, seed=1)  # a search run with another --seed
-    params = tuned.nested({0: {"lr": 1e-3, "l2": 1e-4}, 1: {"lr": 2e-4, "l2": 1e-4}}, other)
+    params = tuned_params.nested({0: {"lr": 1e-3, "l2": 1e-4}, 1: {"lr": 2e-4, "l2": 1e-4}}, other)
     with pytest.raises(ValueError, match="other outer folds"):
-        cv.run_train_cv(crops, str(tmp_path / "run"), cfg, params=params)
+        train_cv.run_train_cv(crops, str(tmp_path / "run"), cfg, params=params)
     assert not (tmp_path / "run" / "fold_0").exists()
     with pytest.raises(ValueError, match="2 outer folds"):
-        cv.run_train_cv(crops, str(tmp_path / "run3"), TrainConfig(**{**cfg.__dict__, "n_folds": 3}), params=params)
+        train_cv.run_train_cv(crops, str(tmp_path / "run3"), TrainConfig(**{**cfg.__dict__, "n_folds": 3}),
+                              params=params)
 
 
 def test_cli_tune_nested_help_and_bad_input_is_one_line(tmp_path, capsys):
@@ -278,7 +283,8 @@ def test_cli_tune_nested_help_and_bad_input_is_one_line(tmp_path, capsys):
     assert rc == 2 and err.count("\n") == 1 and "at least 2" in err
     params = tmp_path / "tune" / "best_params.json"
     params.parent.mkdir()
-    params.write_text(json.dumps(tuned.nested({k: {"lr": 1e-3, "l2": 1e-4} for k in range(3)}, _splits(n_folds=3))))
+    nested = tuned_params.nested({k: {"lr": 1e-3, "l2": 1e-4} for k in range(3)}, _splits(n_folds=3))
+    params.write_text(json.dumps(nested))
     rc = main(["train-cv", "--crops", str(tmp_path / "c"), "--out", str(tmp_path / "run"), "--params",
                str(params.parent), "--folds", "2", "--pretrained", "none"])
     err = capsys.readouterr().err
@@ -308,12 +314,12 @@ def test_nested_search_tunes_each_outer_fold_without_its_test_patients(nested_se
     assert len(trials) == summary["trials"] == 4 and {t["status"] for t in trials} == {"terminated"}
     best = json.loads((out / "best_params.json").read_text())
     assert best == summary["best_params"] and best["protocol"] == "nested"
-    assert best["splits"] == tuned.splits_key(splits) and list(best["folds"]) == ["0", "1"]
+    assert best["splits"] == tuned_params.splits_key(splits) and list(best["folds"]) == ["0", "1"]
     for k, part in enumerate(splits["folds"]):
         mine = [t for t in trials if t["fold"] == k]
         assert len(mine) == 2 and mine[0]["lr"] == NESTED.train.lr  # each fold tries the recipe first
         # the patients each trial's trainer reported are fold k's training part, never its test patients
-        assert {t["patients"] for t in mine} == {tuned.patients_digest(part["train"], part["val"])}
+        assert {t["patients"] for t in mine} == {tuned_params.patients_digest(part["train"], part["val"])}
         assert set(part["test"]).isdisjoint(part["train"] + part["val"])
         winner = min(mine, key=lambda t: t["best_val_loss"])
         assert json.loads((out / f"fold_{k}" / "best_params.json").read_text()) == best["folds"][str(k)] == {
@@ -333,7 +339,7 @@ def test_train_cv_applies_fold_ks_nested_params_to_fold_k(nested_search, crops_u
     params = read_params(str(nested_search["out"]), 2)  # the search folder, as train-cv --params takes it
     params["folds"]["1"]["lr"] = params["folds"]["0"]["lr"] / 2  # distinct per fold, whatever the search chose
     run = tmp_path / "cv"
-    metrics = cv.run_train_cv(crops_uri, str(run), NESTED.train, params=params)
+    metrics = train_cv.run_train_cv(crops_uri, str(run), NESTED.train, params=params)
     for k in (0, 1):
         lr = params["folds"][str(k)]["lr"]
         history = json.loads((run / f"fold_{k}" / "history.json").read_text())
@@ -345,4 +351,4 @@ def test_train_cv_applies_fold_ks_nested_params_to_fold_k(nested_search, crops_u
     other = json.loads(json.dumps(params))
     other["folds"]["1"]["lr"] = 1e-5
     with pytest.raises(VfxError, match="fold_params"):  # a finished run is not continued with other fold params
-        cv.run_train_cv(crops_uri, str(run), NESTED.train, params=other)
+        train_cv.run_train_cv(crops_uri, str(run), NESTED.train, params=other)

@@ -197,13 +197,13 @@ def list_files(uri: str, suffix: str | None = None) -> list[FileEntry]:
             raise FileNotFoundError(f"nothing at {uri}")
         return [e for e in found if not suffix or e.uri.endswith(suffix)]
     fs, path = filesystem(uri)
-    info = _retrying(uri, lambda: fs.get_file_info(path))
+    info = retrying(uri, lambda: fs.get_file_info(path))
     if info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"nothing at {uri}")
     if info.type == pafs.FileType.File:
         infos = [info]
     else:
-        infos = _retrying(uri, lambda: fs.get_file_info(pafs.FileSelector(path, recursive=True)))
+        infos = retrying(uri, lambda: fs.get_file_info(pafs.FileSelector(path, recursive=True)))
     out = []
     for i in infos:
         if i.type != pafs.FileType.File or (suffix and not i.path.endswith(suffix)):
@@ -216,10 +216,10 @@ def exists(uri: str) -> bool:
     if is_dicomweb(uri):
         return dicomweb.exists(uri)
     fs, path = filesystem(uri)
-    return _retrying(uri, lambda: fs.get_file_info(path)).type != pafs.FileType.NotFound
+    return retrying(uri, lambda: fs.get_file_info(path)).type != pafs.FileType.NotFound
 
 
-def _retrying(uri: str, request: Callable[[], T]) -> T:
+def retrying(uri: str, request: Callable[[], T]) -> T:
     """``request()`` on the store behind ``uri``, an outage ridden out (``s3outage``)."""
     if not is_s3(uri):
         return request()
@@ -253,7 +253,7 @@ def s3_get(uri: str, nbytes: int | None = None) -> bytes:
             return f.read(nbytes)
 
     try:
-        return _retrying(uri, get)
+        return retrying(uri, get)
     except FileNotFoundError:
         raise FileNotFoundError(f"nothing at {uri}") from None
     except StoreUnavailable:
@@ -329,7 +329,7 @@ def atomic_output(uri: str) -> Iterator[pa.NativeFile]:
             with pa.OSFile(tmp.name, "wb") as stream:
                 yield stream
             try:
-                _retrying(uri, lambda: boto3_client(bucket).upload_file(tmp.name, bucket, key))
+                retrying(uri, lambda: boto3_client(bucket).upload_file(tmp.name, bucket, key))
             except StoreUnavailable:
                 raise
             except Exception as exc:
@@ -386,7 +386,7 @@ def write_table(table: pa.Table, uri: str, metadata: dict[str, str] | None = Non
 def read_table(uri: str) -> pa.Table:
     """A Parquet file or a folder of Parquet files as one table."""
     fs, path = filesystem(uri)
-    return _retrying(uri, lambda: pq.read_table(path, filesystem=fs))
+    return retrying(uri, lambda: pq.read_table(path, filesystem=fs))
 
 
 def s3_delete(path: str, prefix: bool) -> None:

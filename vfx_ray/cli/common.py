@@ -56,7 +56,7 @@ def add_cluster_args(p: argparse.ArgumentParser, gpu: bool = False) -> None:
 def prepare_cluster(args: argparse.Namespace, paths: Mapping[str, str | None]) -> None:
     """Connect to Ray and refuse, in one line, local paths that other nodes could not see."""
     from vfx_ray.runtime.placement import check_shared_storage
-    from vfx_ray.runtime.raysession import VERBOSE_ENV, cluster_shape
+    from vfx_ray.runtime.session import VERBOSE_ENV, cluster_shape
 
     if args.verbose:
         os.environ[VERBOSE_ENV] = "1"

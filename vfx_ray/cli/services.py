@@ -14,38 +14,38 @@ from vfx_ray.cli.common import CliError, positive_int
 
 
 def cmd_objectstore(args: argparse.Namespace) -> int:
-    from vfx_ray.services import objectstore
+    from vfx_ray.services import object_store
 
     if args.action == "start":
-        current = objectstore.load_state()
+        current = object_store.load_state()
         if current and current.running():
             raise CliError(
                 f"an embedded store already runs at {current.endpoint} (pid {current.pid}); "
                 "`vfx-ray objectstore stop` first"
             )
-        store = objectstore.start(
+        store = object_store.start(
             args.root,
             port=args.port,
             buckets=tuple(args.bucket),
             log_file=Path(args.root).absolute().parent / "rclone.log",
             detach=True,
         )
-        objectstore.save_state(store)
-        print(objectstore.shell_exports(store))
+        object_store.save_state(store)
+        print(object_store.shell_exports(store))
         print(
             f"# rclone S3 server on {store.endpoint} serving {store.root} (pid {store.pid});"
             " eval this output to use it, `vfx-ray objectstore stop` to end it",
             file=sys.stderr,
         )
         return 0
-    store = objectstore.load_state()
+    store = object_store.load_state()
     if store is None or not store.running():
         raise CliError("no embedded store is running (start one with `vfx-ray objectstore start`)")
     if args.action == "env":
-        print(objectstore.shell_exports(store))
+        print(object_store.shell_exports(store))
     else:  # stop
         store.stop()
-        objectstore.STATE_FILE.unlink(missing_ok=True)
+        object_store.STATE_FILE.unlink(missing_ok=True)
         print(f"stopped the embedded store at {store.endpoint}", file=sys.stderr)
     return 0
 
@@ -69,29 +69,29 @@ def add_objectstore(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_pacs(args: argparse.Namespace) -> int:
-    from vfx_ray.services import pacs
+    from vfx_ray.services import orthanc
 
     if args.action == "start":
-        current = pacs.load_state()
+        current = orthanc.load_state()
         if current and current.listening():
             raise CliError(f"an embedded PACS already runs at {current.url}; `vfx-ray pacs stop` first")
-        if not pacs.available():
+        if not orthanc.available():
             raise CliError("Orthanc is not installed: apt-get install orthanc orthanc-dicomweb (make does, as root)")
         root = Path(args.root).absolute()
-        server = pacs.start(root, port=args.port, log_file=root.parent / "orthanc.log", detach=True)
-        pacs.save_state(server)
-        print(pacs.shell_exports(server))
+        server = orthanc.start(root, port=args.port, log_file=root.parent / "orthanc.log", detach=True)
+        orthanc.save_state(server)
+        print(orthanc.shell_exports(server))
         print(f"# Orthanc on {server.url} (DICOMweb {server.dicomweb_uri}, Explorer {server.explorer}, user "
               f"{server.user}); eval this output to use it, `vfx-ray pacs stop` to end it", file=sys.stderr)
         return 0
-    server = pacs.load_state()
+    server = orthanc.load_state()
     if server is None or not server.listening():
         raise CliError("no embedded PACS is running (start one with `vfx-ray pacs start`)")
     if args.action == "env":
-        print(pacs.shell_exports(server))
+        print(orthanc.shell_exports(server))
     else:  # stop
         server.stop()
-        pacs.STATE_FILE.unlink(missing_ok=True)
+        orthanc.STATE_FILE.unlink(missing_ok=True)
         print(f"stopped the embedded PACS at {server.url}", file=sys.stderr)
     return 0
 

@@ -53,10 +53,10 @@ def read_params(uri: str | None, n_folds: int | None = None) -> dict | None:
     if not isinstance(params, dict):
         raise CliError(f"--params {uri} must hold a JSON object such as {{\"lr\": 1e-4, \"l2\": 1e-4}}")
     if n_folds is not None:
-        from vfx_ray.evaluation import tuned
+        from vfx_ray.evaluation import tuned_params
 
         try:
-            tuned.check(params, n_folds)
+            tuned_params.check(params, n_folds)
         except ValueError as exc:
             raise CliError(f"{exc} ({uri})") from None
     return params
@@ -71,15 +71,15 @@ def check_weights(cfg: config_mod.TrainConfig) -> None:
 
 
 def cmd_train_cv(args: argparse.Namespace) -> int:
-    from vfx_ray.evaluation import tuned
+    from vfx_ray.evaluation import tuned_params
 
     cfg = train_config_from_args(args)
     params = read_params(args.params, cfg.n_folds)
-    resolved = config_mod.with_params(cfg, tuned.shared(params))
+    resolved = config_mod.with_params(cfg, tuned_params.shared(params))
     check_weights(resolved)
     prepare_cluster(args, {"--crops": args.crops, "--out": args.out, "--params": args.params,
                            "--pretrained-path": resolved.pretrained_path})
-    from vfx_ray.stages.cv import run_train_cv
+    from vfx_ray.stages.train_cv import run_train_cv
 
     result = run_train_cv(
         args.crops, args.out, cfg, params=params, max_failures=args.max_failures,

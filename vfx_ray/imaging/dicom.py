@@ -20,7 +20,7 @@ from pydicom.uid import UID
 
 from vfx_ray.config import CropConfig
 from vfx_ray.errors import VfxError
-from vfx_ray.imaging.dicom_limits import (
+from vfx_ray.imaging.guards import (
     MIN_SPACING_MM,
     bad_values,
     check_codestreams,
@@ -29,8 +29,8 @@ from vfx_ray.imaging.dicom_limits import (
     parse,
     vector,
 )
-from vfx_ray.imaging.dicom_limits import PIXEL_DATA_TAGS as PIXEL_DATA_TAGS  # re-exported
-from vfx_ray.imaging.dicom_limits import error as _error
+from vfx_ray.imaging.guards import PIXEL_DATA_TAGS as PIXEL_DATA_TAGS  # re-exported
+from vfx_ray.imaging.guards import error as _error
 
 AIR_HU = -1000.0
 MAX_MATRIX = 4096  # rows or columns above this are refused before decoding (decompression bombs)

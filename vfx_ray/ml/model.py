@@ -86,7 +86,7 @@ def file_exists(uri: str) -> bool:
     import pyarrow.fs as pafs
 
     fs, path = storage.filesystem(uri)
-    return storage._retrying(uri, lambda: fs.get_file_info(path)).type == pafs.FileType.File
+    return storage.retrying(uri, lambda: fs.get_file_info(path)).type == pafs.FileType.File
 
 
 def state_from_bytes(data: bytes, source: str) -> dict[str, torch.Tensor]:

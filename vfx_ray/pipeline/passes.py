@@ -30,7 +30,7 @@ from vfx_ray import storage
 from vfx_ray.config import CropConfig
 from vfx_ray.errors import VfxError
 from vfx_ray.imaging import annotations as ann_mod
-from vfx_ray.imaging import dicom, pseudonym, roi_mask
+from vfx_ray.imaging import dicom, masks, pseudonym
 from vfx_ray.pipeline import datasets, tasks, wire
 from vfx_ray.pipeline.wire import Kind
 
@@ -86,9 +86,9 @@ def lost(stage: str, doing: str, **ids: str | None) -> dict[str, Any]:
 
 
 def read_annotations(uri: str) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
-    """A job's annotations, each mask-only row given its mask's box (:mod:`roi_mask`), and the
+    """A job's annotations, each mask-only row given its mask's box (:mod:`masks`), and the
     error rows of masks that cannot be used."""
-    return roi_mask.resolve_masks(ann_mod.read_annotations(uri))
+    return masks.resolve_masks(ann_mod.read_annotations(uri))
 
 
 # ---------------------------------------------------------------- chunks

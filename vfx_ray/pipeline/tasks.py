@@ -28,7 +28,7 @@ from vfx_ray.config import CropConfig
 from vfx_ray.errors import VfxError, error_row
 from vfx_ray.imaging import annotations as ann_mod
 from vfx_ray.imaging import dicom, geometry
-from vfx_ray.imaging.dicom_limits import parse
+from vfx_ray.imaging.guards import parse
 from vfx_ray.imaging.roi import RoiBox
 from vfx_ray.pipeline import wire
 from vfx_ray.pipeline.wire import CROP_WIRE, Kind, fingerprint, row

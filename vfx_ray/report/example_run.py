@@ -4,7 +4,7 @@ No training happens: per-slice probabilities are drawn so that each patient's sl
 the middle and fall off at the edges (the partial-volume pattern of the paper's Fig. 3), with
 a few patients on the wrong side of the threshold so every outcome (TP/FP/TN/FN) occurs.
 Labels, ages, sexes and the six visual features follow Table 1 (``synth.table1.allocate``).
-Everything else is what ``cv.finalize`` and the crops job write: oof_predictions.parquet,
+Everything else is what ``train_cv.finalize`` and the crops job write: oof_predictions.parquet,
 metrics.json (``metrics.summarize`` + the paper's figures), config.json with ``crops_uri``,
 crops.parquet (``contracts.crops_table``) and manifest.json naming annotations.csv.
 """

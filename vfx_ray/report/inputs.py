@@ -2,7 +2,7 @@
 
 Two kinds of run folder are understood (local path or s3://, always read through
 :mod:`vfx_ray.storage`): a train-cv run (``oof_predictions.parquet`` + ``metrics.json``, see
-:mod:`vfx_ray.stages.cv`) and a scores folder (``scores.parquet``, see :mod:`vfx_ray.stages.score`) whose
+:mod:`vfx_ray.stages.train_cv`) and a scores folder (``scores.parquet``, see :mod:`vfx_ray.stages.score`) whose
 patients carry labels. Both become one table of slice predictions with integer labels, so
 every table and figure is drawn the same way. Missing crops or annotations are noted for the
 report, never fatal: they only decorate the results.

@@ -1,5 +1,5 @@
 """Where a job's work may run: the cluster's shape, the GPU choice, the drivers' resource and
-the shared-storage rule. Pure (no Ray): ``raysession.cluster_shape`` reads a live cluster.
+the shared-storage rule. Pure (no Ray): ``session.cluster_shape`` reads a live cluster.
 
 Designed for an autoscaling cluster whose GPU workers start at zero: what the cluster *can*
 have (its launcher config) counts, not only what it has at submit time.

@@ -33,7 +33,7 @@ def run_crops(archive_uri: str, annotations_uri: str, out_uri: str, cfg: CropCon
               progress: bool = True, pseudonymize: bool = False) -> dict[str, Any]:
     """The crops job (see the module's docstring). ``pseudonymize``: identifiers in every
     output replaced by keyed hashes (:mod:`pseudonym`). Returns the manifest."""
-    from vfx_ray.runtime.raysession import ensure_ray
+    from vfx_ray.runtime.session import ensure_ray
 
     cfg = cfg or CropConfig()
     pseudo = pseudonym.maybe(pseudonymize, archive_uri)

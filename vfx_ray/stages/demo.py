@@ -17,7 +17,7 @@ from typing import Any
 from vfx_ray import config as config_mod
 from vfx_ray import storage
 from vfx_ray.errors import VfxError
-from vfx_ray.services import objectstore
+from vfx_ray.services import object_store
 
 BUCKET = "vfx"
 MIN_DEMO_AUC = 0.80  # issues 4 and 17: the demo cohort (paper difficulty, AUC ~0.83) must be learnt
@@ -35,7 +35,7 @@ def run_demo(workdir: str | Path, *, patients: int | None = None, seed: int = 0)
     synth_cfg = config_mod.replace(cfg.synth, patients=patients, seed=seed, roi_masks=True)
     t0 = time.monotonic()
     banner(f"embedded S3 store over {workdir / 's3'}")
-    store = objectstore.start(workdir / "s3", buckets=(BUCKET,), log_file=workdir / "rclone.log")
+    store = object_store.start(workdir / "s3", buckets=(BUCKET,), log_file=workdir / "rclone.log")
     store.export()
     print(f"endpoint {store.endpoint}; bucket s3://{BUCKET} is the folder {workdir / 's3' / BUCKET}")
     server = start_pacs(workdir)
@@ -61,18 +61,18 @@ def run_demo(workdir: str | Path, *, patients: int | None = None, seed: int = 0)
 def start_pacs(workdir: Path):  # noqa: ANN201 - a pacs.Pacs or None
     """A fresh embedded Orthanc over ``workdir/pacs``, detached and recorded like ``vfx-ray pacs
     start`` (so it outlives the demo); None, said, where Orthanc is not installed."""
-    from vfx_ray.services import pacs
+    from vfx_ray.services import orthanc
 
-    if not pacs.available():
+    if not orthanc.available():
         print("Orthanc is not installed (make demo installs it as root): the SRs go to a folder instead")
         return None
-    old = pacs.load_state()
+    old = orthanc.load_state()
     if old and old.listening():  # the previous demo's, whose reports belong to deleted outputs
         old.stop()
     shutil.rmtree(workdir / "pacs", ignore_errors=True)
     banner(f"embedded PACS (Orthanc + DICOMweb) over {workdir / 'pacs'}")
-    server = pacs.start(workdir / "pacs", log_file=workdir / "orthanc.log", detach=True)
-    pacs.save_state(server)
+    server = orthanc.start(workdir / "pacs", log_file=workdir / "orthanc.log", detach=True)
+    orthanc.save_state(server)
     server.export()
     print(f"DICOMweb {server.dicomweb_uri}")
     return server
@@ -94,7 +94,7 @@ def make_data(outputs: dict[str, str], cfg: config_mod.Config, synth_cfg: config
 
 def train(outputs: dict[str, str], cfg: config_mod.Config) -> None:
     """tune, then train-cv with the best parameters; fails when the model did not learn."""
-    from vfx_ray.stages.cv import run_train_cv
+    from vfx_ray.stages.train_cv import run_train_cv
     from vfx_ray.stages.tune import run_tune
 
     banner(f"tune --nested (Ray Tune, ASHA, {cfg.tune.num_samples} trials of lr x L2 in each of the "

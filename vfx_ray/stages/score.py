@@ -2,9 +2,9 @@
 
 One Ray Data pipeline: the decode tasks of :mod:`vfx_ray.pipeline` (first-pass chunks, then
 second-pass patients) feed ``map_batches`` on a small actor pool that loads the model(s)
-once per actor (:mod:`scorer`; a GPU each when the cluster has GPUs). The driver takes each
+once per actor (:mod:`score_actor`; a GPU each when the cluster has GPUs). The driver takes each
 patient's slice probabilities, keeps the maximum (the paper's rule) and commits Parquet
-parts as it goes (:mod:`score_parts`), so a killed run re-run with the same ``--out`` and
+parts as it goes (:mod:`score_resume`), so a killed run re-run with the same ``--out`` and
 model redoes only what was not committed; ``scores.parquet`` holds one row per patient.
 
 The job in steps: :meth:`ScoreJob.score_chunks` (the first pass: index, crop and score every
@@ -33,12 +33,12 @@ from vfx_ray import contracts, layout, storage
 from vfx_ray.config import CropConfig
 from vfx_ray.errors import VfxError
 from vfx_ray.evaluation import metrics
-from vfx_ray.export import sr_out
+from vfx_ray.export import delivery
 from vfx_ray.imaging import pseudonym
 from vfx_ray.imaging.annotations import DEFAULT_CLASSES, PatientTask
 from vfx_ray.pipeline import passes, wire
 from vfx_ray.pipeline.wire import Kind
-from vfx_ray.stages import score_parts
+from vfx_ray.stages import committed_parts
 
 DECODE_CPUS, SCORER_CPUS = 0.95, 0.05  # per decode task and per CPU scoring actor (see ScoreJob.scoring)
 GPU_BATCH, CPU_BATCH = 1024, 64  # crops per model call: a GPU needs big batches, a CPU gains nothing
@@ -162,14 +162,14 @@ class PatientSink:
 
     def __init__(self, job: ScoreJob, total: int) -> None:
         self.job, self.model, self.scored = job, job.models.record(), 0
-        self.writer = score_parts.PartWriter(job.out_uri, every=job.options.commit_every)
+        self.writer = committed_parts.PartWriter(job.out_uri, every=job.options.commit_every)
         self.bar = tqdm(total=total, desc="score: patients", unit="patient", disable=not job.options.progress)
 
     def add(self, pid: str, slices: list[dict[str, Any]]) -> None:
         o, pseudo = self.job.options, self.job.pseudo
         if slices:
             row = patient_row(pid, slices, self.model, o.threshold, o.classes)
-            feats = score_parts.features_table(pid, slices) if o.features else None
+            feats = committed_parts.features_table(pid, slices) if o.features else None
             if pseudo:
                 row, feats = pseudo.row(row), feats if feats is None else pseudo.table(feats)
             self.writer.add(row, feats)
@@ -189,7 +189,7 @@ class ScoreJob:
         self.pseudo = pseudonym.maybe(options.pseudonymize, archive_uri)
 
     def run(self, annotations_uri: str) -> dict[str, Any]:
-        from vfx_ray.runtime.raysession import ensure_ray
+        from vfx_ray.runtime.session import ensure_ray
 
         ensure_ray()
         t0 = time.monotonic()
@@ -197,7 +197,7 @@ class ScoreJob:
         entries, errors = passes.list_archive(self.archive_uri, self.cfg)
         annotations, mask_errors = passes.read_annotations(annotations_uri)
         errors += mask_errors
-        done = score_parts.committed(self.out_uri, self.models.model_id)
+        done = committed_parts.committed(self.out_uri, self.models.model_id)
         done_ids = set(done["patient_id"].to_pylist()) if done is not None else set()
         index, first = self.score_chunks(entries, annotations, bool(done_ids))
         plan = passes.plan(annotations, index, self.cfg, self.pseudo)
@@ -224,7 +224,7 @@ class ScoreJob:
         import ray
 
         from vfx_ray.runtime.placement import use_gpu
-        from vfx_ray.runtime.raysession import cluster_shape
+        from vfx_ray.runtime.session import cluster_shape
 
         shape = cluster_shape()
         self.gpus = max(1, shape.max_gpus) if use_gpu(self.options.gpu, shape) else 0
@@ -243,7 +243,7 @@ class ScoreJob:
         """
         import ray
 
-        from vfx_ray.stages.scorer import SliceScorer
+        from vfx_ray.stages.slice_scorer import SliceScorer
 
         if self.gpus:
             pool, resources = ray.data.ActorPoolStrategy(min_size=1, max_size=self.gpus), {"num_gpus": 1, "num_cpus": 1}
@@ -268,8 +268,8 @@ class ScoreJob:
             return passes.index_headers(entries, self.cfg), first
         cache = None  # pseudonymised runs keep real ids out of the output store: no chunk commits
         if not self.pseudo:
-            key = score_parts.cache_key(self.models.model_id, self.cfg, self.options.features, annotations)
-            cache = score_parts.ChunkCache(self.out_uri, key)
+            key = committed_parts.cache_key(self.models.model_id, self.cfg, self.options.features, annotations)
+            cache = committed_parts.ChunkCache(self.out_uri, key)
         items = passes.chunk_items(entries, self.cpus, self.cfg, self.archive_uri)
         first.chunks = len(items)
         reused = [i for i in items if cache and i["chunk"] in cache.names]
@@ -308,7 +308,7 @@ class ScoreJob:
         run_config = {"crops": dataclasses.asdict(self.cfg), "threshold": o.threshold, "classes": list(o.classes),
                       "model": model, "archive": self.archive_uri, **pseudonyms}
         meta = {"vfx_ray.config": json.dumps(run_config), "vfx_ray.model_id": model["model_id"]}
-        table = score_parts.write_final(self.out_uri, model["model_id"], meta, o.features)
+        table = committed_parts.write_final(self.out_uri, model["model_id"], meta, o.features)
         scored_ids = set(table["patient_id"].to_pylist())
         errors = [e for e in (self.pseudo.rows(errors) if self.pseudo else errors)
                   if e.get("patient_id") not in scored_ids]  # a re-run healed them
@@ -325,15 +325,15 @@ class ScoreJob:
             storage.write_text(storage.join(self.out_uri, layout.METRICS), json.dumps(summary["metrics"], indent=2))
         return summary
 
-    def send_reports(self, table: pa.Table) -> sr_out.Outcome:
+    def send_reports(self, table: pa.Table) -> delivery.Outcome:
         """An SR (and key image) per scored patient, after the scores are safely written."""
-        from vfx_ray.export import score_reports
+        from vfx_ray.export import patient_reports
 
-        key_image = score_reports.key_image_maker(self.models.files, self.cfg) if self.options.key_images else None
-        work = score_reports.work(table, self.plan.tasks, self.headers, self.cfg, self.pseudo, key_image)
+        key_image = patient_reports.key_image_maker(self.models.files, self.cfg) if self.options.key_images else None
+        work = patient_reports.work(table, self.plan.tasks, self.headers, self.cfg, self.pseudo, key_image)
         bar = tqdm(total=table.num_rows, desc="score: reports", unit="patient", disable=not self.options.progress)
         with bar:
-            return sr_out.push(self.options.sr_out, work, on_patient=lambda: bar.update(1))
+            return delivery.push(self.options.sr_out, work, on_patient=lambda: bar.update(1))
 
 
 def label_metrics(table: pa.Table, threshold: float, classes: tuple[str, str]) -> dict[str, Any]:

@@ -59,11 +59,11 @@ from ray.tune.logger import TBXLoggerCallback
 from vfx_ray import layout, storage
 from vfx_ray.config import Config, TrainConfig, TuneConfig, train_config_from_dict
 from vfx_ray.errors import VfxError
-from vfx_ray.evaluation import tuned
-from vfx_ray.runtime import placement, raystorage, runrecord
+from vfx_ray.evaluation import tuned_params
+from vfx_ray.runtime import placement, run_record, train_storage
 from vfx_ray.runtime.orphans import ReleaseOrphanedWorkers
-from vfx_ray.runtime.raysession import cluster_shape, ensure_ray, is_verbose
-from vfx_ray.runtime.trialprogress import TrialProgress
+from vfx_ray.runtime.session import cluster_shape, ensure_ray, is_verbose
+from vfx_ray.runtime.trial_progress import TrialProgress
 
 # vfx_ray's torch-heavy modules are imported where used: Train controllers unpickle this
 # module's callbacks, and importing torch there would add seconds to every trial.
@@ -111,15 +111,15 @@ def tune_trial(config: dict[str, Any], *, crops: pa.Table, parts: Parts, base: d
     Named by the trial id, its Train run resumes from its last checkpoint when a restored
     search restarts the trial.
     """
-    from vfx_ray.stages import cv
-    from vfx_ray.stages import train as vtrain
+    from vfx_ray.stages import fold_trainer as vtrain
+    from vfx_ray.stages import train_cv
 
     fold = int(config.get("fold", next(iter(parts))))  # a search begun before the fold was a dimension had one
     cfg = train_config_from_dict({**base, "lr": float(config["lr"]), "l2": float(config["l2"])})
-    train, val = (cv._subset(crops, ids) for ids in parts[fold])
-    seen = tuned.patients_digest(train["patient_id"].to_pylist(), val["patient_id"].to_pylist())
+    train, val = (train_cv.patients_subset(crops, ids) for ids in parts[fold])
+    seen = tuned_params.patients_digest(train["patient_id"].to_pylist(), val["patient_id"].to_pylist())
     trial_id = ray.tune.get_context().get_trial_id()
-    path, fs = raystorage.marker_free_filesystem(storage.join(out_uri, "ray_train"))
+    path, fs = train_storage.marker_free_filesystem(storage.join(out_uri, "ray_train"))
     vtrain.fit_fold(train, val, cfg, fold=fold, storage_path=path, storage_filesystem=fs, name=trial_id,
                     callbacks=[PatientsReport(seen)])
 
@@ -271,7 +271,7 @@ TRIALS_SCHEMA = pa.schema([
 def trials_table(trials: list[Any], cfg: TrainConfig) -> pa.Table:
     """One row per Tune trial. ``status``: terminated, error, or unfinished (an interrupted
     search). ``stopped_early``: ended by ASHA, i.e. before max_epochs and not by patience. ``patients``:
-    the hash its trainer reported of the patients it trained and was judged on (``tuned.patients_digest``)."""
+    the hash its trainer reported of the patients it trained and was judged on (``tuned_params.patients_digest``)."""
     rows = []
     for t in trials:
         m = t.last_result or {}
@@ -300,8 +300,8 @@ def best_params(trials: pa.Table) -> dict[str, float]:
 def _comparable(record: dict[str, Any]) -> dict[str, Any]:
     """What a resumed search must share with the first: all but versions and runtime fields
     (a record from before the protocols existed was a single-split search)."""
-    return {"protocol": tuned.SINGLE, **{k: v for k, v in record.items() if k != "versions"},
-            "train": runrecord.without_runtime(record["train"])}
+    return {"protocol": tuned_params.SINGLE, **{k: v for k, v in record.items() if k != "versions"},
+            "train": run_record.without_runtime(record["train"])}
 
 
 def _record(crops_uri: str, cfg: TrainConfig, tc: TuneConfig, parts: Parts, splits: dict[str, Any],
@@ -309,7 +309,7 @@ def _record(crops_uri: str, cfg: TrainConfig, tc: TuneConfig, parts: Parts, spli
     counts = {k: {"train": len(tr), "val": len(va), "test_left_out": len(splits["folds"][k]["test"])}
               for k, (tr, va) in parts.items()}
     record = {
-        "crops_uri": crops_uri, "protocol": tuned.NESTED if nested else tuned.SINGLE,
+        "crops_uri": crops_uri, "protocol": tuned_params.NESTED if nested else tuned_params.SINGLE,
         "train": dataclasses.asdict(cfg), "tune": dataclasses.asdict(tc),
         "asha": {"metric": METRIC, "mode": "min", "time_attr": "epoch", "max_t": cfg.max_epochs,
                  "grace_period": min(tc.grace_period, cfg.max_epochs), "reduction_factor": REDUCTION_FACTOR},
@@ -326,20 +326,20 @@ def _outer_folds(crops_uri: str, out_uri: str, train_cfg: TrainConfig, tc: TuneC
     """(the crops of the patients some trial may read, the outer folds, each searched fold's
     (train, val) patients); pins search.json. Test patients of a searched fold are in no part."""
     from vfx_ray.evaluation import folds
-    from vfx_ray.stages import cv
+    from vfx_ray.stages import train_cv
 
-    crops, _ = cv._read_crops(crops_uri)
+    crops, _ = train_cv.read_labelled_crops(crops_uri)
     patients = folds.patient_labels(crops.select(["patient_id", "label"]).to_pandas())
-    splits = cv.load_or_make_splits(out_uri, patients, train_cfg)
+    splits = train_cv.load_or_make_splits(out_uri, patients, train_cfg)
     outer = list(range(train_cfg.n_folds)) if nested else [fold]
     parts = {k: tune_split(splits, k) for k in outer}
     record = _record(crops_uri, train_cfg, tc, parts, splits, nested)
-    runrecord.pin(out_uri, layout.SEARCH, record, _comparable, "tune", "a search")
+    run_record.pin(out_uri, layout.SEARCH, record, _comparable, "tune", "a search")
     for k, (train_ids, val_ids) in parts.items():
         _log(f"{tc.num_samples} trials on outer fold {k}: {len(train_ids)} training and {len(val_ids)} validation "
              f"patients; its {len(splits['folds'][k]['test'])} test patients are left out")
     used = sorted({p for train_ids, val_ids in parts.values() for p in train_ids + val_ids})
-    return cv._subset(crops, used), splits, parts
+    return train_cv.patients_subset(crops, used), splits, parts
 
 
 def run_tune(
@@ -380,7 +380,7 @@ def run_tune(
                                  out_uri=out_uri),
         placement.driver_resources(shape),
     )  # fmt: skip
-    root, fs = raystorage.marker_free_filesystem(out_uri)
+    root, fs = train_storage.marker_free_filesystem(out_uri)
     if started:
         _log(f"resuming the search in {out_uri}")
         tuner = ray.tune.Tuner.restore(f"{root}/{EXPERIMENT}", trainable=trainable, resume_unfinished=True,
@@ -417,9 +417,9 @@ def _settings(out_uri: str, cfg: Config, num_samples: int | None, resume: bool) 
 def _new_tuner(trainable: Any, out_uri: str, train_cfg: TrainConfig, tc: TuneConfig, outer: list[int],
                parallel: int, progress: bool) -> ray.tune.Tuner:
     """num_samples candidates, each tried on every outer fold of ``outer`` (the same lr/l2 on each)."""
-    from vfx_ray.stages import train as vtrain
+    from vfx_ray.stages import fold_trainer as vtrain
 
-    root, fs = raystorage.marker_free_filesystem(out_uri)
+    root, fs = train_storage.marker_free_filesystem(out_uri)
     n = tc.num_samples
     return ray.tune.Tuner(
         trainable,
@@ -450,7 +450,7 @@ def _write_results(out_uri: str, train_cfg: TrainConfig, n: int, nested_splits: 
                    ) -> dict[str, Any]:
     """trials.parquet and best_params.json from the finished experiment (of a nested search,
     given its outer folds, fold_k/best_params.json too); the summary."""
-    root, fs = raystorage.marker_free_filesystem(out_uri)
+    root, fs = train_storage.marker_free_filesystem(out_uri)
     trials = ray.tune.ExperimentAnalysis(f"{root}/{EXPERIMENT}", storage_filesystem=fs).trials  # statuses
     table = trials_table(trials, train_cfg)
     storage.write_table(table, storage.join(out_uri, layout.TRIALS))
@@ -479,6 +479,6 @@ def _write_best(out_uri: str, table: pa.Table, nested_splits: dict[str, Any] | N
         for k, params in per_fold.items():
             uri = storage.join(layout.fold_dir(out_uri, k), layout.BEST_PARAMS)
             storage.write_text(uri, json.dumps(params, indent=2))
-        best = tuned.nested(per_fold, nested_splits)
+        best = tuned_params.nested(per_fold, nested_splits)
     storage.write_text(storage.join(out_uri, layout.BEST_PARAMS), json.dumps(best, indent=2))
     return best

@@ -171,7 +171,7 @@ def start(
 
 
 def save_state(server: Any, path: Path = STATE_FILE) -> None:
-    """A started server (a dataclass: this store or a ``pacs.Pacs``) for later commands; 0600,
+    """A started server (a dataclass: this store or a ``orthanc.Pacs``) for later commands; 0600,
     it holds the secret."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(asdict(server)))

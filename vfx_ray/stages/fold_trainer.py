@@ -215,7 +215,7 @@ def fit_fold(
     callbacks: list | None = None,
 ) -> FoldFit:
     """Train one fold as a TorchTrainer run ``name`` under ``storage_path`` (a local folder,
-    or a path in ``storage_filesystem``: see ``raystorage.marker_free_filesystem`` for s3:// URIs).
+    or a path in ``storage_filesystem``: see ``train_storage.marker_free_filesystem`` for s3:// URIs).
 
     Re-running with the same name and storage resumes an unfinished run from its latest
     checkpoint (Ray Train V2 restores the run state); ``max_failures`` worker-group restarts

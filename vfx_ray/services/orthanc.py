@@ -23,8 +23,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from vfx_ray.services import objectstore
-from vfx_ray.services.objectstore import free_port, wait_listening
+from vfx_ray.services import object_store
+from vfx_ray.services.object_store import free_port, wait_listening
 
 STATE_FILE = Path(os.environ.get("VFX_RAY_HOME", Path.home() / ".vfx_ray")) / "pacs.json"
 ORTHANC = "/usr/sbin/Orthanc"
@@ -148,12 +148,12 @@ def start(root: str | os.PathLike, port: int | None = None, log_file: str | os.P
 
 
 def save_state(pacs: Pacs, path: Path = STATE_FILE) -> None:
-    objectstore.save_state(pacs, path)
+    object_store.save_state(pacs, path)
 
 
 def load_state(path: Path = STATE_FILE) -> Pacs | None:
-    return objectstore.load_state(path, Pacs)
+    return object_store.load_state(path, Pacs)
 
 
 def shell_exports(pacs: Pacs) -> str:
-    return objectstore.shell_exports(pacs)
+    return object_store.shell_exports(pacs)

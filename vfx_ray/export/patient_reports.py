@@ -1,6 +1,6 @@
 """The score job's reports: for each scored patient, its SR (and key image) built from the
 ``scores.parquet`` row, the planned series and one header read of that series, then sent by
-:mod:`sr_out`. Runs on the driver after the scores are written (one ranged read per patient;
+:mod:`delivery`. Runs on the driver after the scores are written (one ranged read per patient;
 ``--key-images`` reads and decodes the series once more to draw its slice).
 
 With ``--pseudonymize`` every identifier in the objects is the run's pseudonym (patient id
@@ -22,7 +22,7 @@ from vfx_ray.config import CropConfig
 from vfx_ray.export import sr
 from vfx_ray.imaging import dicom
 from vfx_ray.imaging.annotations import PatientTask
-from vfx_ray.imaging.dicom_limits import parse
+from vfx_ray.imaging.guards import parse
 from vfx_ray.imaging.pseudonym import Pseudonymizer
 from vfx_ray.imaging.roi import RoiBox
 
@@ -83,7 +83,7 @@ def work(table: pa.Table, tasks: list[PatientTask], headers: list[dict[str, Any]
 def key_image_maker(model_files: list[str], cfg: CropConfig) -> Callable[[PatientTask, dict, sr.SourceSeries], Dataset]:
     """A function that draws a patient's key image: its series decoded once more on the driver,
     the slice of the highest probability, the models' mean Grad-CAM (loaded once, on first use)."""
-    from vfx_ray.export import keyimage
+    from vfx_ray.export import key_image as drawing
     from vfx_ray.ml.model import load_model
 
     loaded: list[Any] = []
@@ -98,9 +98,9 @@ def key_image_maker(model_files: list[str], cfg: CropConfig) -> Callable[[Patien
         volume = dicom.load_volume(list(zip(task.object_keys, data, strict=True)), cfg)
         probs = row["slice_probabilities"]
         top = row["slice_indices"][max(range(len(probs)), key=probs.__getitem__)]
-        rgb = keyimage.render(volume, RoiBox(*task.roi, patient_id=task.patient_id), top, cfg, loaded,
+        rgb = drawing.render(volume, RoiBox(*task.roi, patient_id=task.patient_id), top, cfg, loaded,
                               row["probability"], row["threshold"])
-        return keyimage.secondary_capture(rgb, source, row["patient_id"], row["model_id"])
+        return drawing.secondary_capture(rgb, source, row["patient_id"], row["model_id"])
 
     return make
 

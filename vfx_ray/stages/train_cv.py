@@ -41,18 +41,18 @@ import torch
 from vfx_ray import contracts, layout, paper, storage
 from vfx_ray.config import TrainConfig, with_params
 from vfx_ray.errors import VfxError
-from vfx_ray.evaluation import folds, metrics, tuned
+from vfx_ray.evaluation import folds, metrics, tuned_params
 from vfx_ray.ml import model as vmodel
-from vfx_ray.runtime import placement, raystorage, runrecord
-from vfx_ray.runtime.raysession import cluster_shape, ensure_ray, is_verbose
-from vfx_ray.stages import train as vtrain
+from vfx_ray.runtime import placement, run_record, train_storage
+from vfx_ray.runtime.session import cluster_shape, ensure_ray, is_verbose
+from vfx_ray.stages import fold_trainer as vtrain
 
 CV_EXPERIMENT = "ray_cv"
 PREDICTION_COLUMNS = ("patient_id", "fold", "slice_index", "probability", "label")
 
 
 def _log(msg: str) -> None:
-    print(f"[vfx_ray.stages.cv] {msg}", file=sys.stderr, flush=True)
+    print(f"[vfx_ray.stages.train_cv] {msg}", file=sys.stderr, flush=True)
 
 
 def load_or_make_splits(out_uri: str, patients: pd.DataFrame, cfg: TrainConfig) -> dict[str, Any]:
@@ -69,7 +69,7 @@ def load_or_make_splits(out_uri: str, patients: pd.DataFrame, cfg: TrainConfig) 
     return splits
 
 
-def _subset(crops: pa.Table, patient_ids: list[str]) -> pa.Table:
+def patients_subset(crops: pa.Table, patient_ids: list[str]) -> pa.Table:
     return crops.filter(pc.is_in(crops["patient_id"], value_set=pa.array(patient_ids, pa.string())))
 
 
@@ -90,10 +90,10 @@ def run_fold(
     _log(
         f"fold {k}: training on {len(part['train'])} patients, {len(part['val'])} validation, {len(part['test'])} test"
     )
-    ray_path, ray_fs = raystorage.marker_free_filesystem(storage.join(out_uri, "ray_train"))
+    ray_path, ray_fs = train_storage.marker_free_filesystem(storage.join(out_uri, "ray_train"))
     fit = vtrain.fit_fold(
-        _subset(crops, part["train"]),
-        _subset(crops, part["val"]),
+        patients_subset(crops, part["train"]),
+        patients_subset(crops, part["val"]),
         cfg,
         fold=k,
         storage_path=ray_path,
@@ -107,7 +107,7 @@ def run_fold(
     mid = vmodel.save_model(fit.best_state, storage.join(d, layout.MODEL), cfg.arch, meta={"fold": k, **summary})
     net = vmodel.build_model(cfg.arch, pretrained="none")
     net.load_state_dict(fit.best_state)
-    test = _subset(crops, part["test"]).sort_by([("patient_id", "ascending"), ("slice_index", "ascending")])
+    test = patients_subset(crops, part["test"]).sort_by([("patient_id", "ascending"), ("slice_index", "ascending")])
     prob = vmodel.predict_proba(net, contracts.images_from_arrow(test["image"]))
     preds = pa.table(
         {
@@ -135,7 +135,7 @@ def run_fold(
     return done
 
 
-def _read_crops(crops_uri: str) -> tuple[pa.Table, list[str]]:
+def read_labelled_crops(crops_uri: str) -> tuple[pa.Table, list[str]]:
     """Labelled crops and the ids of patients left out for having no label."""
     crops = storage.read_table(crops_uri)
     missing = [c for c in ("patient_id", "slice_index", "label", "image") if c not in crops.column_names]
@@ -169,33 +169,33 @@ def run_train_cv(
     """
     import ray
 
-    tuned.check(params, cfg.n_folds)
-    cfg, crops_uri = with_params(cfg, tuned.shared(params)), layout.crops_file(crops_uri)
+    tuned_params.check(params, cfg.n_folds)
+    cfg, crops_uri = with_params(cfg, tuned_params.shared(params)), layout.crops_file(crops_uri)
     if cfg.pretrained == "imagenet":
         vmodel.find_imagenet_weights(cfg.arch, cfg.pretrained_path)  # fail fast, before Ray
     if cfg.use_gpu is None:
         cfg = dataclasses.replace(cfg, use_gpu=placement.use_gpu(None, cluster_shape()))
-    crops, unlabelled = _read_crops(crops_uri)
+    crops, unlabelled = read_labelled_crops(crops_uri)
     patients = folds.patient_labels(crops.select(["patient_id", "label"]).to_pandas())
     record = {"train": dataclasses.asdict(cfg), "crops_uri": crops_uri, "params": params or {},
               "versions": {"ray": ray.__version__, "torch": torch.__version__}}
-    runrecord.pin(out_uri, layout.CONFIG, record, _comparable, "train", "a run")
+    run_record.pin(out_uri, layout.CONFIG, record, _comparable, "train", "a run")
     splits = load_or_make_splits(out_uri, patients, cfg)
-    tuned.check_splits(params, splits)  # fold k's parameters must never have seen fold k's test patients
+    tuned_params.check_splits(params, splits)  # fold k's parameters must never have seen fold k's test patients
     pending = [
         k for k in range(cfg.n_folds) if not storage.exists(storage.join(layout.fold_dir(out_uri, k), layout.DONE))
     ]
     if pending:
         run_folds(pending, crops, splits, cfg, out_uri, max_failures=max_failures, keep_checkpoints=keep_checkpoints,
-                  max_concurrent=max_concurrent, fold_params=tuned.per_fold(params))
+                  max_concurrent=max_concurrent, fold_params=tuned_params.per_fold(params))
     return finalize(out_uri, cfg, unlabelled, params=params)
 
 
 def _comparable(record: dict[str, Any]) -> dict[str, Any]:
     """What a re-run must share with the run folder's first settings: the training recipe and
     any per-fold (nested) parameters."""
-    return {"train": runrecord.without_runtime(record.get("train", {})),
-            "fold_params": tuned.per_fold(record.get("params"))}
+    return {"train": run_record.without_runtime(record.get("train", {})),
+            "fold_params": tuned_params.per_fold(record.get("params"))}
 
 
 def fold_trial(config: dict[str, Any], *, crops: pa.Table, splits: dict[str, Any], cfg: TrainConfig,
@@ -229,7 +229,7 @@ def run_folds(pending: list[int], crops: pa.Table, splits: dict[str, Any], cfg: 
     import ray.tune
 
     from vfx_ray.runtime.orphans import ReleaseOrphanedWorkers
-    from vfx_ray.runtime.trialprogress import TrialProgress
+    from vfx_ray.runtime.trial_progress import TrialProgress
 
     ensure_ray()
     shape = cluster_shape()
@@ -243,7 +243,7 @@ def run_folds(pending: list[int], crops: pa.Table, splits: dict[str, Any], cfg: 
                                  fold_params=fold_params or {}),
         placement.driver_resources(shape),
     )
-    root, fs = raystorage.marker_free_filesystem(out_uri)
+    root, fs = train_storage.marker_free_filesystem(out_uri)
     tuner = ray.tune.Tuner(
         trainable,
         param_space={"fold": ray.tune.grid_search(pending)},
@@ -289,7 +289,7 @@ def finalize(out_uri: str, cfg: TrainConfig, unlabelled: list[str] | None = None
         for d in done
     ]
     result["unlabelled_patients_excluded"] = unlabelled or []
-    result["params_protocol"] = tuned.protocol(params, cfg.n_folds)
+    result["params_protocol"] = tuned_params.protocol(params, cfg.n_folds)
     result["paper"] = paper.RESULTS
     storage.write_text(storage.join(out_uri, layout.METRICS), json.dumps(result, indent=2))
     return result
