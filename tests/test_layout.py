@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from vfx_ray import layout, storage
-from vfx_ray.cli.train import read_params
+from vfx_ray.cli.train_cv import read_params
 
 
 @pytest.fixture

@@ -334,7 +334,7 @@ def test_nested_search_tunes_each_outer_fold_without_its_test_patients(nested_se
 
 @pytest.mark.slow
 def test_train_cv_applies_fold_ks_nested_params_to_fold_k(nested_search, crops_uri, tmp_path):
-    from vfx_ray.cli.train import read_params
+    from vfx_ray.cli.train_cv import read_params
 
     params = read_params(str(nested_search["out"]), 2)  # the search folder, as train-cv --params takes it
     params["folds"]["1"]["lr"] = params["folds"]["0"]["lr"] / 2  # distinct per fold, whatever the search chose
