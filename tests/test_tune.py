@@ -352,3 +352,20 @@ def test_train_cv_applies_fold_ks_nested_params_to_fold_k(nested_search, crops_u
     other["folds"]["1"]["lr"] = 1e-5
     with pytest.raises(VfxError, match="fold_params"):  # a finished run is not continued with other fold params
         train_cv.run_train_cv(crops_uri, str(run), NESTED.train, params=other)
+
+
+def test_a_search_pickled_under_the_old_module_paths_fails_in_one_line(tmp_path):
+    """Tune pickles its callbacks by module path: a search folder written before issue 26 names
+    ``vfx_ray.trialprogress``, which is gone. Resuming it says so, instead of a traceback."""
+    from vfx_ray.errors import VfxError
+    from vfx_ray.stages.tune import restore_search
+
+    experiment = tmp_path / "ray_tune" / "experiment"
+    experiment.mkdir(parents=True)
+    (experiment / "tuner.pkl").write_bytes(b"cvfx_ray.trialprogress\nTrialProgress\np0\n.")  # as Tune read it
+    with pytest.raises(VfxError, match=r"older vfx_ray \(it names vfx_ray.trialprogress.*new --out") as err:
+        restore_search(str(experiment), lambda config: None, None, str(tmp_path))
+    assert "\n" not in str(err.value)
+    (experiment / "tuner.pkl").write_bytes(b"cnot_vfx_ray_at_all\nThing\np0\n.")  # anything else is not ours to word
+    with pytest.raises(ModuleNotFoundError):
+        restore_search(str(experiment), lambda config: None, None, str(tmp_path))

@@ -383,8 +383,7 @@ def run_tune(
     root, fs = train_storage.marker_free_filesystem(out_uri)
     if started:
         _log(f"resuming the search in {out_uri}")
-        tuner = ray.tune.Tuner.restore(f"{root}/{EXPERIMENT}", trainable=trainable, resume_unfinished=True,
-                                       resume_errored=True, storage_filesystem=fs)  # fmt: skip
+        tuner = restore_search(f"{root}/{EXPERIMENT}", trainable, fs, out_uri)
     else:
         parallel = min(n, max_concurrent or n)
         tuner = _new_tuner(trainable, out_uri, train_cfg, tc, sorted(parts), parallel, progress)
@@ -394,6 +393,22 @@ def run_tune(
     with storage.credentials_held_back():  # Tune would copy them into Ray's logs
         tuner.fit()
     return _write_results(out_uri, train_cfg, n, splits if nested else None)
+
+
+def restore_search(path: str, trainable: Any, fs: Any, out_uri: str) -> ray.tune.Tuner:
+    """``Tuner.restore``, or one line when the search was pickled under module paths that are gone
+    (Tune pickles its callbacks and scheduler by module path; before issue 26 every module of
+    vfx_ray sat at the top level)."""
+    try:
+        return ray.tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,
+                                      storage_filesystem=fs)
+    except ModuleNotFoundError as exc:
+        name = exc.name or ""
+        if not name.startswith("vfx_ray."):
+            raise
+        raise VfxError("tune", f"{out_uri} holds a search written by an older vfx_ray (it names {name}, a module "
+                       "that has moved): it cannot be resumed by this version; start the search again with a new "
+                       "--out, or finish it with the version that started it") from None
 
 
 def _settings(out_uri: str, cfg: Config, num_samples: int | None, resume: bool) -> tuple[TrainConfig, TuneConfig, bool]:
