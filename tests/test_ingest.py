@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import os
+import typing
 import uuid
 
 import numpy as np
@@ -194,7 +196,8 @@ def test_good_patients_get_exactly_the_pure_crops(corpus, crops_run):
         np.testing.assert_array_equal(images[mine], np.stack([w["image"] for w in want]))
         assert set(meta.loc[mine, "label"]) == {1 if row["label"] == "malignant" else 0}
     assert summary["patients_with_crops"] == len(corpus["good"]) + 3
-    assert storage.exists(storage.join(out, "manifest.json"))
+    assert json.loads(storage.read_text(storage.join(out, "manifest.json"))).keys() == summary.keys()
+    assert list(summary) == list(typing.get_type_hints(contracts.CropsSummary))  # the manifest's typed row
     index = storage.read_table(storage.join(out, "series_index.parquet")).to_pandas()
     assert {
         "series_instance_uid",

@@ -39,3 +39,18 @@ def test_params_from_a_tune_folder_or_its_file(tmp_path):
     (tmp_path / layout.BEST_PARAMS).write_text(json.dumps({"lr": 3e-4, "l2": 1e-5}))
     assert read_params(str(tmp_path)) == read_params(str(tmp_path / layout.BEST_PARAMS)) == {"lr": 3e-4, "l2": 1e-5}
     assert layout.params_file(str(tmp_path / "elsewhere.json")) == str(tmp_path / "elsewhere.json")
+
+
+def test_the_typed_rows_name_the_columns_of_their_schemas():
+    """A column added to a schema and not to its row type (or the reverse) fails here."""
+    from typing import get_type_hints
+
+    from vfx_ray import contracts
+
+    def keys(row: type) -> list[str]:
+        return list(get_type_hints(row))
+
+    assert keys(contracts.ErrorRow) == contracts.ERRORS_SCHEMA.names
+    assert keys(contracts.ScoreRow) == contracts.scores_schema().names
+    assert keys(contracts.CropRecord) == [n for n in contracts.crops_schema().names if n != "image"]
+    assert keys(contracts.SliceScore) == keys(contracts.CropRecord) + ["probability", "embedding"]

@@ -1,4 +1,5 @@
-"""The data contracts of DESIGN.md as pyarrow schemas, and converters to and from them.
+"""The data contracts of DESIGN.md as pyarrow schemas, the typed rows that cross module
+boundaries (``TypedDict``s beside the schema each one is a row of), and converters.
 
 Images are stored with pyarrow's canonical ``fixed_shape_tensor`` extension type so that
 pyarrow, pandas and DuckDB read them without Ray (DuckDB sees the storage array).
@@ -7,7 +8,8 @@ pyarrow, pandas and DuckDB read them without Ray (DuckDB sees the storage array)
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
+from datetime import datetime
+from typing import Any, TypedDict
 
 import numpy as np
 import pyarrow as pa
@@ -68,6 +70,78 @@ def scores_schema() -> pa.Schema:
             ("scored_at", pa.timestamp("us", tz="UTC")),
         ]
     )
+
+
+class ErrorRow(TypedDict):
+    """One row of ``errors.parquet`` (:data:`ERRORS_SCHEMA`): who, where, and why."""
+
+    patient_id: str | None
+    series_instance_uid: str | None
+    object_key: str | None
+    stage: str
+    error_type: str
+    message: str
+
+
+class CropRecord(TypedDict):
+    """One crop's row of ``crops.parquet`` without its pixels (:func:`crops_schema` less ``image``):
+    what the pipeline's CROP rows carry as their ``meta``."""
+
+    patient_id: str
+    series_instance_uid: str
+    vertebra: str | None
+    slice_index: int
+    slice_x_mm: float
+    label: int | None
+    box_y_min_mm: float
+    box_y_max_mm: float
+    box_z_min_mm: float
+    box_z_max_mm: float
+
+
+class SliceScore(CropRecord):
+    """A scored crop: its record, the probability of malignancy and, with ``--features``, its
+    embedding (float32 bytes)."""
+
+    probability: float
+    embedding: bytes | None
+
+
+class ScoreRow(TypedDict):
+    """One row of ``scores.parquet`` (:func:`scores_schema`): a patient and the maximum over its slices."""
+
+    patient_id: str
+    series_instance_uid: str
+    vertebra: str | None
+    n_slices: int
+    slice_indices: list[int]
+    slice_probabilities: list[float]
+    probability: float
+    prediction: str
+    threshold: float
+    label: str | None
+    model_id: str
+    n_models: int
+    scored_at: datetime
+
+
+class CropsSummary(TypedDict):
+    """What the crops stage returns and writes as ``manifest.json``."""
+
+    archive: str
+    annotations: str
+    patients_planned: int
+    patients_with_crops: int
+    crops: int
+    errors: int
+    series: int
+    patients_read_once: int
+    patients_second_pass: int
+    reads: dict[str, Any]
+    seconds: float
+    config: dict[str, Any]
+    pseudonymized: bool
+    pseudonym_key_id: str | None
 
 
 def crops_table(rows: Iterable[Mapping[str, Any]], channels: int = 3, size: int = 64) -> pa.Table:

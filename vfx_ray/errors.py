@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the row's type only: errors stays free of pyarrow at run time
+    from vfx_ray.contracts import ErrorRow
+
 
 class VfxError(Exception):
     """A failure tied to one patient/series/object and a pipeline stage, meant for the user.
@@ -28,7 +33,7 @@ class VfxError(Exception):
         self.object_key = object_key
         self.error_type = error_type or type(self).__name__
 
-    def row(self) -> dict[str, str | None]:
+    def row(self) -> ErrorRow:
         return {
             "patient_id": self.patient_id,
             "series_instance_uid": self.series_instance_uid,
@@ -46,7 +51,7 @@ def error_row(
     patient_id: str | None = None,
     series_instance_uid: str | None = None,
     object_key: str | None = None,
-) -> dict[str, str | None]:
+) -> ErrorRow:
     """An errors-table row for any exception; VfxError fields win, context fills the gaps."""
     if isinstance(exc, VfxError):
         row = exc.row()

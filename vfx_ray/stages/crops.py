@@ -25,12 +25,13 @@ from tqdm import tqdm
 
 from vfx_ray import contracts, layout, storage
 from vfx_ray.config import CropConfig
+from vfx_ray.contracts import CropsSummary
 from vfx_ray.imaging import pseudonym
 from vfx_ray.pipeline import passes, wire
 
 
 def run_crops(archive_uri: str, annotations_uri: str, out_uri: str, cfg: CropConfig | None = None, *,
-              progress: bool = True, pseudonymize: bool = False) -> dict[str, Any]:
+              progress: bool = True, pseudonymize: bool = False) -> CropsSummary:
     """The crops job (see the module's docstring). ``pseudonymize``: identifiers in every
     output replaced by keyed hashes (:mod:`pseudonym`). Returns the manifest."""
     from vfx_ray.runtime.session import ensure_ray
@@ -58,7 +59,7 @@ def run_crops(archive_uri: str, annotations_uri: str, out_uri: str, cfg: CropCon
     errors = pseudo.rows(errors) if pseudo else errors
     storage.write_table(contracts.errors_table(errors), storage.join(out_uri, layout.ERRORS))
     storage.write_table(_hide(pseudo, reads.table(plan)), storage.join(out_uri, layout.READS))
-    summary = {
+    summary: CropsSummary = {
         "archive": archive_uri,
         "annotations": annotations_uri,
         "patients_planned": len(plan.tasks),

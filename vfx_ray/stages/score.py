@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from vfx_ray import contracts, layout, storage
 from vfx_ray.config import CropConfig
+from vfx_ray.contracts import ErrorRow, ScoreRow, SliceScore
 from vfx_ray.errors import VfxError
 from vfx_ray.evaluation import metrics
 from vfx_ray.export import delivery
@@ -111,7 +112,8 @@ def run_score(archive_uri: str, annotations_uri: str, model_uri: str, out_uri: s
     return ScoreJob(archive_uri, out_uri, cfg or CropConfig(), options, Models.load(model_uri)).run(annotations_uri)
 
 
-def patient_row(pid: str, slices: list[dict], model: dict, threshold: float, classes: tuple[str, str]) -> dict:
+def patient_row(pid: str, slices: list[SliceScore], model: dict, threshold: float, classes: tuple[str, str]
+                ) -> ScoreRow:
     """One ``scores.parquet`` row: the slices in order and their maximum (the paper's rule)."""
     slices = sorted(slices, key=lambda s: s["slice_index"])
     probs = [float(s["probability"]) for s in slices]
@@ -134,7 +136,7 @@ def patient_row(pid: str, slices: list[dict], model: dict, threshold: float, cla
     }
 
 
-def scored_slices(rows: pa.Table) -> list[dict[str, Any]]:
+def scored_slices(rows: pa.Table) -> list[SliceScore]:
     """A patient's scored CROP rows as slice records with their probability (and embedding)."""
     crops = wire.of_kind(rows, (Kind.CROP,))
     return [{**meta, "probability": p, "embedding": e} for meta, p, e in
@@ -145,8 +147,8 @@ def scored_slices(rows: pa.Table) -> list[dict[str, Any]]:
 class FirstPassResults:
     """The first pass's scored slices and error rows per patient (kept for those it vouches for)."""
 
-    slices: dict[str, list[dict[str, Any]]] = dataclasses.field(default_factory=dict)
-    errors: dict[str, list[dict[str, Any]]] = dataclasses.field(default_factory=dict)
+    slices: dict[str, list[SliceScore]] = dataclasses.field(default_factory=dict)
+    errors: dict[str, list[ErrorRow]] = dataclasses.field(default_factory=dict)
     chunks: int = 0
     chunks_reused: int = 0
 
@@ -165,7 +167,7 @@ class PatientSink:
         self.writer = committed_parts.PartWriter(job.out_uri, every=job.options.commit_every)
         self.bar = tqdm(total=total, desc="score: patients", unit="patient", disable=not job.options.progress)
 
-    def add(self, pid: str, slices: list[dict[str, Any]]) -> None:
+    def add(self, pid: str, slices: list[SliceScore]) -> None:
         o, pseudo = self.job.options, self.job.pseudo
         if slices:
             row = patient_row(pid, slices, self.model, o.threshold, o.classes)
