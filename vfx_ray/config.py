@@ -18,6 +18,11 @@ COMPILE_MODES = ("auto", "off", "on", "cudagraphs")  # torch.compile of the trai
 READ_PLANS = ("auto", "whole", "roi")  # CropConfig.read_plan
 
 
+def option(default: Any, help: str) -> Any:
+    """A field whose help text the CLI's flag for it shows, with the default read from the field."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class SynthDifficulty:
     """How hard the synthetic cohort is to classify (issue 17). ``paper`` is the default; ``easy``
@@ -139,19 +144,22 @@ DEFAULT_SERIES_RULES: tuple[SeriesRule, ...] = (
 class CropConfig:
     """The paper's preprocessing: sagittal 3 mm, 3 channels, smallest square ROI, 64x64, z-score."""
 
-    sagittal_thickness_mm: float = paper.SLICE_THICKNESS_MM
-    crop_size: int = 64
+    sagittal_thickness_mm: float = option(paper.SLICE_THICKNESS_MM, "sagittal slab thickness in mm")
+    crop_size: int = option(64, "crop side in pixels")
     channels: int = 3  # the slice and its two neighbours
     min_slices: int = 1
-    max_slices: int = 5
+    max_slices: int = option(5, "most sagittal slices per patient")
     inplane_spacing_mm: float = 0.5  # sagittal reformat grid (y, z)
-    max_file_bytes: int = 64 * 1024 * 1024
+    max_file_bytes: int = option(64 * 1024 * 1024, "objects above this size in bytes are refused")
     max_gap_factor: float = 1.5  # larger gaps between slices are an error
     series_rules: tuple[SeriesRule, ...] = DEFAULT_SERIES_RULES  # the series of a study, when none is named
     # How objects are read: "whole" (each object once, whole), "roi" (every header by a ranged
     # read, then only the objects the ROI's slices need), "auto": "roi" for a folder of at
     # least ``roi_read_min_bytes`` (a clinical study), "whole" below (docs/benchmarks.md).
-    read_plan: str = "auto"
+    read_plan: str = option("auto", "whole: read every object once, whole; roi: read every header by a ranged GET, "
+                            "then only the objects that hold the ROI's slices; auto: roi for a folder (study) of "
+                            "32 MiB or more, whole below. The crops are the same; OUT/reads.parquet records each "
+                            "patient's plan and bytes")
     roi_read_min_bytes: int = 32 << 20
 
 
@@ -159,28 +167,34 @@ class CropConfig:
 class TrainConfig:
     """ResNet50 recipe of the paper: Adam lr 1e-4, beta1 0.5, batch 32, 100 epochs, 20x affine."""
 
-    arch: str = "resnet50"
-    pretrained: str = "imagenet"  # imagenet | none
-    pretrained_path: str | None = None
+    arch: str = option("resnet50", "the ResNet")
+    pretrained: str = option("imagenet", "ImageNet initialisation (the paper's) or none")
+    pretrained_path: str | None = option(None, "ImageNet weights (s3:// or a local file) when not in the "
+                                         "torchvision cache; `vfx-ray weights put` uploads them")
     lr: float = 1e-4
     betas: tuple[float, float] = (0.5, 0.999)
     l2: float = 1e-4
     batch_size: int = 32
-    max_epochs: int = 100
+    max_epochs: int = option(100, "most epochs per fold, stopped early on validation loss")
     patience: int = 10
-    augment_factor: int = 20
+    augment_factor: int = option(20, "augmented views per crop and epoch")
     translate: float = 0.1  # fraction of the crop
     scale: tuple[float, float] = (0.9, 1.1)
     rotate_deg: float = 15.0
-    n_folds: int = 10
+    n_folds: int = option(10, "cross-validation folds")
     val_fraction: float = 0.1
-    seed: int = 0
-    num_workers: int = 1
+    seed: int = option(0, "folds and initialisation seed")
+    num_workers: int = option(1, "Ray Train workers per fold")
     use_gpu: bool | None = None  # None: GPUs when the cluster has or can get them
-    gpu_worker_cpus: int = 2  # a GPU worker's host thread must not starve behind decode tasks
-    folds_per_gpu: int = 1  # K folds (or trials) share one GPU: each worker asks for 1/K of it
-    compile: str = "auto"  # COMPILE_MODES; auto: torch.compile on CUDA, eager on the CPU
-    checkpoint_every: int = 1  # epochs between checkpoints; the last epoch always has one
+    gpu_worker_cpus: int = option(2, "CPUs a GPU training worker also reserves (its host thread must not starve "
+                                     "behind decode tasks)")
+    folds_per_gpu: int = option(1, "K folds (tune: trials) share one GPU, each worker asking for 1/K of it and of "
+                                   "--gpu-worker-cpus (at least 1 CPU): at batch 32 one fold cannot keep a large GPU "
+                                   "busy (see docs/benchmarks.md for measured K)")
+    compile: str = option("auto", "torch.compile the training forward: auto (on CUDA, not on CPU), off, on, or "
+                          "cudagraphs (mode reduce-overhead); a failing compile falls back to eager")
+    checkpoint_every: int = option(1, "epochs between checkpoints, uploaded in the background: a restart redoes at "
+                                   "most N epochs; the last epoch is always checkpointed, with the best weights")
     threshold: float = 0.5
 
 

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from collections.abc import Mapping
+from typing import Any, TypeVar
+
+C = TypeVar("C")
 
 
 class CliError(Exception):
@@ -29,6 +33,26 @@ def positive_float(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
     return value
+
+
+def config_flag(p: argparse.ArgumentParser, cls: type, name: str, flag: str | None = None, **kwargs: Any) -> None:
+    """A flag for the config field ``cls.name``: its help text from the field's metadata with the
+    paper profile's default appended; unset, it leaves the chosen profile's value (see
+    :func:`from_flags`). ``kwargs`` go to ``add_argument`` (type, choices, metavar)."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    shown = "none" if default is None else default
+    flag = flag or "--" + name.replace("_", "-")
+    if "choices" not in kwargs:
+        kwargs.setdefault("metavar", flag.lstrip("-").upper().replace("-", "_"))
+    p.add_argument(flag, dest=name, default=None,
+                   help=f"{f.metadata['help']} (paper: {shown})", **kwargs)
+
+
+def from_flags(base: C, args: argparse.Namespace, **changes: Any) -> C:
+    """``base`` (a config dataclass) with every field whose flag was given, then ``changes``."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(base) if getattr(args, f.name, None) is not None}
+    return dataclasses.replace(base, **given, **{k: v for k, v in changes.items() if v is not None})
 
 
 def metrics_line(m: dict) -> str:

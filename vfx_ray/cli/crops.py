@@ -7,6 +7,9 @@ import argparse
 from vfx_ray import config as config_mod
 from vfx_ray.cli.common import (
     add_cluster_args,
+    config_flag,
+    from_flags,
+    positive_float,
     positive_int,
     prepare_cluster,
 )
@@ -16,14 +19,7 @@ from vfx_ray.cli.reading import add_pseudonymize, add_reading, with_reading
 def cmd_crops(args: argparse.Namespace) -> int:
     from vfx_ray.stages.crops import run_crops
 
-    cfg = config_mod.replace(
-        config_mod.profile(args.profile).crops,
-        crop_size=args.crop_size,
-        sagittal_thickness_mm=args.thickness_mm,
-        max_slices=args.max_slices,
-        max_file_bytes=args.max_file_bytes,
-    )
-    cfg = with_reading(cfg, args)
+    cfg = with_reading(from_flags(config_mod.profile(args.profile).crops, args), args)
     prepare_cluster(args, {"--archive": args.archive, "--annotations": args.annotations, "--out": args.out})
     summary = run_crops(
         args.archive, args.annotations, args.out, cfg, progress=not args.quiet, pseudonymize=args.pseudonymize
@@ -54,10 +50,11 @@ def add_crops(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--annotations", required=True, help="URI of annotations.csv or .parquet")
     p.add_argument("--out", required=True, help="output URI (folder or s3 prefix)")
     p.add_argument("--profile", default="paper", choices=config_mod.PROFILES)
-    p.add_argument("--crop-size", type=positive_int, help="crop side in pixels (default 64)")
-    p.add_argument("--thickness-mm", type=float, help="sagittal slab thickness (default 3)")
-    p.add_argument("--max-slices", type=positive_int, help="most sagittal slices per patient (default 5)")
-    p.add_argument("--max-file-bytes", type=positive_int, help="objects above this are refused")
+    crops = config_mod.CropConfig
+    config_flag(p, crops, "crop_size", type=positive_int)
+    config_flag(p, crops, "sagittal_thickness_mm", "--thickness-mm", type=positive_float)
+    config_flag(p, crops, "max_slices", type=positive_int)
+    config_flag(p, crops, "max_file_bytes", type=positive_int)
     add_reading(p)
     add_pseudonymize(p)
     add_cluster_args(p)

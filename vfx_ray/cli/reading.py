@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 
 from vfx_ray import config as config_mod
+from vfx_ray.cli.common import config_flag, from_flags
 
 
 def add_pseudonymize(p: argparse.ArgumentParser) -> None:
@@ -25,17 +26,13 @@ def add_reading(p: argparse.ArgumentParser) -> None:
         "Default: CT, with pixels, not a localizer, ROI inside; then ORIGINAL\\PRIMARY, axial, a bone "
         "kernel, slices nearest 3 mm",
     )
-    p.add_argument(
-        "--read-plan", choices=config_mod.READ_PLANS, default="auto",
-        help="whole: read every object once, whole; roi: read every header by a ranged GET, then only "
-        "the objects that hold the ROI's slices; auto (default): roi for a folder (study) of 32 MiB or "
-        "more, whole below. The crops are the same; OUT/reads.parquet records each patient's plan and bytes",
-    )
+    config_flag(p, config_mod.CropConfig, "read_plan", choices=config_mod.READ_PLANS)
 
 
 def with_reading(cfg: config_mod.CropConfig, args: argparse.Namespace) -> config_mod.CropConfig:
-    """The crop settings with the read plan and the rules file's series rules, read before any work starts."""
-    cfg = dataclasses.replace(cfg, read_plan=args.read_plan)
+    """The crop settings with the flags given (the read plan) and the rules file's series rules, read
+    before any work starts."""
+    cfg = from_flags(cfg, args)
     if not args.series_rules:
         return cfg
     from vfx_ray.imaging.series_select import load_rules
