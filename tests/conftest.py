@@ -102,7 +102,7 @@ def synth_cohort(tmp_path_factory):
 
     Its folder (``dicom/``, ``annotations.csv``) is shared: tests write their outputs elsewhere.
     """
-    from vfx_ray.config import SynthConfig
+    from vfx_ray.config import EASY, SynthConfig
     from vfx_ray.synth.cohort import generate_cohort
 
     made: dict[tuple[int, int, int], str] = {}
@@ -111,7 +111,8 @@ def synth_cohort(tmp_path_factory):
         key = (patients, seed, matrix)
         if key not in made:
             root = str(tmp_path_factory.mktemp(f"cohort-{patients}-{seed}-{matrix}"))
-            generate_cohort(root, SynthConfig(patients=patients, matrix=matrix, seed=seed), workers=1, progress=False)
+            cfg = SynthConfig(patients=patients, matrix=matrix, seed=seed, difficulty=EASY)  # not a difficulty test
+            generate_cohort(root, cfg, workers=1, progress=False)
             made[key] = root
         return made[key]
 

@@ -17,7 +17,7 @@ import torchvision
 from ray_nodes import Cluster, local_cluster, run_job
 
 from vfx_ray import storage
-from vfx_ray.config import SynthConfig
+from vfx_ray.config import EASY, SynthConfig
 from vfx_ray.synth.cohort import generate_cohort
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,7 +70,8 @@ def _placements(cluster: Cluster) -> dict:
 @pytest.mark.slow
 def test_crops_tune_train_cv_and_score_as_jobs_on_three_nodes(objectstore_server, tmp_path):
     data = f"s3://test/cluster-{uuid.uuid4().hex[:8]}"
-    generate_cohort(f"{data}/cohort", SynthConfig(patients=10, matrix=128, seed=5), workers=1, progress=False)
+    cohort = SynthConfig(patients=10, matrix=128, seed=5, difficulty=EASY)
+    generate_cohort(f"{data}/cohort", cohort, workers=1, progress=False)
     weights = tmp_path / "resnet18-standin.pth"  # no ImageNet download here: a stand-in state dict
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), weights)
     train = ["--profile", "demo", "--arch", "resnet18", "--pretrained", "imagenet", "--epochs", "1",

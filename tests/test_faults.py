@@ -32,7 +32,7 @@ import torch
 from ray_nodes import Cluster, _node, alive_nodes, local_cluster
 
 from vfx_ray import storage
-from vfx_ray.config import SynthConfig
+from vfx_ray.config import EASY, SynthConfig
 from vfx_ray.ml.model import build_model, save_model
 from vfx_ray.services import object_store
 from vfx_ray.stages import committed_parts
@@ -98,7 +98,7 @@ def run_with(fault: Fault, job: Callable[[], dict]) -> dict:
 @pytest.fixture(scope="module")
 def cohort(objectstore_server, ray_session):
     root = f"s3://vfx/faults-{uuid.uuid4().hex[:8]}"
-    generate_cohort(root, SynthConfig(patients=N, matrix=128, seed=31), workers=1, progress=False)
+    generate_cohort(root, SynthConfig(patients=N, matrix=128, seed=31, difficulty=EASY), workers=1, progress=False)
     torch.manual_seed(0)
     model = f"{root}/model.pt"
     save_model(build_model("resnet18", pretrained="none"), model, "resnet18")
@@ -317,7 +317,7 @@ def kill_node(node: subprocess.Popen) -> list[str]:
 def test_worker_node_killed_during_crops_and_score(tmp_path):
     root = tmp_path / "data"
     n = 16
-    generate_cohort(str(root), SynthConfig(patients=n, matrix=128, seed=41), workers=1, progress=False)
+    generate_cohort(str(root), SynthConfig(patients=n, matrix=128, seed=41, difficulty=EASY), workers=1, progress=False)
     torch.manual_seed(0)
     model = str(tmp_path / "model.pt")
     save_model(build_model("resnet18", pretrained="none"), model, "resnet18")

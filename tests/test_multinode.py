@@ -9,7 +9,7 @@ import sys
 import pytest
 from ray_nodes import local_cluster
 
-from vfx_ray.config import SynthConfig
+from vfx_ray.config import EASY, SynthConfig
 from vfx_ray.synth.cohort import generate_cohort
 
 DRIVER = """
@@ -35,7 +35,7 @@ json.dump({"crops": crops, "decode_nodes": sorted(decode_nodes), "nodes": nodes,
 @pytest.mark.slow
 def test_crops_and_train_cv_across_two_nodes(tmp_path):
     root = tmp_path / "data"
-    generate_cohort(str(root), SynthConfig(patients=10, matrix=128, seed=3), workers=1, progress=False)
+    generate_cohort(str(root), SynthConfig(patients=10, matrix=128, seed=3, difficulty=EASY), workers=1, progress=False)
     with local_cluster(tmp_path, head_cpus=1, worker_cpus=[1]) as cluster:
         env = {**cluster.env, "RAY_ADDRESS": cluster.gcs_address}
         res = subprocess.run(

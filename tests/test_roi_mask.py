@@ -12,7 +12,7 @@ import pytest
 from phantoms import GEOMETRIES, box_hu, cube, series
 
 from vfx_ray import storage
-from vfx_ray.config import SynthConfig
+from vfx_ray.config import EASY, SynthConfig
 from vfx_ray.imaging import dicom
 from vfx_ray.imaging import masks as roi_mask
 from vfx_ray.imaging.roi import ROI_COLUMNS, RoiBox
@@ -84,7 +84,7 @@ def test_crops_from_masks_equal_crops_from_the_same_boxes(tmp_path, ray_session)
     from vfx_ray.stages.crops import run_crops
 
     root = tmp_path / "cohort"
-    generate_cohort(str(root), SynthConfig(patients=4, matrix=128, seed=9, roi_masks=True), workers=1,
+    generate_cohort(str(root), SynthConfig(patients=4, matrix=128, seed=9, roi_masks=True, difficulty=EASY), workers=1,
                     progress=False)
     boxes = run_crops(str(root / "dicom"), str(root / "annotations.csv"), str(tmp_path / "boxes"), progress=False)
     masks = run_crops(str(root / "dicom"), str(root / MASK_ANNOTATIONS), str(tmp_path / "masks"), progress=False)

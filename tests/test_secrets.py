@@ -29,7 +29,7 @@ from leakscan import find, needles, scan_tree
 from PIL import Image, PngImagePlugin
 
 from vfx_ray import storage
-from vfx_ray.config import SynthConfig
+from vfx_ray.config import EASY, SynthConfig
 from vfx_ray.ml.model import build_model, save_model
 from vfx_ray.report.render import render_report
 from vfx_ray.stages.crops import run_crops
@@ -85,7 +85,7 @@ def test_no_credentials_in_outputs_or_logs(objectstore_server, session_token, pa
     caplog.set_level(logging.DEBUG, logger="vfx_ray")
     caplog.set_level(logging.INFO)
     root = f"s3://vfx/secrets-{uuid.uuid4().hex[:8]}"
-    generate_cohort(root, SynthConfig(patients=3, matrix=128, seed=5), workers=1, progress=True)
+    generate_cohort(root, SynthConfig(patients=3, matrix=128, seed=5, difficulty=EASY), workers=1, progress=True)
     storage.write_bytes(f"{root}/dicom/ZZ_BROKEN/junk.dcm", b"DICM" + b"\0" * 300)
     torch.manual_seed(0)
     model = f"{root}/model/model.pt"
