@@ -46,7 +46,7 @@ def test_cli_start_env_stop_round_trip(tmp_path):
     assert exports["AWS_ENDPOINT_URL"].startswith("http://127.0.0.1:")
     assert len(exports["AWS_SECRET_ACCESS_KEY"]) >= 32
     assert (root / "vfx").is_dir() and (root / "extra").is_dir()
-    state = (tmp_path / "home" / "object_store.json")
+    state = (tmp_path / "home" / "objectstore.json")
     assert oct(state.stat().st_mode & 0o777) == "0o600"  # holds the secret
     pid = int(__import__("json").loads(state.read_text())["pid"])
     try:
