@@ -147,6 +147,7 @@ def test_single_part_takes_the_one_body_of_a_multipart_answer():
         dicomweb.single_part(b"<html>", "text/html", "h:1")
 
 
+@pytest.mark.slow
 def test_crops_from_the_pacs_equal_crops_from_the_folder(uploaded, pacs_server, ray_session, tmp_path):
     """The whole PACS as the archive; one annotation names a series neither holds (an error row)."""
     cfg = CropConfig(max_file_bytes=4 * 1024 * 1024)
@@ -168,6 +169,7 @@ def test_crops_from_the_pacs_equal_crops_from_the_folder(uploaded, pacs_server, 
     assert [len(e) for e in errors] == [1, 1] and errors[0].error_type.tolist() == errors[1].error_type.tolist()
 
 
+@pytest.mark.slow
 def test_scores_from_the_pacs_equal_scores_from_the_folder(uploaded, pacs_server, ray_session, tmp_path):
     """``score --archive dicomweb+http://…``: the same pipeline, the same probabilities."""
     import torch

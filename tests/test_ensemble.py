@@ -32,6 +32,7 @@ def eager_mean(models: list[torch.nn.Module], x: np.ndarray) -> np.ndarray:
     return np.mean([vmodel.predict_proba(m, x) for m in models], axis=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["loop", "vmap"])
 def test_ensemble_equals_eager_fp32_and_bf16_stays_close(crops, mode):
     models = nets(3)

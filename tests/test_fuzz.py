@@ -298,6 +298,7 @@ BASE_NAMES = (*SYNTAXES, *(f"{s}+enhanced" for s in SYNTAXES), "deflated")  # ke
 base_names = st.sampled_from(BASE_NAMES)
 
 
+@pytest.mark.slow
 @fuzz_settings
 @given(base=base_names, index=st.integers(0, 3), edits=st.lists(ops, min_size=1, max_size=4),
        prefix=st.one_of(st.none(), st.integers(1, 4096)))
@@ -311,6 +312,7 @@ def test_byte_mutations(base: str, index: int, edits: list[Op], prefix: int | No
     check_both(files, index, prefix)
 
 
+@pytest.mark.slow
 @fuzz_settings
 @given(base=base_names, index=st.integers(0, 3),
        edit=st.one_of(
@@ -333,6 +335,7 @@ def test_tag_values(base: str, index: int, edit: tuple[str, Any, str | None],
     check_both(files, index)
 
 
+@pytest.mark.slow
 @fuzz_settings
 @given(base=base_names, syntax=st.sampled_from(SWAP_SYNTAXES), every=st.booleans(),
        then=st.lists(ops, max_size=2))

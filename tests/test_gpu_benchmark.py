@@ -9,10 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 BLOCKED = ("ray", "pydicom", "SimpleITK", "pandas")  # not on that machine (pandas: not promised)
 
 
+@pytest.mark.slow
 def test_gpu_benchmark_smoke_runs_without_ray_or_dicom_libraries(tmp_path):
     for name in BLOCKED:  # packages that shadow the real ones and fail on import, in every process
         (tmp_path / "site" / name).mkdir(parents=True)

@@ -168,6 +168,7 @@ def assert_same_output(crops, errors, out: str) -> None:
     assert sorted(map(tuple, errors[cols].fillna("").values)) == sorted(map(tuple, e2[cols].fillna("").values))
 
 
+@pytest.mark.slow
 def test_every_bad_case_has_its_error_row(corpus, crops_run):
     _, crops, errors, _ = crops_run
     by_patient = errors.dropna(subset=["patient_id"]).set_index("patient_id")
@@ -184,6 +185,7 @@ def test_every_bad_case_has_its_error_row(corpus, crops_run):
     assert objects.loc[f"{corpus['archive']}/junk/link.dcm", "error_type"] == "KeyEscapesPrefix"
 
 
+@pytest.mark.slow
 def test_good_patients_get_exactly_the_pure_crops(corpus, crops_run):
     summary, crops, _, out = crops_run
     images = contracts.images_from_arrow(crops["image"])
@@ -209,6 +211,7 @@ def test_good_patients_get_exactly_the_pure_crops(corpus, crops_run):
     } <= set(index.columns)
 
 
+@pytest.mark.slow
 def test_lossless_codecs_give_the_same_crops(crops_run):
     _, crops, _, _ = crops_run
     images = contracts.images_from_arrow(crops["image"])
@@ -218,6 +221,7 @@ def test_lossless_codecs_give_the_same_crops(crops_run):
         np.testing.assert_array_equal(images[pids == f"ENC_{codec}"], ref, err_msg=codec)
 
 
+@pytest.mark.slow
 def test_s3_archive_gives_identical_crops(corpus, crops_run, objectstore_server):
     """The good patients uploaded to the embedded S3 store, crops written back to S3."""
     _, local_crops, _, _ = crops_run
@@ -239,6 +243,7 @@ def test_s3_archive_gives_identical_crops(corpus, crops_run, objectstore_server)
     )
 
 
+@pytest.mark.slow
 def test_one_pass_reads_good_patients_once_and_the_second_pass_agrees(corpus, crops_run, monkeypatch):
     """Series found whole in a chunk are cropped from the first read; cut every folder into
     chunks of 5 objects and every patient takes the second pass: same crops, same errors."""
@@ -255,6 +260,7 @@ def test_one_pass_reads_good_patients_once_and_the_second_pass_agrees(corpus, cr
 
 
 
+@pytest.mark.slow
 def test_the_roi_read_plan_gives_the_same_crops_and_errors(corpus, crops_run):
     """Every header by a ranged read, then only the objects the ROIs need: the same crops and
     error rows as reading every object whole, and reads.parquet says so patient by patient."""

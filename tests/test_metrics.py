@@ -166,6 +166,7 @@ def cohort(n: int = 24, seed: int = 3) -> pd.DataFrame:
     return pd.DataFrame({"patient_id": [f"P{i:02d}" for i in range(n)], "label": label, "probability": prob})
 
 
+@pytest.mark.slow
 def test_cluster_bootstrap_of_copied_slices_is_the_patient_bootstrap_and_wider_than_delong():
     patients = cohort()
     copies = patients.loc[patients.index.repeat(3)]  # every patient's 3 slices identical

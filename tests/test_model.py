@@ -114,6 +114,7 @@ def test_l2_penalty_counts_weights_not_biases_or_batchnorm():
     assert torch.allclose(l2_penalty(net), expected)
 
 
+@pytest.mark.slow
 def test_epoch_learns_the_fixture_and_early_stopping_state():
     table = make_crops(n_patients=16, slices=2, size=32)
     x = torch.from_numpy(contracts.images_from_arrow(table["image"]).copy())

@@ -41,6 +41,7 @@ def test_notebook_is_stored_without_outputs(name):
     assert "os.environ" in code[0].source  # parameters come first
 
 
+@pytest.mark.slow
 def test_cohort_notebook_runs_on_a_generated_cohort(tmp_path, monkeypatch):
     for var in ("VFX_COHORT", "VFX_PATIENT"):
         monkeypatch.delenv(var, raising=False)
@@ -52,6 +53,7 @@ def test_cohort_notebook_runs_on_a_generated_cohort(tmp_path, monkeypatch):
     assert "(3, 64, 64)" in "".join(_outputs(nb, "text/plain"))
 
 
+@pytest.mark.slow
 def test_results_notebook_runs_on_a_given_run(tmp_path, monkeypatch):
     from vfx_ray.report.example_run import write_example_run
 

@@ -32,6 +32,7 @@ def alive(pid: int) -> bool:
         return f.read().split()[2] != "Z"
 
 
+@pytest.mark.slow
 def test_cli_start_env_stop_round_trip(tmp_path):
     env = {**os.environ, "VFX_RAY_HOME": str(tmp_path / "home")}
     for k in list(env):

@@ -59,6 +59,7 @@ def test_cli_start_env_stop_round_trip(tmp_path):
     assert gone.returncode == 2 and "no embedded PACS is running" in gone.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra, message", [
     (["--key-images"], "--key-images needs --sr-out"),
     (["--sr-out", "dicomweb+http://u:secret@127.0.0.1:1/dicom-web"], "not the URI"),

@@ -66,6 +66,7 @@ def test_messages_are_scrubbed_of_keys_uids_and_known_patients():
     assert p.scrub("plain words stay") == "plain words stay"
 
 
+@pytest.mark.slow
 def test_key_is_required_and_must_be_long(monkeypatch):
     monkeypatch.delenv(KEY_ENV, raising=False)
     with pytest.raises(VfxError, match=KEY_ENV):
@@ -109,6 +110,7 @@ def plant_sentinels(src: Path, dst: Path) -> dict[str, str]:
     return ids
 
 
+@pytest.mark.slow
 def test_no_identifier_reaches_outputs_or_logs(synth_cohort, tmp_path, ray_session, monkeypatch, capfd):
     import ray
 

@@ -46,6 +46,7 @@ def rendered(tmp_path_factory) -> tuple[str, dict]:
     return run, render_report(run, str(root / "out"))
 
 
+@pytest.mark.slow
 def test_report_has_every_section_table_and_figure(rendered):
     run, out = rendered
     page = Path(out["html"]).read_text()
@@ -76,6 +77,7 @@ def test_report_has_every_section_table_and_figure(rendered):
     assert "| Per patient | Sensitivity | 0.95 |" in md
 
 
+@pytest.mark.slow
 def test_examples_are_rescued_true_positives_and_the_most_confident_others(rendered):
     run = load_run(rendered[0])
     patients = run.patients.set_index("patient_id")
@@ -127,6 +129,7 @@ def test_table1_p_values_equal_a_hand_computation():
     assert cohort_table(cohort[["label"]]) is None
 
 
+@pytest.mark.slow
 def test_report_shows_wilson_and_clustered_cis_and_the_aggregation_rules(rendered):
     run, out = rendered
     page = Path(out["html"]).read_text()
@@ -164,6 +167,7 @@ def two_runs(tmp_path: Path, drop: int = 4) -> tuple[str, str]:
     return a, b
 
 
+@pytest.mark.slow
 def test_cli_report_compare_two_runs(tmp_path, capsys):
     a, b = two_runs(tmp_path)
     out = tmp_path / "out"
@@ -206,6 +210,7 @@ def test_net_benefit_matches_its_definition():
     assert nb[1] == pytest.approx(3 / 5 - 1 / 5 * 0.25)
 
 
+@pytest.mark.slow
 def test_missing_crops_and_annotations_are_said_not_fatal(tmp_path):
     run = write_example_run(str(tmp_path / "in"), n_patients=24, crops=False)
     out = render_report(run, str(tmp_path / "out"))
@@ -219,6 +224,7 @@ def test_missing_crops_and_annotations_are_said_not_fatal(tmp_path):
     assert not any("annotations" in n.lower() for n in again["notes"])
 
 
+@pytest.mark.slow
 def test_scores_folder_with_labels(tmp_path):
     oof, _ = example_slices(n_patients=20, seed=3)
     classes = ("benign", "malignant")
@@ -250,6 +256,7 @@ def test_scores_folder_with_labels(tmp_path):
     assert "fold mean" not in page and any("no label" in n for n in out["notes"])
 
 
+@pytest.mark.slow
 def test_report_of_a_run_on_s3(objectstore_server, tmp_path):
     root = f"s3://test/report-{uuid.uuid4().hex[:8]}"
     run = write_example_run(root, n_patients=24)
@@ -267,6 +274,7 @@ def _chromium(tmp_path: Path, url: str, *extra: str) -> subprocess.CompletedProc
         capture_output=True, text=True, timeout=120, check=False)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (Debian: apt-get install -y chromium)")
 def test_a_real_browser_opens_the_page_without_errors(rendered, tmp_path):
     url = Path(rendered[1]["html"]).as_uri()

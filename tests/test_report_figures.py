@@ -161,6 +161,7 @@ def test_grad_cam_uses_the_model_of_the_fold_that_held_the_patient_out(run_with_
         assert not np.allclose(own, other, atol=1e-2)
 
 
+@pytest.mark.slow
 def test_report_draws_heatmaps_where_it_has_models_and_says_where_not(run_with_models, tmp_path):
     uri, _ = run_with_models
     out = render_report(uri, str(tmp_path / "out"))

@@ -57,6 +57,7 @@ def test_coupled_weight_decay_is_the_papers_explicit_l2_term():
     assert torch.allclose(resident.l2_value(resident.decayed(coupled)), epochs.l2_penalty(coupled), rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_resident_epoch_trains_like_the_reference_loop():
     """Same init, recipe and augmentation ranges: the two loops reach comparable validation BCE."""
     x, y = tensors(24, seed=2)

@@ -76,6 +76,7 @@ def scored(cohort, ray_session):
     return out, summary
 
 
+@pytest.mark.slow
 def test_scores_are_the_max_of_the_models_slice_probabilities(cohort, scored):
     out, summary = scored
     table = storage.read_table(f"{out}/scores.parquet")
@@ -96,6 +97,7 @@ def test_scores_are_the_max_of_the_models_slice_probabilities(cohort, scored):
     assert feats.schema.field("embedding").type.list_size == 512  # resnet18; 2048 for resnet50
 
 
+@pytest.mark.slow
 def test_duckdb_and_pandas_read_the_scores_locally(scored):
     out, _ = scored
     n, pmax = duckdb.sql(f"select count(*), max(probability) from '{out}/scores.parquet'").fetchone()
@@ -103,6 +105,7 @@ def test_duckdb_and_pandas_read_the_scores_locally(scored):
     assert pd.read_parquet(f"{out}/scores.parquet")["n_slices"].between(3, 5).all()
 
 
+@pytest.mark.slow
 def test_rerun_skips_scored_patients(cohort, scored, ray_session):
     out, _ = scored
     summary = score.run_score(
@@ -111,6 +114,7 @@ def test_rerun_skips_scored_patients(cohort, scored, ray_session):
     assert summary["scored_now"] == 0 and summary["skipped_already_scored"] == 6 and summary["rows"] == 6
 
 
+@pytest.mark.slow
 def test_labels_give_metrics_and_s3_output_reads_in_duckdb_and_pandas(cohort, ray_session, objectstore_server):
     out = f"s3://vfx/{uuid.uuid4().hex}/scores"
     summary = score.run_score(
@@ -183,6 +187,7 @@ def test_killed_run_resumes_with_one_row_per_patient(cohort, scored, tmp_path):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("plan", ["whole", "roi"])
 def test_patients_split_across_chunks_take_the_second_pass_with_the_same_scores(
     cohort, scored, ray_session, tmp_path, monkeypatch, plan
@@ -201,6 +206,7 @@ def test_patients_split_across_chunks_take_the_second_pass_with_the_same_scores(
         np.testing.assert_allclose(got.loc[pid, "slice_probabilities"], want.loc[pid, "slice_probabilities"], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_rerun_over_some_committed_patients_scores_the_rest_from_the_header_index(
     cohort, scored, ray_session, tmp_path
 ):

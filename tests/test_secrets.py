@@ -73,6 +73,7 @@ def session_token(objectstore_server, request) -> Iterator[str]:
         os.environ["AWS_SESSION_TOKEN"] = saved
 
 
+@pytest.mark.slow
 def test_no_credentials_in_outputs_or_logs(objectstore_server, session_token, pacs_server, capfd,
                                            caplog) -> None:
     """Also the PACS's password, where Orthanc is installed: the SRs go there."""
@@ -130,6 +131,7 @@ def test_no_credentials_in_outputs_or_logs(objectstore_server, session_token, pa
     assert not leaks, "credentials found in:\n" + "\n".join(leaks)
 
 
+@pytest.mark.slow
 def test_no_credentials_when_joining_a_cluster(objectstore_server, session_token) -> None:
     """A second driver joins the running Ray instance through ensure_ray, as `ray job submit`
     scripts and a RAY_ADDRESS shell do, and runs one task; its output and Ray's logs are searched."""

@@ -157,6 +157,7 @@ def orthanc_srs(server, modality: str = "SR") -> dict[str, bytes]:
     return out
 
 
+@pytest.mark.slow
 @needs_dsrdump
 def test_score_sends_one_sr_per_patient_to_orthanc_and_a_rerun_sends_none(cohort, pacs_server, ray_session,
                                                                           tmp_path):
@@ -193,6 +194,7 @@ def test_score_sends_one_sr_per_patient_to_orthanc_and_a_rerun_sends_none(cohort
     assert len(orthanc_srs(pacs_server)) == len(before) + 6
 
 
+@pytest.mark.slow
 def test_pacs_down_leaves_scores_written_and_error_rows(cohort, ray_session, monkeypatch):
     monkeypatch.setattr(delivery, "BACKOFF_S", 0.01)
     out = os.path.join(cohort["work"], "scores_down")

@@ -250,6 +250,7 @@ def test_same_seed_same_bytes_other_seed_other_cohort(specs):
     assert pix[0] != pix[1]
 
 
+@pytest.mark.slow
 def test_generate_cohort_writes_archive_and_annotations(tmp_path, specs):
     cfg = replace(SMALL, patients=3, transfer_syntax="mixed", patient_position="mixed")
     frame = generate_cohort(str(tmp_path), cfg, workers=2, progress=False)
@@ -272,6 +273,7 @@ def test_generate_cohort_writes_archive_and_annotations(tmp_path, specs):
         assert ds.SeriesInstanceUID == row["series_instance_uid"] and ds.PatientID == spec.patient_id
 
 
+@pytest.mark.slow
 def test_generate_cohort_writes_to_s3(objectstore_server):
     """The archive goes through vfx_ray.storage, so s3:// works, from pool workers too."""
     from vfx_ray import storage

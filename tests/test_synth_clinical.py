@@ -47,6 +47,7 @@ def index_of(root: Path) -> list[dict]:
     return dicom.group_series([dicom.read_header(p.read_bytes(), str(p)) for p in files])
 
 
+@pytest.mark.slow
 def test_the_study_holds_the_series_of_a_spine_ct_export(study):
     by_description = {s["series_description"]: s for s in index_of(study)}
     assert set(by_description) == {"Scout", "3mm BONE", "3mm STND", "SAG BONE 3mm", "COR BONE 3mm", "Dose Report",
@@ -69,6 +70,7 @@ def test_the_study_holds_the_series_of_a_spine_ct_export(study):
     assert ann["series_instance_uid"].tolist() == [bone["series_instance_uid"]]
 
 
+@pytest.mark.slow
 def test_outside_the_field_of_view_is_padding_that_decodes_to_air(study):
     bone = next(s for s in index_of(study) if s["series_description"] == "3mm BONE")
     ds = pydicom.dcmread(bone["object_keys"][0])
@@ -79,6 +81,7 @@ def test_outside_the_field_of_view_is_padding_that_decodes_to_air(study):
     assert volume.hu[:, 0, 0].max() == dicom.AIR_HU
 
 
+@pytest.mark.slow
 def test_simpleitk_reads_the_bone_series_as_our_reader_does(study):
     bone = next(s for s in index_of(study) if s["series_description"] == "3mm BONE")
     folder = str(Path(bone["object_keys"][0]).parent)
@@ -92,6 +95,7 @@ def test_simpleitk_reads_the_bone_series_as_our_reader_does(study):
     np.testing.assert_allclose(theirs[inside], ours.hu[inside], atol=0.5)
 
 
+@pytest.mark.slow
 @needs_dcmtk
 def test_dcmtk_parses_every_object_and_the_dose_report(study, media):
     files = [p for root in (study, media) for p in (root / "dicom").rglob("*") if p.is_file()]
@@ -102,6 +106,7 @@ def test_dcmtk_parses_every_object_and_the_dose_report(study, media):
     assert out.returncode == 0 and "CT Dose Length Product Total" in out.stdout, out.stderr
 
 
+@pytest.mark.slow
 def test_the_media_layout_has_a_dicomdir_that_indexes_every_file(media):
     folder = media / "dicom" / "VFX0001"
     fileset = pydicom.fileset.FileSet(pydicom.dcmread(folder / "DICOMDIR"))

@@ -53,6 +53,7 @@ def test_a_worker_placed_for_a_gpu_without_cuda_fails():
         vmodel.require_cuda(True, "this training worker")
 
 
+@pytest.mark.slow
 def test_cross_validation_writes_run_folder_and_rerun_skips_done_folds(ray_session, crops_uri):
     out = f"s3://test/cv-{uuid.uuid4().hex[:8]}"
     m = train_cv.run_train_cv(crops_uri, out, TINY)
@@ -151,6 +152,7 @@ def test_ray_job_submit_on_a_local_cluster(crops_uri, tmp_path):
     assert all((out / f"fold_{k}" / "done.json").exists() for k in range(2))
 
 
+@pytest.mark.slow
 def test_a_fold_on_ray_depends_on_its_seed_and_data_only(ray_session, crops_uri, tmp_path, monkeypatch):
     """Trained twice, from crops cut into many blocks, a fold gives the same model: its result
     does not depend on the order in which blocks reach the worker or on what else runs, which is

@@ -123,6 +123,7 @@ def test_search_space_split_and_best_params_are_pure():
     assert vtune.best_params(pa.Table.from_pylist(rows, schema=vtune.TRIALS_SCHEMA)) == {"lr": 1e-4, "l2": 1e-4}
 
 
+@pytest.mark.slow
 def test_asha_stops_trials_and_the_search_writes_its_folder(search):
     out, summary = search["out"], search["summary"]
     trials = pq.read_table(out / "trials.parquet").to_pylist()
@@ -146,6 +147,7 @@ def test_asha_stops_trials_and_the_search_writes_its_folder(search):
     assert not any((out / "ray_train").glob("*/checkpoint_*"))  # finished trials' checkpoints are gone
 
 
+@pytest.mark.slow
 def test_event_files_hold_every_trials_metrics(search):
     out = search["out"]
     interrupted = {t["trial_id"] for t in search["first"] if t["status"] == "unfinished"}
@@ -160,6 +162,7 @@ def test_event_files_hold_every_trials_metrics(search):
         assert {"train_loss", "images_per_s", "hparam/best_val_loss"} <= set(scalars)
 
 
+@pytest.mark.slow
 def test_resume_completes_the_search_without_redoing_finished_trials(search, crops_uri):
     out, first = search["out"], search["first"]
     done_before = [t for t in first if t["status"] == "terminated"]
@@ -179,6 +182,7 @@ def test_resume_completes_the_search_without_redoing_finished_trials(search, cro
         vtune.run_tune(crops_uri, str(out), other, resume=True)
 
 
+@pytest.mark.slow
 def test_best_params_feed_train_cv(search, crops_uri, tmp_path):
     best = json.loads((search["out"] / "best_params.json").read_text())
     run = tmp_path / "cv"

@@ -53,6 +53,7 @@ def test_hashed_file_to_a_local_folder(tmp_path, capsys):
     assert "matches the name" in err and err.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_to_s3_then_training_builds_from_it(objectstore_server, tmp_path, capsys):
     src, state = stand_in(tmp_path)
     rc, out, _ = put(capsys, "--arch", "resnet18", "--from", str(src), "--to", "s3://test/weights/")
