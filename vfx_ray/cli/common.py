@@ -8,6 +8,8 @@ import os
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
+from vfx_ray import config
+
 C = TypeVar("C")
 
 
@@ -51,8 +53,8 @@ def config_flag(p: argparse.ArgumentParser, cls: type, name: str, flag: str | No
 
 def from_flags(base: C, args: argparse.Namespace, **changes: Any) -> C:
     """``base`` (a config dataclass) with every field whose flag was given, then ``changes``."""
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(base) if getattr(args, f.name, None) is not None}
-    return dataclasses.replace(base, **given, **{k: v for k, v in changes.items() if v is not None})
+    flags = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(base)}
+    return config.replace(config.replace(base, **flags), **changes)  # unset (None) keeps the profile's value
 
 
 def metrics_line(m: dict) -> str:
