@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,7 +63,9 @@ def local_cluster(log_dir: Path, head_cpus: int = 2, worker_cpus: list[int] | No
     """
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(PATH=f"{BIN}{os.pathsep}{env['PATH']}", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32),
-               RAY_TRAIN_ENABLE_STATE_TRACKING="1")  # the dashboard's Train page, as in cluster.yaml
+               RAY_TRAIN_ENABLE_STATE_TRACKING="1",  # the dashboard's Train page, as in cluster.yaml
+               # a test cluster ends at once: on SIGTERM a head would otherwise wait out its 30 s drain
+               RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")
     port, dash = free_port(), free_port()
     # Ray Train's PlacementGroupCleaner (on the head) asks the State API whether a trial's
     # controller lives; left to find the cluster itself, that fails with two Ray instances
@@ -79,11 +82,11 @@ def local_cluster(log_dir: Path, head_cpus: int = 2, worker_cpus: list[int] | No
              *([f"--resources={json.dumps({DRIVER_RESOURCE: 1000})}"] if driver_resource else [])],
             env, log_dir / "head.log", head_tmp))  # fmt: skip
         deadline = time.time() + timeout
-        while cluster.ray("job", "list", "--address", cluster.dashboard).returncode != 0:
+        while dashboard_get(cluster, "/api/version") is None:  # the job API answers
             assert time.time() < deadline and cluster.procs[0].poll() is None, (log_dir / "head.log").read_text()[
                 -3000:
             ]
-            time.sleep(2)
+            time.sleep(0.5)
         for i, cpus in enumerate(worker_cpus or []):
             # each node of a cluster shares the head's session dir; the worker gets its own ports.
             # One at a time: raylets starting together pick the same plasma socket name.
@@ -94,7 +97,7 @@ def local_cluster(log_dir: Path, head_cpus: int = 2, worker_cpus: list[int] | No
                 private=node_local))  # fmt: skip
             while alive_nodes(cluster) < 2 + i:
                 assert time.time() < deadline, f"only {alive_nodes(cluster)} of {2 + i} nodes came up"
-                time.sleep(1)
+                time.sleep(0.5)
         yield cluster
     finally:
         for p in reversed(cluster.procs):
@@ -130,14 +133,53 @@ def until_agent_ready(submit, timeout: float = 120):
             time.sleep(2)
 
 
-def alive_nodes(cluster: Cluster) -> int:
-    res = cluster.ray("list", "nodes", "--address", cluster.gcs_address, "--filter", "state=ALIVE", "--format", "json")
-    if res.returncode != 0:
-        return 0
+def auth_header(cluster: Cluster) -> dict[str, str]:
+    return {"Authorization": f"Bearer {cluster.env['RAY_AUTH_TOKEN']}"}
+
+
+def dashboard_get(cluster: Cluster, path: str) -> dict | None:
+    """The dashboard's JSON answer to GET ``path`` (token auth), None while it cannot answer.
+    In-process: a `ray` CLI call costs a second of CPU, which a starting cluster needs."""
+    request = urllib.request.Request(cluster.dashboard + path, headers=auth_header(cluster))
     try:
-        return len(json.loads(res.stdout))
-    except json.JSONDecodeError:
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            return json.loads(reply.read())
+    except (OSError, ValueError):  # not listening yet, 5xx while modules load, a partial answer
+        return None
+
+
+def alive_nodes(cluster: Cluster) -> int:
+    """The nodes the State API lists as ALIVE (0 while it cannot say)."""
+    alive = "filter_keys=state&filter_predicates=%3D&filter_values=ALIVE"
+    answer = dashboard_get(cluster, f"/api/v0/nodes?limit=100&{alive}")
+    try:
+        return len(answer["data"]["result"]["result"]) if answer and answer["result"] else 0
+    except (KeyError, TypeError):
         return 0
+
+
+def job_client(cluster: Cluster):
+    """A JobSubmissionClient for ``cluster``'s dashboard (token auth)."""
+    from ray.job_submission import JobSubmissionClient
+
+    # The client takes RAY_API_SERVER_ADDRESS (or RAY_ADDRESS) over its address argument, and
+    # this process may have them set for its own Ray session (conftest): not for this cluster.
+    hidden = {k: os.environ.pop(k) for k in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS") if k in os.environ}
+    try:
+        return JobSubmissionClient(cluster.dashboard, headers=auth_header(cluster))
+    finally:
+        os.environ.update(hidden)
+
+
+def wait_for_job(cluster: Cluster, job_id: str, timeout: float, client=None) -> None:
+    """Until job ``job_id`` has ended (any way), at most ``timeout`` seconds."""
+    from ray.job_submission import JobStatus
+
+    client = client or job_client(cluster)
+    deadline = time.time() + timeout
+    while client.get_job_status(job_id) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+        assert time.time() < deadline, f"job {job_id} still running after {timeout} s"
+        time.sleep(1)
 
 
 def run_job(cluster: Cluster, entry: list[str], working_dir: Path, timeout: float = 600) -> dict:
@@ -145,24 +187,11 @@ def run_job(cluster: Cluster, entry: list[str], working_dir: Path, timeout: floa
     returns the job's info (status, start_time, end_time, message) and its logs."""
     import uuid
 
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
-    # The client takes RAY_API_SERVER_ADDRESS (or RAY_ADDRESS) over its address argument, and
-    # this process may have them set for its own Ray session (conftest): not for this cluster.
-    hidden = {k: os.environ.pop(k) for k in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS") if k in os.environ}
-    try:
-        client = JobSubmissionClient(
-            cluster.dashboard, headers={"Authorization": f"Bearer {cluster.env['RAY_AUTH_TOKEN']}"}
-        )
-    finally:
-        os.environ.update(hidden)
+    client = job_client(cluster)
     job_id = until_agent_ready(lambda: client.submit_job(
         entrypoint=shlex.join(entry), runtime_env={"working_dir": str(working_dir)},
         submission_id=f"vfx-{uuid.uuid4().hex[:8]}"))  # fmt: skip
-    deadline = time.time() + timeout
-    while client.get_job_status(job_id) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
-        assert time.time() < deadline, f"job {entry[:3]} still running after {timeout} s"
-        time.sleep(2)
+    wait_for_job(cluster, job_id, timeout, client)
     info = client.get_job_info(job_id)
     return {"status": info.status, "start_time": info.start_time, "end_time": info.end_time,
             "message": info.message, "logs": client.get_job_logs(job_id)}

@@ -9,6 +9,7 @@ import json
 import shlex
 import sys
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -39,11 +40,15 @@ print("RESULT", json.dumps({"driver_sees": os.path.exists(path), "workers_see": 
 """
 
 
-def _three_nodes(tmp_path: Path):
-    (tmp_path / "node-local").mkdir()
-    return local_cluster(
-        tmp_path, head_cpus=0, worker_cpus=[1, 1], driver_resource=True, node_local=tmp_path / "node-local"
-    )
+@pytest.fixture(scope="module")
+def three_nodes(objectstore_server, tmp_path_factory) -> Iterator[tuple[Cluster, Path]]:
+    """The cluster and its node-local folder, one for the module's tests (starting one costs a
+    minute). After the store: the nodes inherit its variables."""
+    root = tmp_path_factory.mktemp("three-nodes")
+    local = root / "node-local"
+    local.mkdir()
+    with local_cluster(root, head_cpus=0, worker_cpus=[1, 1], driver_resource=True, node_local=local) as cluster:
+        yield cluster, local
 
 
 def _result(job: dict) -> dict:
@@ -68,7 +73,7 @@ def _placements(cluster: Cluster) -> dict:
 
 
 @pytest.mark.slow
-def test_crops_tune_train_cv_and_score_as_jobs_on_three_nodes(objectstore_server, tmp_path):
+def test_crops_tune_train_cv_and_score_as_jobs_on_three_nodes(objectstore_server, three_nodes, tmp_path):
     data = f"s3://test/cluster-{uuid.uuid4().hex[:8]}"
     cohort = SynthConfig(patients=10, matrix=128, seed=5, difficulty=EASY)
     generate_cohort(f"{data}/cohort", cohort, workers=1, progress=False)
@@ -142,17 +147,17 @@ def test_crops_tune_train_cv_and_score_as_jobs_on_three_nodes(objectstore_server
 
     put = subprocess.run(jobs.pop("weights"), capture_output=True, text=True, cwd=REPO)
     assert put.returncode == 0 and "--pretrained-path" in put.stdout, put.stderr
-    with _three_nodes(tmp_path) as cluster:
-        rig = run_job(cluster, [PY, "-c", SEES_HEAD_FILES, str(tmp_path / "node-local")], REPO, timeout=180)
-        assert rig["status"] == "SUCCEEDED", rig["logs"][-3000:]
-        # a local --out would really break here: the workers do not see what the driver writes
-        assert _result(rig) == {"driver_sees": True, "workers_see": [False, False]}
-        logs = {}
-        for name, entry in jobs.items():
-            job = run_job(cluster, entry, REPO, timeout=900)
-            assert job["status"] == "SUCCEEDED", f"{name}: {job['message']}\n{job['logs'][-4000:]}"
-            logs[name] = job["logs"]
-        where = _placements(cluster)
+    cluster, node_local = three_nodes
+    rig = run_job(cluster, [PY, "-c", SEES_HEAD_FILES, str(node_local)], REPO, timeout=180)
+    assert rig["status"] == "SUCCEEDED", rig["logs"][-3000:]
+    # a local --out would really break here: the workers do not see what the driver writes
+    assert _result(rig) == {"driver_sees": True, "workers_see": [False, False]}
+    logs = {}
+    for name, entry in jobs.items():
+        job = run_job(cluster, entry, REPO, timeout=900)
+        assert job["status"] == "SUCCEEDED", f"{name}: {job['message']}\n{job['logs'][-4000:]}"
+        logs[name] = job["logs"]
+    where = _placements(cluster)
     # a readable console: a line per fold and the metrics, none of Ray's INFO logs or worker lines
     lines = [x for x in logs["train-cv"].splitlines() if x.strip()]
     ours = [x for x in lines if "job_manager.py" not in x and not x.startswith("Running entrypoint")]
@@ -167,13 +172,13 @@ def test_crops_tune_train_cv_and_score_as_jobs_on_three_nodes(objectstore_server
 
 
 @pytest.mark.slow
-def test_a_local_out_is_refused_at_submit_in_seconds(objectstore_server, tmp_path):
-    out = tmp_path / "node-local" / "run"
+def test_a_local_out_is_refused_at_submit_in_seconds(objectstore_server, three_nodes):
+    cluster, node_local = three_nodes
+    out = node_local / "run"
     command = shlex.join([PY, "jobs/train_cv.py", "--crops", "s3://test/any/crops.parquet", "--out",
                           str(out), "--profile", "demo"])
     timed = f"t0=$(date +%s%N); {command}; rc=$?; echo ELAPSED_MS $(( ($(date +%s%N) - t0) / 1000000 )); exit $rc"
-    with _three_nodes(tmp_path) as cluster:
-        job = run_job(cluster, ["bash", "-c", timed], REPO, timeout=120)
+    job = run_job(cluster, ["bash", "-c", timed], REPO, timeout=120)
     assert job["status"] == "FAILED" and "exit code 2" in job["message"], job["message"]
     lines = job["logs"].splitlines()
     assert [x for x in lines if "error" in x.lower()] == [

@@ -125,18 +125,26 @@ def one_row_per_patient(out: str) -> None:
 
 
 def processes() -> list[tuple[int, int, int, str]]:
-    """(pid, parent pid, session id, title) of every process (Ray sets a worker's title to
-    ``ray::<task or actor>`` while it runs one)."""
+    """(pid, parent pid, session id, name) of every process, from /proc/PID/stat alone: the
+    fault tests poll this, and reading one file a process keeps the poll cheap."""
     out = []
     for d in Path("/proc").iterdir():
         try:
             if d.name.isdigit():
-                stat = (d / "stat").read_text().rsplit(")", 1)[1].split()
-                title = (d / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
-                out.append((int(d.name), int(stat[1]), int(stat[3]), title))
+                head, tail = (d / "stat").read_text().rsplit(")", 1)
+                stat = tail.split()
+                out.append((int(d.name), int(stat[1]), int(stat[3]), head.split("(", 1)[1]))
         except (OSError, IndexError, ValueError):
             continue  # it ended meanwhile
     return out
+
+
+def title(pid: int) -> str:
+    """A process's title: Ray sets a worker's to ``ray::<task or actor>`` while it runs one."""
+    try:
+        return (Path("/proc") / str(pid) / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+    except OSError:
+        return ""  # it ended meanwhile
 
 
 STAGE = re.compile(r"ray::Map(Batches|Worker)\(")  # a Ray Data task, or actor of the pool
@@ -148,8 +156,8 @@ def stage_workers(parent: int, doing: re.Pattern = STAGE) -> list[int]:
     """Ray workers whose title matches ``doing``, under the raylet that process ``parent``
     started: this process for the local session, ``ray start`` for a node."""
     procs = processes()
-    raylets = {pid for pid, ppid, _, title in procs if ppid == parent and title.endswith("/raylet")}
-    return [pid for pid, ppid, _, title in procs if ppid in raylets and doing.match(title)]
+    raylets = {pid for pid, ppid, _, name in procs if ppid == parent and name == "raylet"}
+    return [pid for pid, ppid, _, _ in procs if ppid in raylets and doing.match(title(pid))]
 
 
 def job_stage_running() -> bool:
@@ -305,11 +313,12 @@ def kill_node(node: subprocess.Popen) -> list[str]:
     stages = stage_workers(node.pid, STAGE)
     os.killpg(node.pid, signal.SIGKILL)  # first the raylet: no new workers after this
     killed = []
-    for pid, _, sid, title in processes():
+    for pid, _, sid, _ in processes():
         if sid == node.pid:
+            name = title(pid) if pid in stages else ""  # read while it lives
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-                killed.append(title if pid in stages else "")
+                killed.append(name)
     node.wait(timeout=30)
     return [t for t in killed if t]
 

@@ -7,7 +7,6 @@ import functools
 import json
 import os
 import signal
-import time
 import uuid
 from pathlib import Path
 
@@ -121,7 +120,7 @@ def test_killed_worker_resumes_from_checkpoint_with_whole_epochs(ray_session, cr
 @pytest.mark.slow
 def test_ray_job_submit_on_a_local_cluster(crops_uri, tmp_path):
     """`ray start --head` (token auth on), `ray job submit` of jobs/train_cv.py, SUCCEEDED, outputs."""
-    from ray_nodes import local_cluster, until_agent_ready
+    from ray_nodes import local_cluster, until_agent_ready, wait_for_job
 
     out = tmp_path / "run"
     (tmp_path / "params.json").write_text(json.dumps({"max_epochs": 2, "n_folds": 2, "augment_factor": 1}))
@@ -138,12 +137,8 @@ def test_ray_job_submit_on_a_local_cluster(crops_uri, tmp_path):
                 raise RuntimeError(sub.stderr[-3000:])
 
         until_agent_ready(submit)
-        deadline, status = time.time() + 300, ""
-        while time.time() < deadline:
-            status = cluster.ray("job", "status", "--address", address, job_id).stdout.lower()
-            if any(s in status for s in ("succeeded", "failed", "stopped")):
-                break
-            time.sleep(3)
+        wait_for_job(cluster, job_id, timeout=300)  # in-process: a `ray` CLI poll costs a second of CPU
+        status = cluster.ray("job", "status", "--address", address, job_id).stdout.lower()
         logs = cluster.ray("job", "logs", "--address", address, job_id).stdout
         assert "succeeded" in status, f"{status}\n{logs[-4000:]}"
     metrics = json.loads((out / "metrics.json").read_text())
