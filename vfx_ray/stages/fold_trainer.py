@@ -20,23 +20,28 @@ resumes after the last checkpointed epoch.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import torch
 from torch import nn
 
-from vfx_ray import layout
-from vfx_ray.config import TrainConfig, train_config_from_dict
+from vfx_ray import contracts, layout, storage
+from vfx_ray.config import TrainConfig, train_config_from_dict, with_params
 from vfx_ray.ml import model as vmodel
 from vfx_ray.ml import resident
 from vfx_ray.ml.epochs import FitState, seed_for
+from vfx_ray.runtime import train_storage
 
 
 def _save_checkpoint(path: str, net: nn.Module, opt: torch.optim.Optimizer, state: FitState, best: dict) -> None:
@@ -259,3 +264,93 @@ def fit_fold(
         best = torch.load(os.path.join(d, layout.CHECKPOINT_BEST), map_location="cpu", weights_only=True)
     summary = dict(result.return_value or {})
     return FoldFit(best_state=best, summary=summary)
+
+
+# ---------------------------------------------------------------- one fold of train-cv
+def _log(msg: str) -> None:
+    print(f"[vfx_ray.stages.train_cv] {msg}", file=sys.stderr, flush=True)  # the stage the user ran
+
+
+def patients_subset(crops: pa.Table, patient_ids: list[str]) -> pa.Table:
+    return crops.filter(pc.is_in(crops["patient_id"], value_set=pa.array(patient_ids, pa.string())))
+
+
+def test_predictions(state: dict[str, Any], cfg: TrainConfig, test: pa.Table, k: int, mid: str) -> pa.Table:
+    """Fold k's test slices scored by its best weights (the rows of ``layout.PREDICTIONS``)."""
+    net = vmodel.build_model(cfg.arch, pretrained="none")
+    net.load_state_dict(state)
+    test = test.sort_by([("patient_id", "ascending"), ("slice_index", "ascending")])
+    prob = vmodel.predict_proba(net, contracts.images_from_arrow(test["image"]))
+    return pa.table(
+        {
+            "patient_id": test["patient_id"],
+            "fold": pa.array(np.full(test.num_rows, k), pa.int32()),
+            "slice_index": test["slice_index"],
+            "probability": pa.array(prob.astype(np.float64)),
+            "label": test["label"],
+            "series_instance_uid": test["series_instance_uid"],
+            "vertebra": test["vertebra"],
+            "model_id": pa.array([mid] * test.num_rows, pa.string()),
+        }
+    )
+
+
+def run_fold(
+    k: int,
+    crops: pa.Table,
+    splits: dict[str, Any],
+    cfg: TrainConfig,
+    out_uri: str,
+    *,
+    max_failures: int = 2,
+    keep_checkpoints: bool = False,
+    callbacks: list | None = None,
+) -> dict[str, Any]:
+    """Train fold k, keep its best weights, score its test patients; done.json comes last.
+    What a fold driver (:func:`fold_trial`) runs: it lives here, not in ``train_cv``, so that
+    a fold's process imports what a fold needs and not the driver's splits and metrics
+    (scikit-learn, SciPy: 2 s of CPU for each fold and search trial)."""
+    part = splits["folds"][k]
+    t0 = time.time()
+    _log(
+        f"fold {k}: training on {len(part['train'])} patients, {len(part['val'])} validation, {len(part['test'])} test"
+    )
+    ray_path, ray_fs = train_storage.marker_free_filesystem(storage.join(out_uri, "ray_train"))
+    fit = fit_fold(
+        patients_subset(crops, part["train"]),
+        patients_subset(crops, part["val"]),
+        cfg,
+        fold=k,
+        storage_path=ray_path,
+        storage_filesystem=ray_fs,
+        name=f"fold_{k}",
+        max_failures=max_failures,
+        callbacks=callbacks,
+    )
+    d = layout.fold_dir(out_uri, k)
+    summary = {key: v for key, v in fit.summary.items() if key != "history"}
+    mid = vmodel.save_model(fit.best_state, storage.join(d, layout.MODEL), cfg.arch, meta={"fold": k, **summary})
+    preds = test_predictions(fit.best_state, cfg, patients_subset(crops, part["test"]), k, mid)
+    storage.write_table(preds, storage.join(d, layout.PREDICTIONS))
+    storage.write_text(storage.join(d, layout.HISTORY), json.dumps(fit.summary.get("history", []), indent=1))
+    done = {"fold": k, "model_id": mid, **summary, "lr": cfg.lr, "l2": cfg.l2, "n_test_slices": preds.num_rows,
+            "seconds": time.time() - t0}
+    storage.write_text(storage.join(d, layout.DONE), json.dumps(done, indent=2))
+    if not keep_checkpoints:
+        storage.delete_tree(storage.join(out_uri, "ray_train", f"fold_{k}"))
+    _log(
+        f"fold {k}: done in {done['seconds']:.0f} s, {summary.get('epochs')} epochs, "
+        f"best {summary.get('best_epoch')}, model_id {mid}"
+    )
+    return done
+
+
+def fold_trial(config: dict[str, Any], *, crops: pa.Table, splits: dict[str, Any], cfg: TrainConfig,
+               out_uri: str, max_failures: int, keep_checkpoints: bool, fold_params: dict[str, Any]) -> None:
+    """One Tune trial of the fold grid: drive fold ``config["fold"]`` (its epochs reach Tune)
+    with its own tuned parameters when ``fold_params`` (a nested search's) has them."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    k = int(config["fold"])
+    run_fold(k, crops, splits, with_params(cfg, fold_params.get(str(k))), out_uri, max_failures=max_failures,
+             keep_checkpoints=keep_checkpoints, callbacks=[TuneReportCallback()])

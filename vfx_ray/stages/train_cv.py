@@ -29,16 +29,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-import time
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from vfx_ray import contracts, layout, paper, storage
+from vfx_ray import layout, paper, storage
 from vfx_ray.config import TrainConfig, with_params
 from vfx_ray.errors import VfxError
 from vfx_ray.evaluation import folds, metrics, tuned_params
@@ -67,72 +65,6 @@ def load_or_make_splits(out_uri: str, patients: pd.DataFrame, cfg: TrainConfig) 
     splits = folds.make_splits(patients, cfg.n_folds, cfg.val_fraction, cfg.seed)
     storage.write_text(uri, folds.splits_to_json(splits))
     return splits
-
-
-def patients_subset(crops: pa.Table, patient_ids: list[str]) -> pa.Table:
-    return crops.filter(pc.is_in(crops["patient_id"], value_set=pa.array(patient_ids, pa.string())))
-
-
-def run_fold(
-    k: int,
-    crops: pa.Table,
-    splits: dict[str, Any],
-    cfg: TrainConfig,
-    out_uri: str,
-    *,
-    max_failures: int = 2,
-    keep_checkpoints: bool = False,
-    callbacks: list | None = None,
-) -> dict[str, Any]:
-    """Train fold k, keep its best weights, score its test patients; done.json comes last."""
-    part = splits["folds"][k]
-    t0 = time.time()
-    _log(
-        f"fold {k}: training on {len(part['train'])} patients, {len(part['val'])} validation, {len(part['test'])} test"
-    )
-    ray_path, ray_fs = train_storage.marker_free_filesystem(storage.join(out_uri, "ray_train"))
-    fit = vtrain.fit_fold(
-        patients_subset(crops, part["train"]),
-        patients_subset(crops, part["val"]),
-        cfg,
-        fold=k,
-        storage_path=ray_path,
-        storage_filesystem=ray_fs,
-        name=f"fold_{k}",
-        max_failures=max_failures,
-        callbacks=callbacks,
-    )
-    d = layout.fold_dir(out_uri, k)
-    summary = {key: v for key, v in fit.summary.items() if key != "history"}
-    mid = vmodel.save_model(fit.best_state, storage.join(d, layout.MODEL), cfg.arch, meta={"fold": k, **summary})
-    net = vmodel.build_model(cfg.arch, pretrained="none")
-    net.load_state_dict(fit.best_state)
-    test = patients_subset(crops, part["test"]).sort_by([("patient_id", "ascending"), ("slice_index", "ascending")])
-    prob = vmodel.predict_proba(net, contracts.images_from_arrow(test["image"]))
-    preds = pa.table(
-        {
-            "patient_id": test["patient_id"],
-            "fold": pa.array(np.full(test.num_rows, k), pa.int32()),
-            "slice_index": test["slice_index"],
-            "probability": pa.array(prob.astype(np.float64)),
-            "label": test["label"],
-            "series_instance_uid": test["series_instance_uid"],
-            "vertebra": test["vertebra"],
-            "model_id": pa.array([mid] * test.num_rows, pa.string()),
-        }
-    )
-    storage.write_table(preds, storage.join(d, layout.PREDICTIONS))
-    storage.write_text(storage.join(d, layout.HISTORY), json.dumps(fit.summary.get("history", []), indent=1))
-    done = {"fold": k, "model_id": mid, **summary, "lr": cfg.lr, "l2": cfg.l2, "n_test_slices": test.num_rows,
-            "seconds": time.time() - t0}
-    storage.write_text(storage.join(d, layout.DONE), json.dumps(done, indent=2))
-    if not keep_checkpoints:
-        storage.delete_tree(storage.join(out_uri, "ray_train", f"fold_{k}"))
-    _log(
-        f"fold {k}: done in {done['seconds']:.0f} s, {summary.get('epochs')} epochs, "
-        f"best {summary.get('best_epoch')}, model_id {mid}"
-    )
-    return done
 
 
 def read_labelled_crops(crops_uri: str) -> tuple[pa.Table, list[str]]:
@@ -198,17 +130,6 @@ def _comparable(record: dict[str, Any]) -> dict[str, Any]:
             "fold_params": tuned_params.per_fold(record.get("params"))}
 
 
-def fold_trial(config: dict[str, Any], *, crops: pa.Table, splits: dict[str, Any], cfg: TrainConfig,
-               out_uri: str, max_failures: int, keep_checkpoints: bool, fold_params: dict[str, Any]) -> None:
-    """One Tune trial of the fold grid: drive fold ``config["fold"]`` (its epochs reach Tune)
-    with its own tuned parameters when ``fold_params`` (a nested search's) has them."""
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    k = int(config["fold"])
-    run_fold(k, crops, splits, with_params(cfg, fold_params.get(str(k))), out_uri, max_failures=max_failures,
-             keep_checkpoints=keep_checkpoints, callbacks=[TuneReportCallback()])
-
-
 def fold_dirname(trial: Any) -> str:
     return f"fold_{trial.config['fold']}"
 
@@ -238,7 +159,7 @@ def run_folds(pending: list[int], crops: pa.Table, splits: dict[str, Any], cfg: 
     _log(f"{len(pending)} of {cfg.n_folds} folds to train, up to {cap} at a time "
          f"({'GPU' if cfg.use_gpu else 'CPU'} workers; fold drivers {where})")
     trainable = ray.tune.with_resources(
-        ray.tune.with_parameters(fold_trial, crops=crops, splits=splits, cfg=cfg, out_uri=out_uri,
+        ray.tune.with_parameters(vtrain.fold_trial, crops=crops, splits=splits, cfg=cfg, out_uri=out_uri,
                                  max_failures=max_failures, keep_checkpoints=keep_checkpoints,
                                  fold_params=fold_params or {}),
         placement.driver_resources(shape),

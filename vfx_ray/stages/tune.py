@@ -111,12 +111,11 @@ def tune_trial(config: dict[str, Any], *, crops: pa.Table, parts: Parts, base: d
     Named by the trial id, its Train run resumes from its last checkpoint when a restored
     search restarts the trial.
     """
-    from vfx_ray.stages import fold_trainer as vtrain
-    from vfx_ray.stages import train_cv
+    from vfx_ray.stages import fold_trainer as vtrain  # not train_cv: a trial needs no scikit-learn
 
     fold = int(config.get("fold", next(iter(parts))))  # a search begun before the fold was a dimension had one
     cfg = train_config_from_dict({**base, "lr": float(config["lr"]), "l2": float(config["l2"])})
-    train, val = (train_cv.patients_subset(crops, ids) for ids in parts[fold])
+    train, val = (vtrain.patients_subset(crops, ids) for ids in parts[fold])
     seen = tuned_params.patients_digest(train["patient_id"].to_pylist(), val["patient_id"].to_pylist())
     trial_id = ray.tune.get_context().get_trial_id()
     path, fs = train_storage.marker_free_filesystem(storage.join(out_uri, "ray_train"))
@@ -327,6 +326,7 @@ def _outer_folds(crops_uri: str, out_uri: str, train_cfg: TrainConfig, tc: TuneC
     (train, val) patients); pins search.json. Test patients of a searched fold are in no part."""
     from vfx_ray.evaluation import folds
     from vfx_ray.stages import train_cv
+    from vfx_ray.stages.fold_trainer import patients_subset
 
     crops, _ = train_cv.read_labelled_crops(crops_uri)
     patients = folds.patient_labels(crops.select(["patient_id", "label"]).to_pandas())
@@ -339,7 +339,7 @@ def _outer_folds(crops_uri: str, out_uri: str, train_cfg: TrainConfig, tc: TuneC
         _log(f"{tc.num_samples} trials on outer fold {k}: {len(train_ids)} training and {len(val_ids)} validation "
              f"patients; its {len(splits['folds'][k]['test'])} test patients are left out")
     used = sorted({p for train_ids, val_ids in parts.values() for p in train_ids + val_ids})
-    return train_cv.patients_subset(crops, used), splits, parts
+    return patients_subset(crops, used), splits, parts
 
 
 def run_tune(
