@@ -77,15 +77,27 @@ def tree_rss(proc: psutil.Process) -> int:
     return total
 
 
-def peak_rss_of(cmd: list[str]) -> int:
-    """Run a command to completion, sampling its process tree's RSS every 0.2 s."""
+def peak_rss(cmd: list[str]) -> tuple[int, int]:
+    """Run a command to completion, sampling every 0.2 s the RSS of its own process and of its
+    process tree; returns both peaks (driver alone, tree)."""
     import subprocess
 
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ps, peak = psutil.Process(proc.pid), 0
+    err = tempfile.TemporaryFile()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+    ps, driver, tree = psutil.Process(proc.pid), 0, 0
     while proc.poll() is None:
-        peak = max(peak, tree_rss(ps))
+        try:
+            driver = max(driver, ps.memory_info().rss)
+        except psutil.Error:
+            pass
+        tree = max(tree, tree_rss(ps))
         time.sleep(0.2)
     if proc.returncode != 0:
-        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}")
-    return peak
+        err.seek(0)
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{err.read().decode()[-3000:]}")
+    return driver, tree
+
+
+def peak_rss_of(cmd: list[str]) -> int:
+    """Run a command to completion, sampling its process tree's RSS every 0.2 s."""
+    return peak_rss(cmd)[1]
