@@ -275,7 +275,7 @@ def patients_subset(crops: pa.Table, patient_ids: list[str]) -> pa.Table:
     return crops.filter(pc.is_in(crops["patient_id"], value_set=pa.array(patient_ids, pa.string())))
 
 
-def test_predictions(state: dict[str, Any], cfg: TrainConfig, test: pa.Table, k: int, mid: str) -> pa.Table:
+def score_test_slices(state: dict[str, Any], cfg: TrainConfig, test: pa.Table, k: int, mid: str) -> pa.Table:
     """Fold k's test slices scored by its best weights (the rows of ``layout.PREDICTIONS``)."""
     net = vmodel.build_model(cfg.arch, pretrained="none")
     net.load_state_dict(state)
@@ -330,7 +330,7 @@ def run_fold(
     d = layout.fold_dir(out_uri, k)
     summary = {key: v for key, v in fit.summary.items() if key != "history"}
     mid = vmodel.save_model(fit.best_state, storage.join(d, layout.MODEL), cfg.arch, meta={"fold": k, **summary})
-    preds = test_predictions(fit.best_state, cfg, patients_subset(crops, part["test"]), k, mid)
+    preds = score_test_slices(fit.best_state, cfg, patients_subset(crops, part["test"]), k, mid)
     storage.write_table(preds, storage.join(d, layout.PREDICTIONS))
     storage.write_text(storage.join(d, layout.HISTORY), json.dumps(fit.summary.get("history", []), indent=1))
     done = {"fold": k, "model_id": mid, **summary, "lr": cfg.lr, "l2": cfg.l2, "n_test_slices": preds.num_rows,
