@@ -267,8 +267,9 @@ def fit_fold(
 
 
 # ---------------------------------------------------------------- one fold of train-cv
-def _log(msg: str) -> None:
-    print(f"[vfx_ray.stages.train_cv] {msg}", file=sys.stderr, flush=True)  # the stage the user ran
+def log(msg: str) -> None:
+    """A line of the train-cv stage's log (the stage the user ran), from its driver or a fold's."""
+    print(f"[vfx_ray.stages.train_cv] {msg}", file=sys.stderr, flush=True)
 
 
 def patients_subset(crops: pa.Table, patient_ids: list[str]) -> pa.Table:
@@ -312,7 +313,7 @@ def run_fold(
     (scikit-learn, SciPy: 2 s of CPU for each fold and search trial)."""
     part = splits["folds"][k]
     t0 = time.time()
-    _log(
+    log(
         f"fold {k}: training on {len(part['train'])} patients, {len(part['val'])} validation, {len(part['test'])} test"
     )
     ray_path, ray_fs = train_storage.marker_free_filesystem(storage.join(out_uri, "ray_train"))
@@ -338,7 +339,7 @@ def run_fold(
     storage.write_text(storage.join(d, layout.DONE), json.dumps(done, indent=2))
     if not keep_checkpoints:
         storage.delete_tree(storage.join(out_uri, "ray_train", f"fold_{k}"))
-    _log(
+    log(
         f"fold {k}: done in {done['seconds']:.0f} s, {summary.get('epochs')} epochs, "
         f"best {summary.get('best_epoch')}, model_id {mid}"
     )

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 from typing import Any
 
 import pandas as pd
@@ -47,10 +46,6 @@ from vfx_ray.stages import fold_trainer as vtrain
 
 CV_EXPERIMENT = "ray_cv"
 PREDICTION_COLUMNS = ("patient_id", "fold", "slice_index", "probability", "label")
-
-
-def _log(msg: str) -> None:
-    print(f"[vfx_ray.stages.train_cv] {msg}", file=sys.stderr, flush=True)
 
 
 def load_or_make_splits(out_uri: str, patients: pd.DataFrame, cfg: TrainConfig) -> dict[str, Any]:
@@ -76,7 +71,7 @@ def read_labelled_crops(crops_uri: str) -> tuple[pa.Table, list[str]]:
     unlabelled = pc.is_null(crops["label"])
     dropped = sorted(set(crops.filter(unlabelled)["patient_id"].to_pylist()))
     if dropped:
-        _log(f"{len(dropped)} patients without a label are left out of training (listed in metrics.json)")
+        vtrain.log(f"{len(dropped)} patients without a label are left out of training (listed in metrics.json)")
     return crops.filter(pc.invert(unlabelled)), dropped
 
 
@@ -156,7 +151,7 @@ def run_folds(pending: list[int], crops: pa.Table, splits: dict[str, Any], cfg: 
     shape = cluster_shape()
     cap = min(len(pending), max_concurrent or len(pending))
     where = "on the head node" if shape.driver_resource else "anywhere"
-    _log(f"{len(pending)} of {cfg.n_folds} folds to train, up to {cap} at a time "
+    vtrain.log(f"{len(pending)} of {cfg.n_folds} folds to train, up to {cap} at a time "
          f"({'GPU' if cfg.use_gpu else 'CPU'} workers; fold drivers {where})")
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(vtrain.fold_trial, crops=crops, splits=splits, cfg=cfg, out_uri=out_uri,
