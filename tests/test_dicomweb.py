@@ -18,7 +18,7 @@ import requests
 
 from vfx_ray import contracts, dicomweb, storage
 from vfx_ray.config import CropConfig
-from vfx_ray.pipeline import passes
+from vfx_ray.pipeline import shards
 from vfx_ray.services.object_store import free_port
 from vfx_ray.stages.crops import run_crops
 
@@ -74,12 +74,16 @@ def test_a_study_lists_as_its_instances_and_reads_byte_for_byte(uploaded, pacs_s
 def test_the_pipeline_sees_a_study_as_a_folder_and_a_series_as_a_folder(uploaded, pacs_server):
     entries = storage.list_files(pacs_server.dicomweb_uri)
     archive = pacs_server.dicomweb_uri + "/"
-    assert not any(passes.escapes_prefix(archive, e.uri) for e in entries)
-    assert passes.escapes_prefix(archive, f"{pacs_server.dicomweb_uri}/studies/../x")
+    assert not any(shards.escapes_prefix(archive, e.uri) for e in entries)
+    assert shards.escapes_prefix(archive, f"{pacs_server.dicomweb_uri}/studies/../x")
     uri = entries[0].uri
     loc = dicomweb.locate(uri)
-    assert passes.folder(uri) == f"{pacs_server.dicomweb_uri}/studies/{loc.study}/series/{loc.series}/instances"
-    assert passes.study_folder(uri, pacs_server.dicomweb_uri) == f"studies/{loc.study}"
+    assert shards.folder(uri) == f"{pacs_server.dicomweb_uri}/studies/{loc.study}/series/{loc.series}/instances"
+    assert shards.study_folder(uri, pacs_server.dicomweb_uri) == f"studies/{loc.study}"
+    studies, files = storage.list_top(pacs_server.dicomweb_uri)  # the shards: a folder per study
+    assert files == [] and studies == sorted({f"{pacs_server.dicomweb_uri}/{shards.study_folder(e.uri, archive)}"
+                                              for e in entries})
+    assert sorted(e.uri for s in studies for e in storage.list_files(s)) == sorted(e.uri for e in entries)
 
 
 def test_a_missing_instance_is_file_not_found(uploaded, pacs_server):

@@ -25,7 +25,7 @@ crops = run_crops(f"{root}/dicom", f"{root}/annotations.csv", f"{root}/crops", C
 cfg = TrainConfig(arch="resnet18", pretrained="none", max_epochs=1, n_folds=2, augment_factor=1, batch_size=16)
 metrics = run_train_cv(f"{root}/crops/crops.parquet", f"{root}/run", cfg)
 decode_nodes = {t.node_id for t in list_tasks(limit=10000, detail=True, raise_on_missing_output=False)
-                if any(f in (t.name or "") for f in ("chunk_batch", "patient_batch")) and t.node_id}
+                if any(f in (t.name or "") for f in ("shard_batch", "patient_batch")) and t.node_id}
 nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
 json.dump({"crops": crops, "decode_nodes": sorted(decode_nodes), "nodes": nodes,
            "n_patients": metrics["pooled"]["per_patient"]["n"]}, open(f"{root}/result.json", "w"))

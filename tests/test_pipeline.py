@@ -15,7 +15,8 @@ from vfx_ray import contracts, storage
 from vfx_ray.config import CropConfig
 from vfx_ray.imaging import dicom
 from vfx_ray.imaging.annotations import PatientTask
-from vfx_ray.pipeline import datasets, passes, tasks, wire
+from vfx_ray.pipeline import datasets, passes, shards, tasks, wire
+from vfx_ray.pipeline.index import ArchiveIndex
 from vfx_ray.pipeline.wire import CROP_WIRE, SCORED_WIRE, Kind
 
 CFG = CropConfig(crop_size=8)
@@ -49,27 +50,45 @@ def test_chunks_keep_folders_whole_within_limits():
         + [e(f"p2/s/{i}") for i in range(4)]
         + [e(f"p3/s/{i}", 100) for i in range(2)]
     )
-    chunks = passes.chunk_entries(entries, max_objects=5, max_bytes=150)
+    chunks = shards.chunk_entries(entries, max_objects=5, max_bytes=150)
     assert [len(c) for c in chunks] == [3, 5, 1]  # p1 | p2 (cannot join p1) + first piece of p3 (cut by bytes) | rest
     assert [x for c in chunks for x in c] == entries
-    assert passes.chunk_entries(entries, max_objects=100, max_bytes=10**6) == [entries]
-    assert [len(c) for c in passes.chunk_entries(entries[:3] + entries[3:7], max_objects=2)] == [2, 1, 2, 2]
-    assert passes.chunk_entries([]) == []
+    assert shards.chunk_entries(entries, max_objects=100, max_bytes=10**6) == [entries]
+    assert [len(c) for c in shards.chunk_entries(entries[:3] + entries[3:7], max_objects=2)] == [2, 1, 2, 2]
+    assert shards.chunk_entries([]) == []
     # a small target packs fewer folders per chunk but never cuts one
-    assert [len(c) for c in passes.chunk_entries(entries, max_objects=100, max_bytes=10**6, target_objects=3)] == [
+    assert [len(c) for c in shards.chunk_entries(entries, max_objects=100, max_bytes=10**6, target_objects=3)] == [
         3,
         4,
         2,
     ]
 
 
-def test_chunk_items_are_named_by_their_keys_and_sizes_and_cover_the_listing():
+def test_chunks_are_named_by_their_keys_and_sizes_and_cover_the_listing():
     entries = [storage.FileEntry(uri=f"s3://b/p{i // 4}/{i}.dcm", size=100 + i) for i in range(24)]
-    items = passes.chunk_items(entries, cpus=2)
+    items = shards.chunks_of(entries, "s3://b", target_objects=4)
     assert len(items) == 6 and [u for i in items for u in i["uris"]] == [e.uri for e in entries]
-    assert items == passes.chunk_items(entries, cpus=2)  # the same archive: the same names
+    assert items == shards.chunks_of(entries, "s3://b", target_objects=4)  # the same archive: the same names
     grown = [*entries[:-1], storage.FileEntry(uri=entries[-1].uri, size=1)]
-    assert passes.chunk_items(grown, cpus=2)[-1]["chunk"] != items[-1]["chunk"]  # a changed object: a new chunk
+    assert shards.chunks_of(grown, "s3://b", target_objects=4)[-1]["chunk"] != items[-1]["chunk"]  # a new chunk
+
+
+def test_shards_group_the_top_folders_and_cut_the_root_objects(tmp_path):
+    for p in range(10):
+        (tmp_path / f"p{p}" / "s").mkdir(parents=True)
+        (tmp_path / f"p{p}" / "s" / "1.dcm").write_bytes(b"x")
+    for i in range(3):
+        (tmp_path / f"{i}.dcm").write_bytes(b"xy")
+    got = shards.shards(str(tmp_path), cpus=1)  # 4 shards per CPU
+    assert [len(g["folders"]) for g in got] == [2, 3, 2, 3, 0] and [g["shard"] for g in got] == [0, 1, 2, 3, 4]
+    assert [f for g in got for f in g["folders"]] == [str(tmp_path / f"p{p}") for p in range(10)]
+    assert got[-1]["files"] == [[str(tmp_path / f"{i}.dcm"), 2] for i in range(3)]
+    entries, errors = shards.list_shard(got[0], str(tmp_path), CropConfig(max_file_bytes=10))
+    assert [e.uri for e in entries] == [str(tmp_path / f"p{p}" / "s" / "1.dcm") for p in (0, 1)] and errors == []
+    gone = {"shard": 9, "folders": [str(tmp_path / "nowhere")], "files": [[str(tmp_path / "0.dcm"), 2]]}
+    entries, errors = shards.list_shard(gone, str(tmp_path), CropConfig(max_file_bytes=1))
+    assert entries == [] and [(e["object_key"], e["stage"], e["error_type"]) for e in errors] == [
+        (str(tmp_path / "nowhere"), "list", "FileNotFoundError"), (str(tmp_path / "0.dcm"), "list", "FileTooLarge")]
 
 
 def test_decode_tasks_reserve_their_memory_within_a_cap():
@@ -92,7 +111,7 @@ def test_decode_tasks_reserve_their_memory_within_a_cap():
     ],
 )
 def test_escaping_keys(archive, key, escapes):
-    assert passes.escapes_prefix(archive, key) is escapes
+    assert shards.escapes_prefix(archive, key) is escapes
 
 
 # ---------------------------------------------------------------- rows
@@ -123,74 +142,124 @@ def test_wire_images_views_equal_sized_crops_and_refuses_others():
 
 def test_kinds_are_the_strings_on_the_wire():
     assert wire.row("P1", Kind.CANDIDATE, {})["kind"] == "candidate"
-    assert {str(k) for k in Kind} == {"crop", "error", "headers", "header_error", "candidate", "chunk_end", "reads"}
+    assert {str(k) for k in Kind} == {"crop", "error", "series", "header_error", "candidate", "chunk_end", "cached",
+                                      "reads"}
 
 
 # ---------------------------------------------------------------- first pass and plan
-def headers_row(*keys: str, pid: str = "P1") -> dict:
-    hs = [{"object_key": k, "patient_id": pid, "series_instance_uid": f"uid-{pid}"} for k in keys]
-    return wire.row("", Kind.HEADERS, hs)
+def series_row(*keys: str, pid: str = "P1") -> dict:
+    """A SERIES row as a task sends it, from a real record of these objects' headers."""
+    files = series(np.zeros((len(keys), 16, 16), np.float32), centred_geometry((1, 0, 0), (0, 1, 0),
+                                                                                (len(keys), 16, 16)))
+    hs = [{**dicom.read_header(data, key), "patient_id": pid, "series_instance_uid": f"uid-{pid}"}
+          for key, (_, data) in zip(keys, files, strict=True)]
+    return tasks.series_rows(hs)[0]
+
+
+def end(chunk: str | None, shard: int = 0, **more) -> dict:
+    return wire.row("", Kind.CHUNK_END, {"chunk": chunk, "shard": shard, **more})
 
 
 def test_split_chunks_cuts_at_chunk_ends_across_batches_and_keeps_an_unended_tail():
-    r = [headers_row("a"), wire.row("", Kind.CHUNK_END, {"chunk": "c1"}), headers_row("b"),
-         headers_row("c"), wire.row("", Kind.CHUNK_END, {"chunk": "c2"}), headers_row("d")]
+    r = [series_row("a"), end("c1"), series_row("b"), series_row("c"), end("c2"), series_row("d")]
     batches = [table(r[:3]), table(r[3:5]), table(r[5:])]
     got = [
-        (name, [json.loads(m)[0]["object_key"] for m in t["meta"].to_pylist()])
-        for name, t in passes.split_chunks(batches)
+        (meta and meta["chunk"], [json.loads(m)["record"]["object_keys"][0] for m in t["meta"].to_pylist()])
+        for meta, t in passes.split_chunks(batches)
     ]
     assert got == [("c1", ["a"]), ("c2", ["b", "c"]), (None, ["d"])]
-    assert list(passes.split_chunks([table(r[:2])])) != [] and len(list(passes.split_chunks([table(r[:2])]))) == 1
+    assert len(list(passes.split_chunks([table(r[:2])]))) == 1
 
 
-def test_a_chunk_is_kept_only_whole_and_without_errors():
-    uris = ["s3://a/1.dcm", "s3://a/2.dcm"]
-    candidate = wire.row("P1", Kind.CANDIDATE, {"series_instance_uid": "u", "keys": "f"})
-    crop = wire.crops(task_dict("P1"), [crop_record("P1", 0)])[0]
-    header_error = wire.row("", Kind.HEADER_ERROR, {"object_key": uris[1]})
-    assert passes.clean_chunk(table([headers_row(uris[1], uris[0]), candidate, crop]), uris)
-    assert not passes.clean_chunk(table([headers_row(uris[0]), crop]), uris)  # rows of another chunk
-    assert not passes.clean_chunk(table([candidate, crop]), uris)  # its headers row was lost
-    assert not passes.clean_chunk(table([headers_row(*uris), wire.error(ValueError(), "crop", task_dict("P1"))]), uris)
-    assert not passes.clean_chunk(table([headers_row(uris[0]), header_error]), uris)
+def test_series_rows_carry_the_record_sizes_and_sop_references_in_key_order():
+    files = series(np.zeros((3, 16, 16), np.float32), centred_geometry((1, 0, 0), (0, 1, 0), (3, 16, 16)))
+    hs = [{**dicom.read_header(data, key), "size": size}
+          for key, size, (_, data) in zip(["k2", "k1", "k3"], [20, 10, 30], files, strict=True)]
+    (row,) = tasks.series_rows(hs)
+    meta = json.loads(row["meta"])
+    assert meta["record"] == dicom.group_series(hs)[0] and meta["record"]["object_keys"] == ["k1", "k2", "k3"]
+    assert meta["sizes"] == [10, 20, 30] and meta["keys"] == wire.keys_hash(["k3", "k1", "k2"])
+    by_key = {h["object_key"]: h for h in hs}
+    assert meta["sops"] == [[by_key[k]["sop_class_uid"], by_key[k]["sop_instance_uid"]] for k in ("k1", "k2", "k3")]
 
 
-def test_the_index_vouches_only_for_a_chunk_that_held_the_planned_series_complete():
-    index = passes.ArchiveIndex()
+def test_a_series_spread_over_chunks_merges_to_the_record_of_all_its_objects(tmp_path):
+    files = series(np.zeros((5, 16, 16), np.float32), centred_geometry((1, 0, 0), (0, 1, 0), (5, 16, 16)))
+    hs = [dicom.read_header(data, f"s3://a/P/{name}") for name, data in files]
+    whole = dicom.group_series(hs)[0]
+    index = ArchiveIndex(str(tmp_path))
+    index.absorb(table(tasks.series_rows(hs[3:])), shard=1)  # the later objects arrive first
+    index.absorb(table(tasks.series_rows(hs[:3])), shard=0)
+    index.close()
+    uid = whole["series_instance_uid"]
+    summary = index.summaries()[0]
+    assert summary == {k: v for k, v in whole.items() if k != "object_keys"}
+    assert index.series[uid]["keys_hash"] == wire.keys_hash(whole["object_keys"])
+    got = list(index.series_objects())
+    assert [{k: v for k, v in g.items() if k not in ("object_sizes", "sops")} for g in got] == [whole]
+    assert got[0]["object_sizes"] == [h["size"] for h in sorted(hs, key=lambda h: h["object_key"])]
+    assert [s[1] for s in got[0]["sops"]] == [h["sop_instance_uid"] for h in sorted(hs, key=lambda h: h["object_key"])]
+    assert list(index.series_objects({"another"})) == [] and index.objects == 5
+
+
+def test_the_index_vouches_only_for_a_chunk_that_held_the_planned_series_complete(tmp_path):
+    index = ArchiveIndex(str(tmp_path))
     whole, partial = task("P1", ["a", "b"]), task("P2", ["c", "d"])
     index.absorb(table([
-        headers_row("a", "b"),
-        wire.row("P1", Kind.CANDIDATE, {"series_instance_uid": "uid-P1", "keys": wire.fingerprint(["b", "a"])}),
-        wire.row("P2", Kind.CANDIDATE, {"series_instance_uid": "uid-P2", "keys": wire.fingerprint(["c"])}),
+        series_row("a", "b"), series_row("c", "d", pid="P2"),
+        wire.row("P1", Kind.CANDIDATE, {"series_instance_uid": "uid-P1", "keys": wire.keys_hash(["b", "a"])}),
+        wire.row("P2", Kind.CANDIDATE, {"series_instance_uid": "uid-P2", "keys": wire.keys_hash(["c"])}),
         wire.row("", Kind.HEADER_ERROR, {"object_key": "x", "message": "m", "error_type": "Bad"}),
-    ]))
+    ]), shard=0)
+    index.close()
     assert index.read_once([whole, partial]) == {"P1"}
-    assert {h["object_key"] for h in index.headers} == {"a", "b"} and index.seen == {"a", "b", "x"}
-    index.report_lost([storage.FileEntry("a", 1), storage.FileEntry("z", 1)])
-    assert [(e.get("object_key"), e["error_type"]) for e in index.errors] == [("x", "Bad"), ("z", "TaskLost")]
+    assert index.objects == 5 and [e["object_key"] for e in index.errors] == ["x"]
 
 
-def test_plan_joins_annotations_to_the_whole_index():
+def test_a_lost_shard_reports_each_object_its_finished_chunks_did_not_index(tmp_path):
+    root = tmp_path / "archive"
+    for name in ("a", "b", "x", "z"):
+        (root / "P1").mkdir(parents=True, exist_ok=True)
+        (root / "P1" / name).write_bytes(b"1")
+    index = ArchiveIndex(str(tmp_path / "index"))
+    keys = [str(root / "P1" / n) for n in ("a", "b")]
+    index.absorb(table([series_row(*keys),
+                        wire.row("", Kind.HEADER_ERROR, {"object_key": str(root / "P1" / "x"), "error_type": "Bad"})]),
+                 shard=0)
+    index.close()
+    the_shards = [{"shard": 0, "folders": [str(root / "P1")], "files": []}]
+    index.report_lost(the_shards, str(root), CFG)
+    assert [(e.get("object_key"), e["error_type"]) for e in index.errors] == [
+        (str(root / "P1" / "x"), "Bad"), (str(root / "P1" / "z"), "TaskLost")]
+    index.shards_done.add(0)
+    index.report_lost(the_shards, str(root), CFG)  # a finished shard: nothing more
+    assert len(index.errors) == 2
+
+
+def test_plan_joins_annotations_to_the_whole_index(tmp_path):
     files = series(np.zeros((4, 16, 16), np.float32), centred_geometry((1, 0, 0), (0, 1, 0), (4, 16, 16)))
     headers = [dicom.read_header(data, f"s3://a/{PATIENT.patient_id}/{name}") for name, data in files]
     uid = headers[0]["series_instance_uid"]
-    index = passes.ArchiveIndex(headers=headers)
-    index.candidates[PATIENT.patient_id] = {(uid, wire.fingerprint([h["object_key"] for h in headers]))}
+    keys = [h["object_key"] for h in headers]
+    index = ArchiveIndex(str(tmp_path))
+    index.absorb(table(tasks.series_rows(headers)), shard=0)
+    index.close()
+    index.candidates[PATIENT.patient_id] = {(uid, wire.keys_hash(keys))}
     centre = np.reshape(dicom.extent(headers), (3, 2)).mean(axis=1)  # an ROI inside the series
     box = {f"roi_{a}_{m}_mm": [c + (1.0 if m == "max" else -1.0)] * 2 for a, c in zip("xyz", centre, strict=True)
            for m in ("min", "max")}
     ann = pd.DataFrame({"patient_id": [PATIENT.patient_id, "P9"], **box})
     plan = passes.plan(ann, index, CFG, None)
-    assert [(t.patient_id, t.series_instance_uid, len(t.object_keys)) for t in plan.tasks] == [
-        (PATIENT.patient_id, uid, 4)
-    ]
+    assert [(t.patient_id, t.series_instance_uid, t.object_keys) for t in plan.tasks] == [(PATIENT.patient_id, uid, [])]
     assert plan.read_once == {PATIENT.patient_id} and plan.second_pass() == []
     assert plan.selection == {uid: "selected"}
     assert [(e["patient_id"], e["error_type"]) for e in plan.errors] == [("P9", "SeriesNotFound")]
-    index.candidates[PATIENT.patient_id] = {(uid, wire.fingerprint([h["object_key"] for h in headers[:3]]))}
+    index.candidates[PATIENT.patient_id] = {(uid, wire.keys_hash(keys[:3]))}
     again = passes.plan(ann, index, CFG, None)  # the chunk held 3 of the 4 objects: the second pass
     assert again.read_once == set() and [t.patient_id for t in again.second_pass()] == [PATIENT.patient_id]
+    filled, sizes = passes.with_objects(again.second_pass(), index)
+    assert filled[0].object_keys == sorted(keys) and sizes == [[h["size"] for h in sorted(
+        headers, key=lambda h: h["object_key"])]]
 
 
 # ---------------------------------------------------------------- the patient stream

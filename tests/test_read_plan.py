@@ -20,7 +20,7 @@ from vfx_ray.imaging import geometry
 from vfx_ray.imaging.dicom import load_volume, series_layout
 from vfx_ray.imaging.guards import parse
 from vfx_ray.imaging.roi import RoiBox
-from vfx_ray.pipeline import passes, tasks
+from vfx_ray.pipeline import shards, tasks
 from vfx_ray.pipeline.wire import Kind
 from vfx_ray.storage import FileEntry
 
@@ -146,13 +146,12 @@ def test_the_plan_is_chosen_per_study_folder_by_its_bytes():
     small = [FileEntry(f"s3://b/arch/a/s1/{i}.dcm", 128 << 10) for i in range(40)]  # 5 MiB: one small series
     study = [FileEntry(f"s3://b/arch/b/s1/{i:03d}.dcm", 512 << 10) for i in range(200)]  # a clinical study:
     study += [FileEntry(f"s3://b/arch/b/s2/{i}.dcm", 512 << 10) for i in range(20)]  # its small reformat too
-    for root in ("s3://b/arch", None):  # the archive URI, or the listing's common prefix
-        items = passes.chunk_items(small + study, cpus=2, root=root)
-        plans: dict[str, set[str]] = {}
-        for i in items:
-            plans.setdefault(i["plan"], set()).update("/".join(u.split("/")[4:6]) for u in i["uris"])
-        assert plans == {"whole": {"a/s1"}, "roi": {"b/s1", "b/s2"}}, root
-    forced = passes.chunk_items(small + study, cpus=2, cfg=CropConfig(read_plan="whole"))
+    items = shards.chunks_of(small + study, "s3://b/arch")
+    plans: dict[str, set[str]] = {}
+    for i in items:
+        plans.setdefault(i["plan"], set()).update("/".join(u.split("/")[4:6]) for u in i["uris"])
+    assert plans == {"whole": {"a/s1"}, "roi": {"b/s1", "b/s2"}}
+    forced = shards.chunks_of(small + study, "s3://b/arch", cfg=CropConfig(read_plan="whole"))
     assert {i["plan"] for i in forced} == {"whole"}
     assert all(len(i["sizes"]) == len(i["uris"]) for i in items)
 

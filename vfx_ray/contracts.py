@@ -39,6 +39,36 @@ def crops_schema(channels: int = 3, size: int = 64) -> pa.Schema:
     )
 
 
+SERIES_INDEX_SCHEMA = pa.schema(
+    [  # one row per series (imaging.dicom.series_record), then how the job chose among them
+        ("series_instance_uid", pa.string()),
+        ("patient_id", pa.string()),
+        ("study_instance_uid", pa.string()),
+        ("modality", pa.string()),
+        ("sop_class_uid", pa.string()),
+        ("series_description", pa.string()),
+        ("image_type", pa.string()),
+        ("convolution_kernel", pa.string()),
+        ("pixel_spacing", pa.list_(pa.float64())),
+        ("slice_thickness", pa.float64()),
+        ("rows", pa.int64()),
+        ("columns", pa.int64()),
+        ("orientation", pa.list_(pa.float64())),
+        ("transfer_syntax_uid", pa.string()),
+        ("object_keys", pa.list_(pa.string())),
+        ("instance_count", pa.int64()),
+        ("n_frames", pa.int64()),
+        ("total_bytes", pa.int64()),
+        ("all_have_pixel_data", pa.bool_()),
+        ("object_kind", pa.string()),
+        ("plane", pa.string()),
+        ("extent_mm", pa.list_(pa.float64())),
+        ("selected", pa.bool_()),  # the crops come from this series
+        ("selection", pa.string()),  # selected, named, why the series rules passed it over, or null
+    ]
+)
+
+
 ERRORS_SCHEMA = pa.schema(
     [
         ("patient_id", pa.string()),

@@ -172,6 +172,17 @@ def estimated_size(dataset: dict[str, Any]) -> int:
     return rows * columns * (-(-bits // 8)) * max(frames, 1)
 
 
+def list_studies(uri: str) -> list[str] | None:
+    """The URI of every study of the service root ``uri`` names (the listing's shards), or None
+    when ``uri`` names a study, a series or an instance (list its instances instead)."""
+    loc = locate(uri)
+    if loc.study:
+        return None
+    qido = client(uri)
+    found = call(uri, lambda: qido.search_for_studies(get_remaining=True))
+    return sorted(f"{loc.root}/studies/{quote(_uid(d, STUDY_UID), safe='')}" for d in found)
+
+
 def list_instances(uri: str) -> list[tuple[str, int]]:
     """(object URI, estimated size) of every instance under ``uri`` (the service root, a study,
     a series or an instance), by QIDO-RS: studies, then their series, then their instances."""

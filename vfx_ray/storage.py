@@ -212,6 +212,25 @@ def list_files(uri: str, suffix: str | None = None) -> list[FileEntry]:
     return sorted(out, key=lambda e: e.uri)
 
 
+def list_top(uri: str) -> tuple[list[str], list[FileEntry]]:
+    """The folders and the files directly under a prefix, each sorted: the listing's shards
+    (whoever reads a folder lists it whole, :func:`list_files`). A file: itself. On a PACS:
+    its studies, or the instances of the study or series ``uri`` names."""
+    if is_dicomweb(uri):
+        studies = dicomweb.list_studies(uri)
+        return ([], list_files(uri)) if studies is None else (studies, [])
+    fs, path = filesystem(uri)
+    info = retrying(uri, lambda: fs.get_file_info(path))
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"nothing at {uri}")
+    infos = [info] if info.type == pafs.FileType.File else retrying(
+        uri, lambda: fs.get_file_info(pafs.FileSelector(path, recursive=False)))
+    named = [((S3_PREFIX + i.path) if is_s3(uri) else i.path, i) for i in infos]
+    folders = sorted(u for u, i in named if i.type == pafs.FileType.Directory)
+    return folders, sorted((FileEntry(u, i.size) for u, i in named if i.type == pafs.FileType.File),
+                           key=lambda e: e.uri)
+
+
 def exists(uri: str) -> bool:
     if is_dicomweb(uri):
         return dicomweb.exists(uri)

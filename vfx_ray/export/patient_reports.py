@@ -11,7 +11,8 @@ belong in a research PACS, which is where their pseudonymised study lives.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import dataclasses
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import pyarrow as pa
@@ -37,14 +38,14 @@ def study_header(task: PatientTask, cfg: CropConfig) -> Dataset:
     return ds
 
 
-def source_series(task: PatientTask, headers: dict[str, dict[str, Any]], header: Dataset,
+def source_series(task: PatientTask, instances: list[list[str]], header: Dataset,
                   pseudo: Pseudonymizer | None) -> sr.SourceSeries:
-    """What the report refers to, with identifiers as the run writes them."""
+    """What the report refers to (``instances``: the series' SOP class and instance UIDs),
+    with identifiers as the run writes them."""
     study = Dataset()
     for kw in sr.STUDY_KEYWORDS:
         setattr(study, kw, header.get(kw, ""))
-    instances = [(headers[k]["sop_class_uid"], headers[k]["sop_instance_uid"]) for k in task.object_keys
-                 if k in headers]
+    refs = [(c, u) for c, u in instances]
     series, frame = task.series_instance_uid, str(header.get("FrameOfReferenceUID", "")) or None
     if pseudo:
         pid = pseudo.patient(task.patient_id)
@@ -53,31 +54,47 @@ def source_series(task: PatientTask, headers: dict[str, dict[str, Any]], header:
         for kw in BLANKED:
             setattr(study, kw, "")
         series, frame = pseudo.uid(series), pseudo.uid(frame)
-        instances = [(c, pseudo.uid(u)) for c, u in instances]
-    return sr.SourceSeries(study, series, instances, frame)
+        refs = [(c, pseudo.uid(u)) for c, u in refs]
+    return sr.SourceSeries(study, series, refs, frame)
 
 
-def work(table: pa.Table, tasks: list[PatientTask], headers: list[dict[str, Any]], cfg: CropConfig,
+Build = Callable[[], list[Dataset]]
+
+
+def work(table: pa.Table, tasks: list[PatientTask], series: Iterable[dict[str, Any]], cfg: CropConfig,
          pseudo: Pseudonymizer | None, key_image: Callable[[PatientTask, dict, sr.SourceSeries], Dataset] | None
-         ) -> Iterator[tuple[str | None, str | None, Callable[[], list[Dataset]]]]:
-    """(patient, series, build) per scored row; ``build`` makes [key image, SR] when asked."""
+         ) -> Iterator[tuple[str | None, str | None, Build]]:
+    """(patient, series, build) per scored row; ``build`` makes [key image, SR] when asked.
+    ``series``: the planned series with their objects (``index.ArchiveIndex.series_objects``),
+    streamed in the archive's order: the reports come in that order, holding one series at a time."""
     shown = pseudo.patient if pseudo else (lambda pid: pid)
     by_shown = {shown(t.patient_id): t for t in tasks}
-    by_key = {h["object_key"]: h for h in headers}
+    waiting: dict[str, tuple[PatientTask, dict]] = {}  # series uid -> its task and scored row
     for row in table.to_pylist():
         task = by_shown.get(row["patient_id"])
         if task is None:  # the message names it; a pseudonymised run does not know its real id
-            pid, series = (None, None) if pseudo else (row["patient_id"], row["series_instance_uid"])
-            yield pid, series, _missing(row["patient_id"])
+            pid, uid = (None, None) if pseudo else (row["patient_id"], row["series_instance_uid"])
+            yield pid, uid, _missing(row["patient_id"])
+        else:
+            waiting[task.series_instance_uid] = (task, row)
+    for s in series:
+        if s["series_instance_uid"] not in waiting:
             continue
+        task, row = waiting.pop(s["series_instance_uid"])
+        task = dataclasses.replace(task, object_keys=s["object_keys"])
+        yield task.patient_id, task.series_instance_uid, _builder(task, row, s["sops"], cfg, pseudo, key_image)
+    for task, row in waiting.values():  # scored, but its series is no longer in the archive
+        yield task.patient_id, task.series_instance_uid, _missing(row["patient_id"])
 
-        def build(task: PatientTask = task, row: dict = row) -> list[Dataset]:
-            source = source_series(task, by_key, study_header(task, cfg), pseudo)
-            key_images = [key_image(task, row, source)] if key_image else []
-            malignant = row["probability"] >= row["threshold"]  # how patient_row chose the prediction
-            return [*key_images, sr.structured_report(row, source, task.roi, malignant, key_images)]
 
-        yield task.patient_id, task.series_instance_uid, build
+def _builder(task: PatientTask, row: dict, instances: list[list[str]], cfg: CropConfig, pseudo: Pseudonymizer | None,
+             key_image: Callable[[PatientTask, dict, sr.SourceSeries], Dataset] | None) -> Build:
+    def build() -> list[Dataset]:
+        source = source_series(task, instances, study_header(task, cfg), pseudo)
+        key_images = [key_image(task, row, source)] if key_image else []
+        malignant = row["probability"] >= row["threshold"]  # how patient_row chose the prediction
+        return [*key_images, sr.structured_report(row, source, task.roi, malignant, key_images)]
+    return build
 
 
 def key_image_maker(model_files: list[str], cfg: CropConfig) -> Callable[[PatientTask, dict, sr.SourceSeries], Dataset]:
@@ -105,7 +122,7 @@ def key_image_maker(model_files: list[str], cfg: CropConfig) -> Callable[[Patien
     return make
 
 
-def _missing(pid: str) -> Callable[[], list[Dataset]]:
+def _missing(pid: str) -> Build:
     def fail() -> list[Dataset]:
         raise LookupError(f"patient {pid} has scores but is no longer in the annotations or the archive")
     return fail

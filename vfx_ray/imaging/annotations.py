@@ -30,7 +30,7 @@ class PatientTask:
 
     patient_id: str
     series_instance_uid: str
-    object_keys: list[str]
+    object_keys: list[str]  # empty where the series index is a summary (the jobs add them when needed)
     roi: tuple[float, float, float, float, float, float] | None  # x/y/z min/max, LPS mm
     label: int | None = None
     vertebra: str | None = None
@@ -137,8 +137,8 @@ def plan_tasks(
             series = finder.find(pid, uid, None if roi is None else RoiBox(*roi))
             tasks.append(PatientTask(
                 patient_id=pid, series_instance_uid=series["series_instance_uid"],
-                object_keys=list(series["object_keys"]), roi=roi, label=label, vertebra=_text(row.get("vertebra")),
-                roi_mask_uri=mask, extra={c: row[c] for c in extra_cols},
+                object_keys=list(series.get("object_keys") or []), roi=roi, label=label,
+                vertebra=_text(row.get("vertebra")), roi_mask_uri=mask, extra={c: row[c] for c in extra_cols},
             ))  # fmt: skip
         except VfxError as exc:
             exc.patient_id = exc.patient_id or pid

@@ -207,6 +207,26 @@ def series_record(headers: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+SUMMED_SERIES_FIELDS = ("instance_count", "n_frames", "total_bytes")
+
+
+def merge_series(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """The :func:`series_record` of the union of two disjoint parts of one series, from their
+    records alone (a series spread over chunks is indexed chunk by chunk). Either may hold only
+    some of its keys (a summary keeps its first): the fields "from the first object" come
+    from the part with the smaller first key."""
+    first, other = (a, b) if a["object_keys"][0] <= b["object_keys"][0] else (b, a)
+    merged = {**first, **{n: int(a[n]) + int(b[n]) for n in SUMMED_SERIES_FIELDS}}
+    syntaxes = {*a["transfer_syntax_uid"].split("\\"), *b["transfer_syntax_uid"].split("\\")}
+    merged["transfer_syntax_uid"] = "\\".join(sorted(syntaxes))
+    merged["all_have_pixel_data"] = bool(a["all_have_pixel_data"] and b["all_have_pixel_data"])
+    merged["object_keys"] = sorted(first["object_keys"] + other["object_keys"])
+    boxes = (a["extent_mm"], b["extent_mm"])
+    merged["extent_mm"] = None if None in boxes else [
+        min(lo) if i % 2 == 0 else max(lo) for i, lo in enumerate(zip(*boxes, strict=True))]
+    return merged
+
+
 def plane(orientation: list[float] | None) -> str | None:
     """``axial``, ``sagittal``, ``coronal`` or ``oblique``: the plane of a slice from its
     ImageOrientationPatient (a gantry tilt up to ~45 degrees is still axial)."""

@@ -12,18 +12,16 @@ from __future__ import annotations
 
 from typing import Any
 
-import pandas as pd
 import ray
 
-from vfx_ray import storage
 from vfx_ray.config import CropConfig
 from vfx_ray.imaging import dicom
 from vfx_ray.pipeline import tasks
+from vfx_ray.pipeline.shards import ShardJob, shard_batch
 
 DECODE_MEMORY_CAP = 4 << 30
 DECODE_WORKER_BYTES = 512 << 20  # the worker itself: Python, numpy, pyarrow, pydicom, SimpleITK
 SERIES_BYTES_PER_VOXEL = 2  # stored CT pixels are 16-bit; compressed ones are smaller
-INDEX_BATCH = 256  # objects per header-index task
 
 
 def decode_memory(input_bytes: int, max_voxels: int = dicom.MAX_VOXELS, cap: int = DECODE_MEMORY_CAP) -> int:
@@ -51,20 +49,11 @@ def _ordered(items: list[dict[str, Any]], blocks: int | None = None) -> ray.data
     return ds
 
 
-def header_index(entries: list[storage.FileEntry], cfg: CropConfig) -> ray.data.Dataset:
-    """Wire rows of every object's header, read by ranged GETs, ``INDEX_BATCH`` objects a task."""
-    blocks = min(-(-len(entries) // INDEX_BATCH), 1000)
-    return _ordered([{"uri": e.uri, "size": e.size} for e in entries], blocks).map_batches(
-        tasks.index_batch, fn_kwargs={"cfg": cfg}, batch_format="pyarrow", batch_size=INDEX_BATCH, num_cpus=1)
-
-
-def chunks(
-    items: list[dict[str, Any]], cfg: CropConfig, annotations: pd.DataFrame, num_cpus: float = 1
-) -> ray.data.Dataset:
-    """Wire rows of the first pass, one task per chunk (``passes.chunk_items``)."""
-    memory = decode_memory(max(tasks.CHUNK_BYTES, cfg.max_file_bytes))  # a chunk's objects, read whole
-    return _ordered(items).map_batches(tasks.chunk_batch, fn_kwargs={"cfg": cfg, "annotations": annotations},
-                                       batch_format="pyarrow", batch_size=1, num_cpus=num_cpus, memory=memory)
+def shards(items: list[dict[str, Any]], job: ShardJob, num_cpus: float = 1) -> ray.data.Dataset:
+    """Wire rows of the first pass, one task per shard (:func:`shards.shards`), a block per chunk."""
+    memory = decode_memory(max(tasks.CHUNK_BYTES, job.cfg.max_file_bytes))  # a chunk's objects, read whole
+    return _ordered(items).map_batches(shard_batch, fn_kwargs={"job": job}, batch_format="pyarrow", batch_size=1,
+                                       num_cpus=num_cpus, memory=memory)
 
 
 def patients(items: list[dict[str, str]], cfg: CropConfig, num_cpus: float = 1) -> ray.data.Dataset:

@@ -1,10 +1,10 @@
 """What a Ray task does, as plain functions over object keys and bytes (no Ray here).
 
-Three task bodies, each a ``map_batches`` function that takes a pyarrow batch and returns
-:mod:`wire` rows, and never raises for a bad study (every failure becomes an error row):
-- :func:`index_batch`: headers only, from ranged reads (score's re-runs);
-- :func:`chunk_batch`: a chunk of the listing indexed, and every annotated series it holds
-  cropped (the first pass of both jobs);
+What a task does with its objects, as :mod:`wire` rows; nothing here raises for a bad study
+(every failure becomes an error row):
+- :func:`index_only`: a chunk's headers only, from ranged reads (score's re-runs);
+- :func:`index_and_crop`: a chunk indexed, and every annotated series it holds cropped (the
+  first pass of both jobs; :mod:`shards` lists and cuts the chunks);
 - :func:`patient_batch`: one patient's planned series read and cropped (the second pass).
 
 Both crop steps read by a plan (:func:`choose_plan`): "whole" reads each object once and
@@ -31,7 +31,7 @@ from vfx_ray.imaging import dicom, geometry
 from vfx_ray.imaging.guards import parse
 from vfx_ray.imaging.roi import RoiBox
 from vfx_ray.pipeline import wire
-from vfx_ray.pipeline.wire import CROP_WIRE, Kind, fingerprint, row
+from vfx_ray.pipeline.wire import CROP_WIRE, Kind, keys_hash, row
 
 # Headers are read from a ranged GET of the first bytes: a CT header is a few KiB, the pixel
 # data that follows is 128 KiB (256²) to 512 KiB (512²). A longer header is retried whole.
@@ -84,18 +84,29 @@ def read_one_header(uri: str, size: int, prefix: bytes | BaseException, cfg: Cro
     return read_one_header_parse(uri, size, prefix, cfg)[0]
 
 
-def index_batch(batch: pa.Table, cfg: CropConfig) -> pa.Table:
-    """A HEADERS row for the batch's readable objects, a HEADER_ERROR row for each other."""
-    uris, sizes = batch["uri"].to_pylist(), batch["size"].to_pylist()
+def series_rows(headers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One SERIES row per series of these headers: its record (:func:`dicom.series_record` of
+    these objects), their sizes and SOP class and instance UIDs in key order, and their keys'
+    mergeable hash. A series spread over chunks comes as one row per chunk (the driver merges)."""
+    by_key = {h["object_key"]: h for h in headers}
+    rows = []
+    for record in dicom.group_series(headers):
+        hs = [by_key[k] for k in record["object_keys"]]
+        meta = {"record": record, "sizes": [h["size"] for h in hs], "keys": keys_hash(record["object_keys"]),
+                "sops": [[h["sop_class_uid"], h["sop_instance_uid"]] for h in hs]}
+        rows.append(row("", Kind.SERIES, meta))
+    return rows
+
+
+def index_only(uris: list[str], sizes: list[int], cfg: CropConfig) -> list[dict[str, Any]]:
+    """SERIES rows of the objects' headers (ranged reads), a HEADER_ERROR row for each other."""
     rows, headers = [], []
     for uri, size, prefix in zip(uris, sizes, storage.read_many(uris, nbytes=HEADER_READ_BYTES), strict=True):
         try:
             headers.append(read_one_header(uri, size, prefix, cfg))
         except Exception as exc:  # noqa: BLE001 - every failure becomes an error row
             rows.append(row("", Kind.HEADER_ERROR, error_row(exc, "header", object_key=uri)))
-    if headers:
-        rows.append(row("", Kind.HEADERS, headers))
-    return pa.Table.from_pylist(rows, schema=CROP_WIRE)
+    return rows + series_rows(headers)
 
 
 # ---------------------------------------------------------------- one patient's crops
@@ -237,37 +248,27 @@ def annotations_for(annotations: pd.DataFrame, headers: list[dict[str, Any]]) ->
 
 def index_and_crop(uris: list[str], sizes: list[int], plan: str, cfg: CropConfig,
                    annotations: pd.DataFrame) -> list[dict[str, Any]]:
-    """One chunk's rows: HEADER_ERROR rows, one HEADERS row, then for each series the chunk
-    can crop a CANDIDATE row (its object keys' fingerprint), its CROP or ERROR rows and a
+    """One chunk's rows: HEADER_ERROR rows, its SERIES rows, then for each series the chunk
+    can crop a CANDIDATE row (its object keys' hash), its CROP or ERROR rows and a
     READS row; last a READS row of the whole chunk (no patient id).
 
     ``plan`` (:class:`ObjectsRead`) "whole": every object read whole once and the crops decoded
     from those bytes; "roi": every header by a ranged GET, then only the objects holding the
     slices an ROI needs read whole. The crops are candidates: the driver plans again on the
     whole archive's index and keeps them only when the chunk held the planned series complete
-    (:meth:`ArchiveIndex.read_once`).
+    (:meth:`index.ArchiveIndex.read_once`).
     """
     objs = ObjectsRead.by_plan(uris, sizes, plan, cfg)
     rows = list(objs.errors)
     if not objs.headers:
         return [*rows, objs.total(plan).row()]
-    rows.append(row("", Kind.HEADERS, objs.headers))  # one row: the rows that reach a model are crops
+    rows += series_rows(objs.headers)
     tasks, _ = ann_mod.plan_tasks(annotations_for(annotations, objs.headers), dicom.group_series(objs.headers),
                                   rules=cfg.series_rules)
     for t in tasks:  # the chunk's own join errors do not matter: the driver plans globally
-        meta = {"series_instance_uid": t.series_instance_uid, "keys": fingerprint(t.object_keys)}
+        meta = {"series_instance_uid": t.series_instance_uid, "keys": keys_hash(t.object_keys)}
         rows.append(row(t.patient_id, Kind.CANDIDATE, meta))
         task = json.loads(task_item(t)["task"])
         crops, needed = crop_series(task, objs.parsed, cfg, objs.fetch)
         rows += [*crops, objs.reads(plan, task, needed).row()]
     return [*rows, objs.total(plan).row()]
-
-
-def chunk_batch(batch: pa.Table, cfg: CropConfig, annotations: pd.DataFrame) -> pa.Table:
-    """Each chunk's rows closed by a CHUNK_END row naming it: with rows in order, a consumer
-    knows when a chunk is complete (``score`` commits chunks for resuming)."""
-    rows: list[dict[str, Any]] = []
-    for item in batch.to_pylist():
-        rows += index_and_crop(item["uris"], item["sizes"], item["plan"], cfg, annotations)
-        rows.append(row("", Kind.CHUNK_END, {"chunk": item["chunk"]}))
-    return pa.Table.from_pylist(rows, schema=CROP_WIRE)

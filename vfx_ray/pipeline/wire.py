@@ -26,14 +26,15 @@ class Kind(StrEnum):
 
     CROP = "crop"  # one crop's record; ``image`` is its float32 pixels
     ERROR = "error"  # an errors-table row of one patient (read, decode, crop)
-    HEADERS = "headers"  # a list: the parsed headers of one chunk's objects
+    SERIES = "series"  # one series' objects in one chunk: its record, sizes, SOP refs (index.series_part)
     HEADER_ERROR = "header_error"  # an errors-table row of one object whose header failed
     CANDIDATE = "candidate"  # a series a chunk cropped: its uid and object keys' fingerprint
-    CHUNK_END = "chunk_end"  # closes a chunk's rows: {"chunk": its name}
+    CHUNK_END = "chunk_end"  # closes a chunk's rows: {"chunk", "shard", "clean", "cached"} or a shard's end
+    CACHED = "cached"  # a chunk whose scored rows the output already holds: the driver reads them there
     READS = "reads"  # how one patient's series was read: plan, objects and bytes (see tasks.Reads)
 
 
-INDEX_KINDS = (Kind.HEADERS, Kind.HEADER_ERROR, Kind.CANDIDATE)  # what the driver plans on
+INDEX_KINDS = (Kind.SERIES, Kind.HEADER_ERROR, Kind.CANDIDATE)  # what the driver plans on
 RESULT_KINDS = (Kind.CROP, Kind.ERROR)  # what a patient's result is made of
 
 CROP_WIRE = pa.schema(
@@ -77,6 +78,23 @@ def crops(task: dict[str, Any], records: list[dict[str, Any]]) -> list[dict[str,
 def fingerprint(keys: list[str]) -> str:
     """A short name for a set of object keys (order does not matter)."""
     return hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()[:24]
+
+
+KEYS_HASH_BYTES = 12
+
+
+def keys_hash(keys: list[str]) -> str:
+    """A set of object keys as a hash that merges (:func:`merge_hashes`): the XOR of each key's
+    hash. A series spread over chunks gets its hash from its parts' hashes, without its keys."""
+    acc = 0
+    for k in keys:
+        acc ^= int.from_bytes(hashlib.sha256(k.encode()).digest()[:KEYS_HASH_BYTES], "big")
+    return f"{acc:0{2 * KEYS_HASH_BYTES}x}"
+
+
+def merge_hashes(a: str, b: str) -> str:
+    """The :func:`keys_hash` of the union of two disjoint key sets."""
+    return f"{int(a, 16) ^ int(b, 16):0{2 * KEYS_HASH_BYTES}x}"
 
 
 def of_kind(table: pa.Table, kinds: tuple[Kind, ...]) -> pa.Table:

@@ -23,12 +23,12 @@ import pyarrow.compute as pc
 from vfx_ray import layout, storage
 from vfx_ray.config import CropConfig
 from vfx_ray.contracts import scores_schema
-from vfx_ray.pipeline import passes
 from vfx_ray.pipeline.wire import SCORED_WIRE
 
 PARTS = "_parts"
 CHUNK_DIR = "chunks"
 FEATURES_DIR = "features"
+WIRE_VERSION = 2  # the chunk rows' format: 2 indexes series (SERIES rows), 1 held every header
 
 
 # ---------------------------------------------------------------- committed patients
@@ -97,7 +97,7 @@ def features_table(pid: str, slices: list[dict]) -> pa.Table:
 # ---------------------------------------------------------------- the first pass's chunks
 def cache_key(model_id: str, cfg: CropConfig, features: bool, annotations: pd.DataFrame) -> str:
     """What a chunk's scored rows depend on, besides its objects (named by the chunk)."""
-    settings = {"model": model_id, "crops": dataclasses.asdict(cfg), "features": features}
+    settings = {"model": model_id, "crops": dataclasses.asdict(cfg), "features": features, "wire": WIRE_VERSION}
     h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
     h.update(json.dumps(list(map(str, annotations.columns))).encode())
     h.update(pd.util.hash_pandas_object(annotations.astype(str), index=False).values.tobytes())
@@ -119,9 +119,9 @@ class ChunkCache:
     def read(self, chunk: str) -> pa.Table:
         return storage.read_table(self._uri(chunk)).cast(SCORED_WIRE)
 
-    def commit(self, chunk: str | None, rows: pa.Table, uris: list[str]) -> None:
-        if chunk is not None and passes.clean_chunk(rows, uris):
-            storage.write_table(rows, self._uri(chunk))
+    def commit(self, chunk: str, rows: pa.Table) -> None:
+        """Commit a chunk that its task found clean (every header read, no error row)."""
+        storage.write_table(rows, self._uri(chunk))
 
 
 # ---------------------------------------------------------------- the final files

@@ -27,7 +27,9 @@ from vfx_ray import contracts, layout, storage
 from vfx_ray.config import CropConfig
 from vfx_ray.contracts import CropsSummary
 from vfx_ray.imaging import pseudonym
+from vfx_ray.pipeline import index as index_mod
 from vfx_ray.pipeline import passes, wire
+from vfx_ray.pipeline.shards import ShardJob
 
 
 def run_crops(archive_uri: str, annotations_uri: str, out_uri: str, cfg: CropConfig | None = None, *,
@@ -40,17 +42,15 @@ def run_crops(archive_uri: str, annotations_uri: str, out_uri: str, cfg: CropCon
     pseudo = pseudonym.maybe(pseudonymize, archive_uri)
     ensure_ray()
     t0 = time.monotonic()
-    entries, errors = passes.list_archive(archive_uri, cfg)
-    annotations, mask_errors = passes.read_annotations(annotations_uri)
-    errors += mask_errors
+    annotations, errors = passes.read_annotations(annotations_uri)
     reads = ReadLog()
     with tempfile.TemporaryDirectory(prefix="vfx-crops-") as tmp:
         spill = os.path.join(tmp, "first_pass.parquet")  # candidates on disk: memory stays flat
-        index = first_pass(archive_uri, entries, annotations, cfg, spill, reads, progress)
+        index = first_pass(archive_uri, annotations, cfg, spill, reads, progress)
         plan = passes.plan(annotations, index, cfg, pseudo)
-        storage.write_table(_hide(pseudo, series_table(plan)), storage.join(out_uri, layout.SERIES_INDEX))
+        write_series_index(index, plan, storage.join(out_uri, layout.SERIES_INDEX), pseudo)
         second = plan.second_pass()
-        stream = tqdm(passes.second_pass(second, cfg, "crop", plan.sizes), total=len(second), desc="crops: patients",
+        stream = tqdm(passes.second_pass(second, cfg, "crop", index), total=len(second), desc="crops: patients",
                       unit="patient", disable=not progress)
         results = itertools.chain(read_once_results(spill, plan.read_once, cfg),
                                   second_pass_results(stream, cfg, reads))
@@ -78,30 +78,33 @@ def run_crops(archive_uri: str, annotations_uri: str, out_uri: str, cfg: CropCon
     return summary
 
 
-def first_pass(archive_uri: str, entries: list[storage.FileEntry], annotations: pd.DataFrame, cfg: CropConfig,
-               spill: str, reads: ReadLog, progress: bool) -> passes.ArchiveIndex:
+def first_pass(archive_uri: str, annotations: pd.DataFrame, cfg: CropConfig, spill: str, reads: ReadLog,
+               progress: bool) -> index_mod.ArchiveIndex:
     """The first pass: the archive index, candidates' rows spilled to ``spill``, reads logged."""
     with pq.ParquetWriter(spill, wire.CROP_WIRE) as spill_writer:
-        def keep(_chunk: str | None, rows: pa.Table) -> None:
+        def keep(_end: dict | None, rows: pa.Table) -> pa.Table:
             spill_writer.write_table(wire.of_kind(rows, wire.RESULT_KINDS))
             reads.take(rows, first=True)
+            return rows
 
-        chunks = passes.first_pass_chunks(entries, cfg, annotations, root=archive_uri)
-        return passes.first_pass(chunks, entries, keep, "crops: objects read", progress)
+        run = passes.FirstPass(archive_uri, ShardJob(cfg, annotations, archive_uri), "crops: objects read", progress)
+        return passes.first_pass(run, os.path.dirname(spill), keep)
 
 
-def series_table(plan: passes.Plan) -> pa.Table:
-    """The series index, each series marked ``selected`` (the crops come from it) and with
-    ``selection``: ``selected``, named in the annotations, why the series rules passed it
-    over, or empty for a series of a patient not annotated."""
-    if not plan.series:
-        return pa.table({"series_instance_uid": pa.array([], pa.string())})
+def write_series_index(index: index_mod.ArchiveIndex, plan: passes.Plan, uri: str,
+                       pseudo: pseudonym.Pseudonymizer | None, batch: int = 512) -> None:
+    """The series index streamed from the index's parts: each series marked ``selected`` (the
+    crops come from it) and with ``selection``: ``selected``, named in the annotations, why
+    the series rules passed it over, or empty for a series of a patient not annotated."""
     chosen = {t.series_instance_uid for t in plan.tasks}
-    rows = []
-    for s in plan.series:
-        uid = s["series_instance_uid"]
-        rows.append({**s, "selected": uid in chosen, "selection": plan.selection.get(uid)})
-    return pa.Table.from_pylist(rows)
+    schema = contracts.SERIES_INDEX_SCHEMA
+    with storage.atomic_output(uri) as sink, pq.ParquetWriter(sink, schema) as writer:
+        series = iter(index.series_objects())
+        while rows := list(itertools.islice(series, batch)):
+            table = pa.Table.from_pylist([{**s, "selected": s["series_instance_uid"] in chosen,
+                                           "selection": plan.selection.get(s["series_instance_uid"])} for s in rows],
+                                         schema=schema)
+            writer.write_table(_hide(pseudo, table))
 
 
 def _hide(pseudo: pseudonym.Pseudonymizer | None, table: pa.Table) -> pa.Table:

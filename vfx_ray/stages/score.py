@@ -18,8 +18,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import itertools
 import json
+import tempfile
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -37,7 +37,9 @@ from vfx_ray.evaluation import metrics
 from vfx_ray.export import delivery
 from vfx_ray.imaging import pseudonym
 from vfx_ray.imaging.annotations import DEFAULT_CLASSES, PatientTask
+from vfx_ray.pipeline import index as index_mod
 from vfx_ray.pipeline import passes, wire
+from vfx_ray.pipeline.shards import ShardJob
 from vfx_ray.pipeline.wire import Kind
 from vfx_ray.stages import committed_parts
 
@@ -196,30 +198,30 @@ class ScoreJob:
         ensure_ray()
         t0 = time.monotonic()
         self._place()
-        entries, errors = passes.list_archive(self.archive_uri, self.cfg)
-        annotations, mask_errors = passes.read_annotations(annotations_uri)
-        errors += mask_errors
+        annotations, errors = passes.read_annotations(annotations_uri)
         done = committed_parts.committed(self.out_uri, self.models.model_id)
         done_ids = set(done["patient_id"].to_pylist()) if done is not None else set()
-        index, first = self.score_chunks(entries, annotations, bool(done_ids))
-        plan = passes.plan(annotations, index, self.cfg, self.pseudo)
-        shown = self.pseudo.patient if self.pseudo else (lambda pid: pid)  # the id as written out
-        todo = [t for t in plan.tasks if shown(t.patient_id) not in done_ids]
-        errors += plan.errors
-        self.plan, self.headers = plan, index.headers  # the reports refer to the planned series
-        sink = PatientSink(self, len(todo))
-        second = plan.second_pass(skip=lambda pid: shown(pid) in done_ids)
-        try:
-            errors += self.score_rest(todo, plan, first, second, sink)
-        except BaseException:
-            with contextlib.suppress(Exception):  # keep what is finished, if the output takes it
-                sink.writer.flush()
-            raise
-        sink.close()
-        head = {"patients_planned": len(plan.tasks), "scored_now": sink.scored, "skipped_already_scored": len(done_ids)}
-        reads = {"patients_read_once": len(plan.read_once & {t.patient_id for t in todo}),
-                 "patients_second_pass": len(second), "chunks": first.chunks, "chunks_reused": first.chunks_reused}
-        return self.write(errors, head, reads, time.monotonic() - t0)
+        with tempfile.TemporaryDirectory(prefix="vfx-score-") as tmp:
+            self.index, first = self.score_chunks(annotations, bool(done_ids), tmp)
+            plan = passes.plan(annotations, self.index, self.cfg, self.pseudo)
+            shown = self.pseudo.patient if self.pseudo else (lambda pid: pid)  # the id as written out
+            todo = [t for t in plan.tasks if shown(t.patient_id) not in done_ids]
+            errors += plan.errors
+            self.plan = plan  # the reports refer to the planned series
+            sink = PatientSink(self, len(todo))
+            second = plan.second_pass(skip=lambda pid: shown(pid) in done_ids)
+            try:
+                errors += self.score_rest(todo, plan, first, second, sink)
+            except BaseException:
+                with contextlib.suppress(Exception):  # keep what is finished, if the output takes it
+                    sink.writer.flush()
+                raise
+            sink.close()
+            head = {"patients_planned": len(plan.tasks), "scored_now": sink.scored,
+                    "skipped_already_scored": len(done_ids)}
+            reads = {"patients_read_once": len(plan.read_once & {t.patient_id for t in todo}),
+                     "patients_second_pass": len(second), "chunks": first.chunks, "chunks_reused": first.chunks_reused}
+            return self.write(errors, head, reads, time.monotonic() - t0)
 
     def _place(self) -> None:
         """Where the model runs: up to one actor per GPU the cluster can have, or CPU actors."""
@@ -261,34 +263,37 @@ class ScoreJob:
         return ds.map_batches(SliceScorer, fn_constructor_kwargs=kwargs, batch_size=self.batch_size,
                               batch_format="pyarrow", compute=pool, **resources)
 
-    def score_chunks(self, entries: list[storage.FileEntry], annotations: pd.DataFrame,
-                   resumed: bool) -> tuple[passes.ArchiveIndex, FirstPassResults]:
+    def score_chunks(self, annotations: pd.DataFrame, resumed: bool, folder: str
+                     ) -> tuple[index_mod.ArchiveIndex, FirstPassResults]:
         """A fresh ``--out``: index, crop and score each chunk, committing finished chunks
-        (resumable by chunk). A re-run over committed patients: ranged header reads only."""
+        (resumable by chunk: a committed chunk is read back, not run). A re-run over committed
+        patients: ranged header reads only. The index's parts go to ``folder``."""
         first = FirstPassResults()
         if resumed:
-            return passes.index_headers(entries, self.cfg), first
+            job = ShardJob(self.cfg, annotations, self.archive_uri, headers_only=True)
+            return passes.first_pass(passes.FirstPass(self.archive_uri, job, "score: headers read",
+                                                      self.options.progress), folder), first
         cache = None  # pseudonymised runs keep real ids out of the output store: no chunk commits
         if not self.pseudo:
             key = committed_parts.cache_key(self.models.model_id, self.cfg, self.options.features, annotations)
             cache = committed_parts.ChunkCache(self.out_uri, key)
-        items = passes.chunk_items(entries, self.cpus, self.cfg, self.archive_uri)
-        first.chunks = len(items)
-        reused = [i for i in items if cache and i["chunk"] in cache.names]
-        fresh = [i for i in items if i not in reused]
-        first.chunks_reused = len(reused)
-        uris = {i["chunk"]: i["uris"] for i in fresh}
 
-        def keep(chunk: str | None, rows: pa.Table) -> None:
-            if cache and chunk in uris:
-                cache.commit(chunk, rows, uris[chunk])
+        def keep(end: dict[str, Any] | None, rows: pa.Table) -> pa.Table:
+            if end and end["chunk"] and cache:
+                if end["cached"]:
+                    rows = cache.read(end["chunk"])
+                elif end["clean"]:
+                    cache.commit(end["chunk"], rows)
+            if end and end["chunk"]:
+                first.chunks += 1
+                first.chunks_reused += bool(end["cached"])
             first.take(rows)
+            return rows
 
-        chunks = [(i["chunk"], cache.read(i["chunk"])) for i in reused] if cache else []
-        fresh_chunks = passes.first_pass_chunks(entries, self.cfg, annotations, self.scoring, DECODE_CPUS, fresh)
-        index = passes.first_pass(itertools.chain(chunks, fresh_chunks), entries, keep, "score: objects read",
-                                  self.options.progress)
-        return index, first
+        job = ShardJob(self.cfg, annotations, self.archive_uri, cached=frozenset(cache.names if cache else ()))
+        run = passes.FirstPass(self.archive_uri, job, "score: objects read", self.options.progress, self.scoring,
+                               DECODE_CPUS)
+        return passes.first_pass(run, folder, keep), first
 
     def score_rest(self, todo: list[PatientTask], plan: passes.Plan, first: FirstPassResults,
                    second: list[PatientTask], sink: PatientSink) -> list[dict[str, Any]]:
@@ -298,7 +303,7 @@ class ScoreJob:
             if t.patient_id in plan.read_once:
                 errors += first.errors.get(t.patient_id, [])
                 sink.add(t.patient_id, first.slices.get(t.patient_id, []))
-        for patient in passes.second_pass(second, self.cfg, "score", plan.sizes, self.scoring, DECODE_CPUS):
+        for patient in passes.second_pass(second, self.cfg, "score", self.index, self.scoring, DECODE_CPUS):
             errors += patient.errors
             sink.add(patient.task.patient_id, scored_slices(patient.rows) if patient.rows is not None else [])
         return errors
@@ -332,7 +337,9 @@ class ScoreJob:
         from vfx_ray.export import patient_reports
 
         key_image = patient_reports.key_image_maker(self.models.files, self.cfg) if self.options.key_images else None
-        work = patient_reports.work(table, self.plan.tasks, self.headers, self.cfg, self.pseudo, key_image)
+        tasks = self.plan.tasks
+        series = self.index.series_objects({t.series_instance_uid for t in tasks})
+        work = patient_reports.work(table, tasks, series, self.cfg, self.pseudo, key_image)
         bar = tqdm(total=table.num_rows, desc="score: reports", unit="patient", disable=not self.options.progress)
         with bar:
             return delivery.push(self.options.sr_out, work, on_patient=lambda: bar.update(1))

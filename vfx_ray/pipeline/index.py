@@ -1,0 +1,164 @@
+"""The archive index on the driver: one summary per series, its objects on local disk.
+
+Workers index headers chunk by chunk and send one SERIES row per (chunk, series): the series'
+record for its objects in that chunk, with their keys, sizes and SOP references
+(:func:`tasks.series_rows`). The driver keeps one summary per series, merged across chunks
+(:func:`dicom.merge_series`; no object keys: their set as a mergeable hash), and appends each
+row as it comes to a local Parquet file. What needs a series' objects (the series index file,
+the second pass, the reports) streams them back from there (:meth:`ArchiveIndex.series_objects`).
+So what the driver holds grows with the number of series, not of objects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from vfx_ray.config import CropConfig
+from vfx_ray.errors import VfxError
+from vfx_ray.imaging import annotations as ann_mod
+from vfx_ray.imaging import dicom
+from vfx_ray.pipeline import shards, wire
+from vfx_ray.pipeline.wire import Kind
+
+PARTS_SCHEMA = pa.schema([("series", pa.string()), ("shard", pa.int64()), ("meta", pa.string())])
+PRIVATE = ("object_keys", "keys_hash")  # a summary's bookkeeping, not series-index columns
+
+
+def lost(stage: str, doing: str, **ids: str | None) -> dict[str, Any]:
+    """The error row of a patient or object whose task Ray gave up on."""
+    message = f"the task {doing} was lost (worker crash or out of memory) after Ray's retries"
+    return VfxError(stage, message, error_type="TaskLost", **ids).row()
+
+
+def series_key(record: dict[str, Any]) -> str:
+    """What a series is merged by: its uid (a DICOMDIR, which has none, by its object key)."""
+    uid = record["series_instance_uid"]
+    return uid if uid is not None else "\0" + record["object_keys"][0]
+
+
+@dataclasses.dataclass
+class ArchiveIndex:
+    """What the driver learns from the index rows of a pass: a summary per series, the
+    objects whose header failed, the series each chunk cropped as candidates, and which
+    shards came back whole. ``folder``: where the series' parts are written."""
+
+    folder: str
+    series: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    parts: dict[str, int] = dataclasses.field(default_factory=dict)  # series key -> its rows
+    errors: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    candidates: dict[str, set[tuple[str, str]]] = dataclasses.field(default_factory=dict)  # pid -> {(uid, hash)}
+    shards_done: set[int] = dataclasses.field(default_factory=set)
+    objects: int = 0  # objects with a SERIES or HEADER_ERROR row
+    _writer: pq.ParquetWriter | None = None
+
+    @property
+    def path(self) -> str:
+        return os.path.join(self.folder, "series_parts.parquet")
+
+    def absorb(self, table: pa.Table, shard: int | None = None) -> None:
+        """Take a table's index rows (any wire schema) of ``shard``; other rows are left to the caller."""
+        index = wire.of_kind(table, wire.INDEX_KINDS)
+        parts: list[tuple[str, str]] = []
+        for pid, kind, text in zip(index["patient_id"].to_pylist(), index["kind"].to_pylist(),
+                                   index["meta"].to_pylist(), strict=True):
+            meta = json.loads(text)
+            if kind == Kind.SERIES:
+                parts.append((self._take(meta), text))
+            elif kind == Kind.HEADER_ERROR:
+                self.errors.append(meta)
+                self.objects += 1
+            else:
+                self.candidates.setdefault(pid, set()).add((meta["series_instance_uid"], meta["keys"]))
+        if parts:
+            self._spill(parts, shard)
+
+    def _take(self, meta: dict[str, Any]) -> str:
+        record = meta["record"]
+        key = series_key(record)
+        summary = {**record, "object_keys": record["object_keys"][:1], "keys_hash": meta["keys"]}
+        old = self.series.get(key)
+        if old is not None:
+            merged = dicom.merge_series(old, summary)
+            summary = {**merged, "object_keys": merged["object_keys"][:1],
+                       "keys_hash": wire.merge_hashes(old["keys_hash"], summary["keys_hash"])}
+        self.series[key] = summary
+        self.parts[key] = self.parts.get(key, 0) + 1
+        self.objects += record["instance_count"]
+        return key
+
+    def _spill(self, parts: list[tuple[str, str]], shard: int | None) -> None:
+        if self._writer is None:
+            os.makedirs(self.folder, exist_ok=True)
+            self._writer = pq.ParquetWriter(self.path, PARTS_SCHEMA)
+        self._writer.write_table(pa.table({"series": [k for k, _ in parts], "shard": [shard] * len(parts),
+                                           "meta": [t for _, t in parts]}, schema=PARTS_SCHEMA))
+
+    def close(self) -> None:
+        """Finish the parts file (before :meth:`series_objects`)."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def summaries(self) -> list[dict[str, Any]]:
+        """Every series' record without its object keys, in :func:`dicom.group_series`' order."""
+        keys = sorted(self.series, key=lambda k: (k.startswith("\0"), k))
+        return [{k: v for k, v in self.series[key].items() if k not in PRIVATE} for key in keys]
+
+    def _rows(self, shard: int | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
+        if not os.path.exists(self.path):
+            return
+        for batch in pq.ParquetFile(self.path).iter_batches(batch_size=256):
+            table = pa.Table.from_batches([batch])
+            if shard is not None:
+                table = table.filter(pc.equal(table["shard"], shard))
+            for key, text in zip(table["series"].to_pylist(), table["meta"].to_pylist(), strict=True):
+                yield key, json.loads(text)
+
+    def series_objects(self, wanted: set[str] | None = None) -> Iterator[dict[str, Any]]:
+        """Series records with every object key, and ``object_sizes`` and ``sops`` (SOP class
+        and instance UIDs) in key order: those of ``wanted`` uids (default: all), in the order
+        the archive was read. Holds only the series spread over chunks until they are whole."""
+        waiting: dict[str, list[dict[str, Any]]] = {}
+        for key, meta in self._rows():
+            if wanted is not None and self.series[key]["series_instance_uid"] not in wanted:
+                continue
+            waiting.setdefault(key, []).append(meta)
+            if len(waiting[key]) == self.parts[key]:
+                yield whole_series(waiting.pop(key))
+
+    def read_once(self, planned: list[ann_mod.PatientTask]) -> set[str]:
+        """Patients whose first-pass crops came from exactly their planned series, complete."""
+        return {t.patient_id for t in planned
+                if self.candidates.get(t.patient_id) == {(t.series_instance_uid,
+                                                          self.series[t.series_instance_uid]["keys_hash"])}}
+
+    def report_lost(self, all_shards: list[dict[str, Any]], root: str, cfg: CropConfig) -> None:
+        """An error row for each object of a shard whose task never finished (its folders are
+        listed again here, and what its finished chunks indexed is taken off)."""
+        for shard in all_shards:
+            if shard["shard"] in self.shards_done:
+                continue
+            seen = {k for _, meta in self._rows(shard["shard"]) for k in meta["record"]["object_keys"]}
+            seen |= {e.get("object_key") for e in self.errors}  # keys are unique across shards
+            entries, _ = shards.list_shard(shard, root, cfg)
+            self.errors += [lost("header", "reading this object", object_key=e.uri)
+                            for e in entries if e.uri not in seen]
+
+
+def whole_series(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One series' record from its SERIES rows' metas, with its objects' sizes and SOP refs."""
+    record = parts[0]["record"]
+    for p in parts[1:]:
+        record = dicom.merge_series(record, p["record"])
+    by_key = {k: (size, sop) for p in parts
+              for k, size, sop in zip(p["record"]["object_keys"], p["sizes"], p["sops"], strict=True)}
+    return {**record, "object_sizes": [by_key[k][0] for k in record["object_keys"]],
+            "sops": [by_key[k][1] for k in record["object_keys"]]}
