@@ -226,13 +226,13 @@ def test_a_lost_shard_reports_each_object_its_finished_chunks_did_not_index(tmp_
     index.absorb(table([series_row(*keys),
                         wire.row("", Kind.HEADER_ERROR, {"object_key": str(root / "P1" / "x"), "error_type": "Bad"})]),
                  shard=0)
-    index.close()
     the_shards = [{"shard": 0, "folders": [str(root / "P1")], "files": []}]
-    index.report_lost(the_shards, str(root), CFG)
+    index.finish(the_shards, str(root), CFG)  # the parts file closed, then read back
     assert [(e.get("object_key"), e["error_type"]) for e in index.errors] == [
         (str(root / "P1" / "x"), "Bad"), (str(root / "P1" / "z"), "TaskLost")]
+    assert [s["object_keys"] for s in index.series_objects()] == [keys]
     index.shards_done.add(0)
-    index.report_lost(the_shards, str(root), CFG)  # a finished shard: nothing more
+    index.finish(the_shards, str(root), CFG)  # a finished shard: nothing more
     assert len(index.errors) == 2
 
 

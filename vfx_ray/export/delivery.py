@@ -100,27 +100,29 @@ def target_name(uri: str) -> str:
     return dicomweb.service_url(uri) if dicomweb.is_dicomweb(uri) else uri
 
 
-def with_retries(step: Callable[[], Any]) -> Any:
+def with_retries(step: Callable[[], Any], backoff_s: float | None = None) -> Any:
     """``step()`` again after an :class:`Unreachable`, waiting longer each time (RETRIES
-    attempts, BACKOFF_S then doubling: 3.5 s in all)."""
+    attempts, ``backoff_s`` (default BACKOFF_S) then doubling: 3.5 s in all)."""
+    backoff_s = BACKOFF_S if backoff_s is None else backoff_s
     for attempt in range(RETRIES):
         try:
             return step()
         except Unreachable:
             if attempt == RETRIES - 1:
                 raise
-            time.sleep(BACKOFF_S * 2**attempt)
+            time.sleep(backoff_s * 2**attempt)
     raise AssertionError("unreachable")
 
 
-def send(sink: FolderSink | DicomwebSink, datasets: Iterable[Dataset]) -> tuple[int, int]:
+def send(sink: FolderSink | DicomwebSink, datasets: Iterable[Dataset], backoff_s: float | None = None
+         ) -> tuple[int, int]:
     """Each object unless the target has it: (sent, already there)."""
     sent = there = 0
     for ds in datasets:
-        if with_retries(lambda d=ds: sink.has(d)):
+        if with_retries(lambda d=ds: sink.has(d), backoff_s):
             there += 1
         else:
-            with_retries(lambda d=ds: sink.put(d))
+            with_retries(lambda d=ds: sink.put(d), backoff_s)
             sent += 1
     return sent, there
 
@@ -134,6 +136,11 @@ class Outcome:
     patients: int = 0
     errors: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
+    def add(self, other: Outcome) -> None:
+        self.sent, self.already_there = self.sent + other.sent, self.already_there + other.already_there
+        self.patients += other.patients
+        self.errors += other.errors
+
     def summary(self) -> dict[str, int]:
         return {"sr_objects_sent": self.sent, "sr_objects_already_there": self.already_there,
                 "sr_patients": self.patients, "sr_errors": len(self.errors)}
@@ -144,26 +151,40 @@ def error(patient_id: str | None, series_uid: str | None, error_type: str, messa
             "error_type": error_type, "message": message}
 
 
+class Sender:
+    """Builds and sends patients' objects to one target, one patient at a time, and stops
+    trying after ``GIVE_UP_AFTER`` patients in a row found it unreachable (each later patient
+    gets its error row at once). One per process: a Ray worker keeps its own."""
+
+    def __init__(self, uri: str, backoff_s: float | None = None) -> None:
+        self.uri, self.sink, self.unreachable, self.backoff_s = uri, sink_for(uri), 0, backoff_s
+
+    def patient(self, pid: str | None, series: str | None, build: Callable[[], list[Dataset]], out: Outcome) -> None:
+        """Add one patient's counts, or its error row, to ``out``; never raises."""
+        if self.unreachable >= GIVE_UP_AFTER:
+            out.errors.append(error(pid, series, "PacsUnreachable", f"not sent: {target_name(self.uri)} did not "
+                                    f"answer for the last {GIVE_UP_AFTER} patients; re-run score to send the rest"))
+            return
+        try:
+            sent, there = send(self.sink, build(), self.backoff_s)
+            out.sent, out.already_there, out.patients, self.unreachable = (
+                out.sent + sent, out.already_there + there, out.patients + 1, 0)
+        except Unreachable as exc:
+            self.unreachable += 1
+            out.errors.append(error(pid, series, "PacsUnreachable", f"{exc} after {RETRIES} attempts; "
+                                    "the scores are written: re-run score to send the report"))
+        except Refused as exc:
+            out.errors.append(error(pid, series, "PacsRefused", str(exc)))
+        except Exception as exc:  # noqa: BLE001 - one patient's report never stops the others
+            out.errors.append(error(pid, series, type(exc).__name__, f"no report: {exc}"))
+
+
 def push(uri: str, work: Iterable[tuple[str, str, Callable[[], list[Dataset]]]],
          on_patient: Callable[[], None] = lambda: None) -> Outcome:
-    """Build and send each patient's objects (``(patient, series, build)``); never raises for one patient."""
-    sink, out, unreachable = sink_for(uri), Outcome(), 0
+    """Build and send each patient's objects (``(patient, series, build)``) in this process;
+    never raises for one patient."""
+    sender, out = Sender(uri), Outcome()
     for pid, series, build in work:
-        if unreachable >= GIVE_UP_AFTER:
-            out.errors.append(error(pid, series, "PacsUnreachable", f"not sent: {target_name(uri)} did not answer "
-                                    f"for the last {GIVE_UP_AFTER} patients; re-run score to send the rest"))
-        else:
-            try:
-                sent, there = send(sink, build())
-                out.sent, out.already_there, out.patients, unreachable = (out.sent + sent, out.already_there + there,
-                                                                          out.patients + 1, 0)
-            except Unreachable as exc:
-                unreachable += 1
-                out.errors.append(error(pid, series, "PacsUnreachable", f"{exc} after {RETRIES} attempts; "
-                                        "the scores are written: re-run score to send the report"))
-            except Refused as exc:
-                out.errors.append(error(pid, series, "PacsRefused", str(exc)))
-            except Exception as exc:  # noqa: BLE001 - one patient's report never stops the others
-                out.errors.append(error(pid, series, type(exc).__name__, f"no report: {exc}"))
+        sender.patient(pid, series, build, out)
         on_patient()
     return out

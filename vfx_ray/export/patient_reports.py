@@ -1,7 +1,8 @@
 """The score job's reports: for each scored patient, its SR (and key image) built from the
 ``scores.parquet`` row, the planned series and one header read of that series, then sent by
-:mod:`delivery`. Runs on the driver after the scores are written (one ranged read per patient;
-``--key-images`` reads and decodes the series once more to draw its slice).
+:mod:`delivery`. Runs on the workers after the scores are written (``stages/reports.py``; one
+ranged read per patient; ``--key-images`` reads and decodes the series once more to draw its
+slice); :func:`work` runs it in the calling process.
 
 With ``--pseudonymize`` every identifier in the objects is the run's pseudonym (patient id
 and name, Study/Series/SOP Instance and Frame of Reference UIDs) and the birth date,
@@ -12,6 +13,7 @@ belong in a research PACS, which is where their pseudonymised study lives.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -59,46 +61,67 @@ def source_series(task: PatientTask, instances: list[list[str]], header: Dataset
 
 
 Build = Callable[[], list[Dataset]]
+KeyImage = Callable[[PatientTask, dict, sr.SourceSeries], Dataset]
 
 
-def work(table: pa.Table, tasks: list[PatientTask], series: Iterable[dict[str, Any]], cfg: CropConfig,
-         pseudo: Pseudonymizer | None, key_image: Callable[[PatientTask, dict, sr.SourceSeries], Dataset] | None
-         ) -> Iterator[tuple[str | None, str | None, Build]]:
-    """(patient, series, build) per scored row; ``build`` makes [key image, SR] when asked.
-    ``series``: the planned series with their objects (``index.ArchiveIndex.series_objects``),
-    streamed in the archive's order: the reports come in that order, holding one series at a time."""
+@dataclasses.dataclass
+class Report:
+    """One scored row's report to build: ``task`` (with its object keys) and ``instances``
+    (its series' SOP class and instance UIDs); no task: the row no longer matches the plan.
+    ``patient_id`` and ``series_instance_uid`` are as error rows name them."""
+
+    patient_id: str | None
+    series_instance_uid: str | None
+    row: dict[str, Any]
+    task: PatientTask | None = None
+    instances: list[list[str]] | None = None
+
+
+def reports(table: pa.Table, tasks: list[PatientTask], series: Iterable[dict[str, Any]],
+            pseudo: Pseudonymizer | None) -> Iterator[Report]:
+    """A :class:`Report` per scored row. ``series``: the planned series with their objects
+    (``index.ArchiveIndex.series_objects``), streamed in the archive's order: the reports come
+    in that order, and only the scored rows are held, not every series' objects."""
     shown = pseudo.patient if pseudo else (lambda pid: pid)
     by_shown = {shown(t.patient_id): t for t in tasks}
     waiting: dict[str, tuple[PatientTask, dict]] = {}  # series uid -> its task and scored row
     for row in table.to_pylist():
         task = by_shown.get(row["patient_id"])
         if task is None:  # the message names it; a pseudonymised run does not know its real id
-            pid, uid = (None, None) if pseudo else (row["patient_id"], row["series_instance_uid"])
-            yield pid, uid, _missing(row["patient_id"])
+            yield Report(*((None, None) if pseudo else (row["patient_id"], row["series_instance_uid"])), row)
         else:
             waiting[task.series_instance_uid] = (task, row)
     for s in series:
-        if s["series_instance_uid"] not in waiting:
-            continue
-        task, row = waiting.pop(s["series_instance_uid"])
-        task = dataclasses.replace(task, object_keys=s["object_keys"])
-        yield task.patient_id, task.series_instance_uid, _builder(task, row, s["sops"], cfg, pseudo, key_image)
+        if s["series_instance_uid"] in waiting:
+            task, row = waiting.pop(s["series_instance_uid"])
+            task = dataclasses.replace(task, object_keys=s["object_keys"])
+            yield Report(task.patient_id, task.series_instance_uid, row, task, s["sops"])
     for task, row in waiting.values():  # scored, but its series is no longer in the archive
-        yield task.patient_id, task.series_instance_uid, _missing(row["patient_id"])
+        yield Report(task.patient_id, task.series_instance_uid, row)
 
 
-def _builder(task: PatientTask, row: dict, instances: list[list[str]], cfg: CropConfig, pseudo: Pseudonymizer | None,
-             key_image: Callable[[PatientTask, dict, sr.SourceSeries], Dataset] | None) -> Build:
-    def build() -> list[Dataset]:
-        source = source_series(task, instances, study_header(task, cfg), pseudo)
-        key_images = [key_image(task, row, source)] if key_image else []
-        malignant = row["probability"] >= row["threshold"]  # how patient_row chose the prediction
-        return [*key_images, sr.structured_report(row, source, task.roi, malignant, key_images)]
-    return build
+def build(report: Report, cfg: CropConfig, pseudo: Pseudonymizer | None, key_image: KeyImage | None
+          ) -> list[Dataset]:
+    """[key image, SR] of one report; a LookupError for a row without its task or series."""
+    task, row = report.task, report.row
+    if task is None or report.instances is None:
+        raise LookupError(f"patient {row['patient_id']} has scores but is no longer in the annotations or the archive")
+    source = source_series(task, report.instances, study_header(task, cfg), pseudo)
+    key_images = [key_image(task, row, source)] if key_image else []
+    malignant = row["probability"] >= row["threshold"]  # how patient_row chose the prediction
+    return [*key_images, sr.structured_report(row, source, task.roi, malignant, key_images)]
 
 
-def key_image_maker(model_files: list[str], cfg: CropConfig) -> Callable[[PatientTask, dict, sr.SourceSeries], Dataset]:
-    """A function that draws a patient's key image: its series decoded once more on the driver,
+def work(table: pa.Table, tasks: list[PatientTask], series: Iterable[dict[str, Any]], cfg: CropConfig,
+         pseudo: Pseudonymizer | None, key_image: KeyImage | None) -> Iterator[tuple[str | None, str | None, Build]]:
+    """(patient, series, build) per scored row, for :func:`delivery.push` in this process;
+    ``build`` makes [key image, SR] when asked."""
+    for r in reports(table, tasks, series, pseudo):
+        yield r.patient_id, r.series_instance_uid, functools.partial(build, r, cfg, pseudo, key_image)
+
+
+def key_image_maker(model_files: list[str], cfg: CropConfig) -> KeyImage:
+    """A function that draws a patient's key image: its series decoded once more,
     the slice of the highest probability, the models' mean Grad-CAM (loaded once, on first use)."""
     from vfx_ray.export import key_image as drawing
     from vfx_ray.ml.model import load_model
@@ -120,9 +143,3 @@ def key_image_maker(model_files: list[str], cfg: CropConfig) -> Callable[[Patien
         return drawing.secondary_capture(rgb, source, row["patient_id"], row["model_id"])
 
     return make
-
-
-def _missing(pid: str) -> Build:
-    def fail() -> list[Dataset]:
-        raise LookupError(f"patient {pid} has scores but is no longer in the annotations or the archive")
-    return fail

@@ -140,7 +140,12 @@ class ArchiveIndex:
                 if self.candidates.get(t.patient_id) == {(t.series_instance_uid,
                                                           self.series[t.series_instance_uid]["keys_hash"])}}
 
-    def report_lost(self, all_shards: list[dict[str, Any]], root: str, cfg: CropConfig) -> None:
+    def finish(self, all_shards: list[dict[str, Any]], root: str, cfg: CropConfig) -> None:
+        """The pass is over: close the parts file, then report the objects of lost shards."""
+        self.close()
+        self._report_lost(all_shards, root, cfg)
+
+    def _report_lost(self, all_shards: list[dict[str, Any]], root: str, cfg: CropConfig) -> None:
         """An error row for each object of a shard whose task never finished (its folders are
         listed again here, and what its finished chunks indexed is taken off)."""
         for shard in all_shards:

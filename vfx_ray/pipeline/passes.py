@@ -108,8 +108,7 @@ def first_pass(run: FirstPass, folder: str, keep: Keep | None = None) -> Archive
         ds = (run.stage or (lambda d: d))(datasets.shards(parts, run.job, run.num_cpus))
         chunks = split_chunks(ds.iter_batches(batch_format="pyarrow", batch_size=None))
         index_chunks(chunks, index, keep or (lambda _end, rows: rows), run.desc, run.progress)
-    index.report_lost(parts, run.archive_uri, run.job.cfg)
-    index.close()
+    index.finish(parts, run.archive_uri, run.job.cfg)
     raise_if_store_down(index.errors)
     return index
 

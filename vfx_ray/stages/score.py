@@ -333,16 +333,18 @@ class ScoreJob:
         return summary
 
     def send_reports(self, table: pa.Table) -> delivery.Outcome:
-        """An SR (and key image) per scored patient, after the scores are safely written."""
+        """An SR (and key image) per scored patient, after the scores are safely written, built
+        and sent on the workers (:mod:`reports`), one actor per CPU at most."""
         from vfx_ray.export import patient_reports
+        from vfx_ray.stages import reports
 
-        key_image = patient_reports.key_image_maker(self.models.files, self.cfg) if self.options.key_images else None
+        o = self.options
         tasks = self.plan.tasks
         series = self.index.series_objects({t.series_instance_uid for t in tasks})
-        work = patient_reports.work(table, tasks, series, self.cfg, self.pseudo, key_image)
-        bar = tqdm(total=table.num_rows, desc="score: reports", unit="patient", disable=not self.options.progress)
+        job = reports.ReportJob(o.sr_out, self.models.files, self.cfg, self.pseudo, o.key_images)
+        bar = tqdm(total=table.num_rows, desc="score: reports", unit="patient", disable=not o.progress)
         with bar:
-            return delivery.push(self.options.sr_out, work, on_patient=lambda: bar.update(1))
+            return reports.push(job, patient_reports.reports(table, tasks, series, self.pseudo), self.cpus, bar.update)
 
 
 def label_metrics(table: pa.Table, threshold: float, classes: tuple[str, str]) -> dict[str, Any]:
