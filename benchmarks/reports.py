@@ -5,7 +5,7 @@ objects each) is scored with a 3-model ResNet50 ensemble (random weights: only t
 and ``--sr-out`` a folder with key images. When the scores are written, the same reports are
 built and written twice in the same run: first by the driver one patient after another
 (``patient_reports.work`` + ``delivery.push``, the path before issue 27: series read and
-decoded again, Grad-CAM, figure, SC and SR), then by the job itself (``stages/reports.py``:
+decoded again, Grad-CAM, figure, SC and SR), then by the job itself (``stages/outbox.py``:
 a Ray Data actor pool, one actor per CPU). Prints both times, their ratio, the driver's RSS
 before and after each path, and whether both wrote the same objects.
 
@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import STORE_ROOT
 from scale import template, write_archive
 
 
@@ -48,7 +49,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-reports-"))
     try:
         objects, row = template(work)
-        write_archive(objects, row, str(work / "archive"), args.patients)
+        STORE_ROOT.append(work)  # write_archive's "archive" is this folder's archive/
+        write_archive(objects, row, "archive", args.patients)
         for k in range(3):
             torch.manual_seed(k)
             (work / "run" / f"fold_{k}").mkdir(parents=True)

@@ -12,6 +12,7 @@ ratio of its peaks (largest / smallest) and the driver memory projected to 13 M 
 10,000-study clinical archive) from that slope.
 
     .venv/bin/python benchmarks/scale.py --objects 20000,200000
+    .venv/bin/python benchmarks/scale.py --objects 20000,200000 --patients 426   # more series, same patients
 """
 
 from __future__ import annotations
@@ -46,36 +47,40 @@ def template(work: Path) -> tuple[list[bytes], dict[str, str]]:
     return [f.read_bytes() for f in files], row
 
 
-def restamp(args: tuple[list[bytes], str, range]) -> list[tuple[str, str, str]]:
-    """Write patients ``ids`` of an archive: the template with new ids and UIDs. Returns
-    their (patient id, study uid, series uid)."""
+def restamp(args: tuple[list[bytes], str, range, int]) -> list[tuple[str, str, str]]:
+    """Write patients ``ids`` of an archive: the template with new ids and UIDs, ``series``
+    series each (the first is the annotated one). Returns their (patient id, study uid, series uid)."""
     import pydicom
     from pydicom.uid import generate_uid
 
-    objects, root, ids = args
+    objects, root, ids, series_each = args
     datasets = [pydicom.dcmread(io.BytesIO(b)) for b in objects]
     written = []
     for i in ids:
-        pid, study, series, frame = f"S{i:06d}", generate_uid(), generate_uid(), generate_uid()
-        folder = Path(root) / pid / series
-        folder.mkdir(parents=True)
-        for ds in datasets:
-            sop = generate_uid()
-            ds.PatientID, ds.PatientName = pid, pid
-            ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
-            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = sop
-            ds.save_as(folder / f"{sop}.dcm", enforce_file_format=True)
-        written.append((pid, study, series))
+        pid, study = f"S{i:06d}", generate_uid()
+        uids = [generate_uid() for _ in range(series_each)]
+        for series in uids:
+            frame = generate_uid()
+            folder = Path(root) / pid / series
+            folder.mkdir(parents=True)
+            for ds in datasets:
+                sop = generate_uid()
+                ds.PatientID, ds.PatientName = pid, pid
+                ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+                ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = sop
+                ds.save_as(folder / f"{sop}.dcm", enforce_file_format=True)
+        written.append((pid, study, uids[0]))
     return written
 
 
-def write_archive(objects: list[bytes], row: dict, uri: str, patients: int) -> None:
-    """``patients`` re-stamped copies under ``uri``/dicom and their annotations.csv."""
+def write_archive(objects: list[bytes], row: dict, uri: str, patients: int, series_each: int = 1) -> None:
+    """``patients`` re-stamped copies (``series_each`` series each) under ``uri``/dicom and
+    their annotations.csv (naming each patient's first series)."""
     import pandas as pd
 
     root = local_folder(f"{uri}/dicom")
     step = -(-patients // 16)
-    work = [(objects, root, range(a, min(a + step, patients))) for a in range(0, patients, step)]
+    work = [(objects, root, range(a, min(a + step, patients)), series_each) for a in range(0, patients, step)]
     with multiprocessing.get_context("spawn").Pool(os.cpu_count()) as pool:
         written = [w for part in pool.map(restamp, work) for w in part]
     rows = [{**row, "patient_id": pid, "study_instance_uid": study, "series_instance_uid": series,
@@ -116,6 +121,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--objects", default="20000,200000", help="archive sizes in objects, smallest first")
     ap.add_argument("--jobs", default="crops,score", help="which jobs to run on each archive")
+    ap.add_argument("--patients", type=int, help="the same patients in every archive, the objects reached by "
+                    "more series per patient (one annotated): growth per object with patients fixed")
     args = ap.parse_args()
 
     from vfx_ray.ml.model import build_model, save_model
@@ -126,12 +133,15 @@ def main() -> None:
     try:
         (work / "s3" / "vfx").mkdir(parents=True)
         objects, row = template(work)
-        sizes = {n: -(-n // len(objects)) for n in sorted(int(s) for s in args.objects.split(","))}  # -> patients
-        for n, patients in sizes.items():  # before the store starts: it caches the folders it has listed
+        sizes = {}  # objects -> (patients, series each)
+        for n in sorted(int(s) for s in args.objects.split(",")):
+            sizes[n] = (args.patients, -(-n // (args.patients * len(objects)))) if args.patients else (
+                -(-n // len(objects)), 1)
+        for n, (patients, series_each) in sizes.items():  # before the store starts: it caches listed folders
             t = time.perf_counter()
-            write_archive(objects, row, f"s3://vfx/scale{n}", patients)
-            print(f"archive {n} objects ({patients} patients x {len(objects)}): {time.perf_counter() - t:.0f} s",
-                  flush=True)
+            write_archive(objects, row, f"s3://vfx/scale{n}", patients, series_each)
+            print(f"archive {n} objects ({patients} patients x {series_each} series x {len(objects)}): "
+                  f"{time.perf_counter() - t:.0f} s", flush=True)
         torch.manual_seed(0)
         model = str(work / "model.pt")
         save_model(build_model("resnet18", pretrained="none"), model, "resnet18")
@@ -139,7 +149,7 @@ def main() -> None:
         store.export()
         try:
             for job in args.jobs.split(","):
-                runs = [run(job, f"s3://vfx/scale{n}", model, patients * len(objects)) for n, patients in sizes.items()]
+                runs = [run(job, f"s3://vfx/scale{n}", model, p * k * len(objects)) for n, (p, k) in sizes.items()]
                 if len(runs) > 1:
                     growth(job, runs[0], runs[-1])
         finally:

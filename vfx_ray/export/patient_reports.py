@@ -1,6 +1,6 @@
 """The score job's reports: for each scored patient, its SR (and key image) built from the
 ``scores.parquet`` row, the planned series and one header read of that series, then sent by
-:mod:`delivery`. Runs on the workers after the scores are written (``stages/reports.py``; one
+:mod:`delivery`. Runs on the workers after the scores are written (``stages/outbox.py``; one
 ranged read per patient; ``--key-images`` reads and decodes the series once more to draw its
 slice); :func:`work` runs it in the calling process.
 

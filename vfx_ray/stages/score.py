@@ -336,15 +336,15 @@ class ScoreJob:
         """An SR (and key image) per scored patient, after the scores are safely written, built
         and sent on the workers (:mod:`reports`), one actor per CPU at most."""
         from vfx_ray.export import patient_reports
-        from vfx_ray.stages import reports
+        from vfx_ray.stages import outbox
 
         o = self.options
         tasks = self.plan.tasks
         series = self.index.series_objects({t.series_instance_uid for t in tasks})
-        job = reports.ReportJob(o.sr_out, self.models.files, self.cfg, self.pseudo, o.key_images)
+        job = outbox.ReportJob(o.sr_out, self.models.files, self.cfg, self.pseudo, o.key_images)
         bar = tqdm(total=table.num_rows, desc="score: reports", unit="patient", disable=not o.progress)
         with bar:
-            return reports.push(job, patient_reports.reports(table, tasks, series, self.pseudo), self.cpus, bar.update)
+            return outbox.push(job, patient_reports.reports(table, tasks, series, self.pseudo), self.cpus, bar.update)
 
 
 def label_metrics(table: pa.Table, threshold: float, classes: tuple[str, str]) -> dict[str, Any]:

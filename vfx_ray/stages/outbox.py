@@ -1,5 +1,5 @@
-"""A score run's reports on the workers: each scored patient's SR (and key image) built and
-sent by a Ray Data actor pool, after the scores are written.
+"""The score run's outbox: each scored patient's SR (and key image) built and sent by a Ray
+Data actor pool on the workers, after the scores are written.
 
 The driver pairs each scored row with its planned series, streamed from the archive index
 (:func:`patient_reports.reports`), and hands them to the pool a window at a time, so it holds
