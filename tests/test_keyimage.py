@@ -222,3 +222,26 @@ def test_dcmtk_reads_it(tmp_path, sc_bytes):
     done = subprocess.run(["dcmdump", str(path)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "E:" not in done.stderr and "SecondaryCaptureImageStorage" in done.stdout
+
+
+def test_the_context_box_s_slices_alone_draw_the_same_picture(tmp_path, models):
+    """The outbox decodes only the slices of the ROI's context box (pipeline.tasks.decode_box):
+    the same picture, bit for bit, as from the whole series, from fewer slices."""
+    from phantoms import SHAPE, centred_geometry
+
+    from vfx_ray.pipeline import tasks
+
+    shape = (100, *SHAPE[1:])  # a tall series (200 mm): most slices outside the context box
+    g = centred_geometry((1, 0, 0), (0, 1, 0), shape)
+    boxes = [((-30, -30, -22), (30, 30, 22), 40.0), cube(INSIDE, 6), cube(OUTSIDE, 6)]
+    files = series(box_hu(g, boxes, shape), g)
+    keys, sizes = [], []
+    for name, data in files:
+        (tmp_path / name).write_bytes(data)
+        keys.append(str(tmp_path / name))
+        sizes.append(len(data))
+    whole = load_volume(files)
+    part = tasks.decode_box(keys, sizes, key_image.context_roi(ROI), CFG)
+    assert 0 < part.hu.shape[0] < whole.hu.shape[0] // 2, (part.hu.shape, whole.hu.shape)
+    np.testing.assert_array_equal(key_image.render(part, ROI, SLICE, CFG, models, P),
+                                  key_image.render(whole, ROI, SLICE, CFG, models, P))

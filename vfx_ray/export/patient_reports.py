@@ -25,6 +25,7 @@ from vfx_ray.config import CropConfig
 from vfx_ray.export import sr
 from vfx_ray.imaging import dicom
 from vfx_ray.imaging.annotations import PatientTask
+from vfx_ray.imaging.dicom import Volume
 from vfx_ray.imaging.guards import parse
 from vfx_ray.imaging.pseudonym import Pseudonymizer
 from vfx_ray.imaging.roi import RoiBox
@@ -61,7 +62,8 @@ def source_series(task: PatientTask, instances: list[list[str]], header: Dataset
 
 
 Build = Callable[[], list[Dataset]]
-KeyImage = Callable[[PatientTask, dict, sr.SourceSeries], Dataset]
+KeyImage = Callable[[PatientTask, dict, sr.SourceSeries, list[int] | None], Dataset]
+Decode = Callable[[list[str], list[int], RoiBox, CropConfig], Volume]  # keys, sizes, box -> the box's slices
 
 
 @dataclasses.dataclass
@@ -75,6 +77,7 @@ class Report:
     row: dict[str, Any]
     task: PatientTask | None = None
     instances: list[list[str]] | None = None
+    sizes: list[int] | None = None  # the series' objects' sizes, in key order
 
 
 def reports(table: pa.Table, tasks: list[PatientTask], series: Iterable[dict[str, Any]],
@@ -95,7 +98,7 @@ def reports(table: pa.Table, tasks: list[PatientTask], series: Iterable[dict[str
         if s["series_instance_uid"] in waiting:
             task, row = waiting.pop(s["series_instance_uid"])
             task = dataclasses.replace(task, object_keys=s["object_keys"])
-            yield Report(task.patient_id, task.series_instance_uid, row, task, s["sops"])
+            yield Report(task.patient_id, task.series_instance_uid, row, task, s["sops"], s["object_sizes"])
     for task, row in waiting.values():  # scored, but its series is no longer in the archive
         yield Report(task.patient_id, task.series_instance_uid, row)
 
@@ -107,7 +110,7 @@ def build(report: Report, cfg: CropConfig, pseudo: Pseudonymizer | None, key_ima
     if task is None or report.instances is None:
         raise LookupError(f"patient {row['patient_id']} has scores but is no longer in the annotations or the archive")
     source = source_series(task, report.instances, study_header(task, cfg), pseudo)
-    key_images = [key_image(task, row, source)] if key_image else []
+    key_images = [key_image(task, row, source, report.sizes)] if key_image else []
     malignant = row["probability"] >= row["threshold"]  # how patient_row chose the prediction
     return [*key_images, sr.structured_report(row, source, task.roi, malignant, key_images)]
 
@@ -120,26 +123,36 @@ def work(table: pa.Table, tasks: list[PatientTask], series: Iterable[dict[str, A
         yield r.patient_id, r.series_instance_uid, functools.partial(build, r, cfg, pseudo, key_image)
 
 
-def key_image_maker(model_files: list[str], cfg: CropConfig) -> KeyImage:
-    """A function that draws a patient's key image: its series decoded once more,
-    the slice of the highest probability, the models' mean Grad-CAM (loaded once, on first use)."""
+def key_image_maker(model_files: list[str], cfg: CropConfig, decode: Decode | None = None) -> KeyImage:
+    """A function that draws a patient's key image: the slice of the highest probability, the
+    models' mean Grad-CAM (loaded once, on first use). ``decode`` reads only the slices of the
+    ROI's context box (``pipeline.tasks.decode_box``, given where sizes are known); without it,
+    or without sizes, the whole series is read and decoded once more."""
     from vfx_ray.export import key_image as drawing
     from vfx_ray.ml.model import load_model
 
     loaded: list[Any] = []
 
-    def make(task: PatientTask, row: dict, source: sr.SourceSeries) -> Dataset:
+    def make(task: PatientTask, row: dict, source: sr.SourceSeries, sizes: list[int] | None = None) -> Dataset:
         if not loaded:
             loaded.extend(load_model(f)[0] for f in model_files)
-        data = storage.read_many(task.object_keys)
-        bad = next((d for d in data if isinstance(d, BaseException)), None)
-        if bad is not None:
-            raise bad
-        volume = dicom.load_volume(list(zip(task.object_keys, data, strict=True)), cfg)
+        roi = RoiBox(*task.roi, patient_id=task.patient_id)
+        if decode is not None and sizes is not None:
+            volume = decode(task.object_keys, sizes, drawing.context_roi(roi), cfg)
+        else:
+            volume = whole_series(task.object_keys, cfg)
         probs = row["slice_probabilities"]
         top = row["slice_indices"][max(range(len(probs)), key=probs.__getitem__)]
-        rgb = drawing.render(volume, RoiBox(*task.roi, patient_id=task.patient_id), top, cfg, loaded,
-                              row["probability"], row["threshold"])
+        rgb = drawing.render(volume, roi, top, cfg, loaded, row["probability"], row["threshold"])
         return drawing.secondary_capture(rgb, source, row["patient_id"], row["model_id"])
 
     return make
+
+
+def whole_series(keys: list[str], cfg: CropConfig) -> Volume:
+    """Every object of a series read and decoded."""
+    data = storage.read_many(keys)
+    bad = next((d for d in data if isinstance(d, BaseException)), None)
+    if bad is not None:
+        raise bad
+    return dicom.load_volume(list(zip(keys, data, strict=True)), cfg)

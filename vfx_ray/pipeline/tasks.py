@@ -211,6 +211,20 @@ def crop_series(task: dict[str, Any], parsed: dict[str, tuple], cfg: CropConfig,
     return wire.crops(task, records), needed
 
 
+def decode_box(keys: list[str], sizes: list[int], box: RoiBox, cfg: CropConfig) -> dicom.Volume:
+    """The slices of a series that ``box`` needs, decoded (``Volume.first_slice`` says where
+    they start): the objects read by their series' plan (:func:`choose_plan`), and only those
+    holding the slices decoded. Raises on the first object that cannot be read."""
+    objs = ObjectsRead.by_plan(keys, sizes, choose_plan(cfg, sum(sizes)), cfg)
+    if objs.errors:
+        raise objs.first_error()
+    layout = dicom.series_layout(keys, [objs.parsed[k] for k in keys], cfg)
+    k0, k1 = geometry.slices_needed(layout, box, cfg)
+    files = layout.files(k0, k1)
+    whole = objs.fetch([keys[i] for i in files])
+    return dicom.decode_slices(layout, {i: whole[keys[i]] for i in files}, k0, k1)
+
+
 def crop_patient(task: dict[str, Any], cfg: CropConfig) -> list[dict[str, Any]]:
     """One patient's series read by its plan and cropped: CROP rows or an ERROR row, and a READS row."""
     keys, sizes = task["object_keys"], task.get("object_sizes")

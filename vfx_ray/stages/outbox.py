@@ -5,7 +5,8 @@ The driver pairs each scored row with its planned series, streamed from the arch
 (:func:`patient_reports.reports`), and hands them to the pool a window at a time, so it holds
 one window's object lists, not the run's. Each actor builds with
 :func:`patient_reports.build` (its models loaded once, for key images) and sends with its own
-:class:`delivery.Sender`: at most one request in flight per actor, so the target sees at most
+:class:`delivery.Sender`; a key image decodes only the slices of its ROI's context box
+(:func:`tasks.decode_box`), not the whole series: at most one request in flight per actor, so the target sees at most
 as many as there are actors (``max_actors``), and each actor gives up on a target that stopped
 answering. Idempotent as before: fixed UIDs, and the target is asked first.
 """
@@ -22,6 +23,7 @@ import pyarrow as pa
 from vfx_ray.config import CropConfig
 from vfx_ray.export import delivery, patient_reports
 from vfx_ray.imaging.pseudonym import Pseudonymizer
+from vfx_ray.pipeline import tasks
 
 WINDOW = 256  # reports per dataset: what the driver holds at once
 BATCH = 2  # reports per actor call: small, so that both ends of a window stay busy
@@ -43,8 +45,12 @@ class ReportBuilder:
     """Ray Data actor: pickled :class:`patient_reports.Report` in, one outcome row per batch out."""
 
     def __init__(self, job: ReportJob) -> None:
+        import torch
+
+        torch.set_num_threads(1)  # one actor per CPU: each keeps to its own
         self.job, self.sender = job, delivery.Sender(job.sr_out, job.backoff_s)
-        self.key_image = patient_reports.key_image_maker(job.model_files, job.cfg) if job.key_images else None
+        self.key_image = (patient_reports.key_image_maker(job.model_files, job.cfg, tasks.decode_box)
+                          if job.key_images else None)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         out = delivery.Outcome()
