@@ -188,6 +188,17 @@ class FileEntry:
     size: int
 
 
+def _listing(uri: str, recursive: bool) -> list[tuple[str, pafs.FileInfo]]:
+    """(URI, info) of what is under a prefix (everything, or one level), or of the file ``uri`` names."""
+    fs, path = filesystem(uri)
+    info = retrying(uri, lambda: fs.get_file_info(path))
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"nothing at {uri}")
+    infos = [info] if info.type == pafs.FileType.File else retrying(
+        uri, lambda: fs.get_file_info(pafs.FileSelector(path, recursive=recursive)))
+    return [((S3_PREFIX + i.path) if is_s3(uri) else i.path, i) for i in infos]
+
+
 def list_files(uri: str, suffix: str | None = None) -> list[FileEntry]:
     """Every file under a prefix, recursively, sorted by URI; any folder layout. On a PACS:
     every instance under the root, a study or a series, with its estimated size."""
@@ -196,19 +207,8 @@ def list_files(uri: str, suffix: str | None = None) -> list[FileEntry]:
         if not found and dicomweb.locate(uri).study:
             raise FileNotFoundError(f"nothing at {uri}")
         return [e for e in found if not suffix or e.uri.endswith(suffix)]
-    fs, path = filesystem(uri)
-    info = retrying(uri, lambda: fs.get_file_info(path))
-    if info.type == pafs.FileType.NotFound:
-        raise FileNotFoundError(f"nothing at {uri}")
-    if info.type == pafs.FileType.File:
-        infos = [info]
-    else:
-        infos = retrying(uri, lambda: fs.get_file_info(pafs.FileSelector(path, recursive=True)))
-    out = []
-    for i in infos:
-        if i.type != pafs.FileType.File or (suffix and not i.path.endswith(suffix)):
-            continue
-        out.append(FileEntry(uri=(S3_PREFIX + i.path) if is_s3(uri) else i.path, size=i.size))
+    out = [FileEntry(u, i.size) for u, i in _listing(uri, recursive=True)
+           if i.type == pafs.FileType.File and (not suffix or u.endswith(suffix))]
     return sorted(out, key=lambda e: e.uri)
 
 
@@ -219,13 +219,7 @@ def list_top(uri: str) -> tuple[list[str], list[FileEntry]]:
     if is_dicomweb(uri):
         studies = dicomweb.list_studies(uri)
         return ([], list_files(uri)) if studies is None else (studies, [])
-    fs, path = filesystem(uri)
-    info = retrying(uri, lambda: fs.get_file_info(path))
-    if info.type == pafs.FileType.NotFound:
-        raise FileNotFoundError(f"nothing at {uri}")
-    infos = [info] if info.type == pafs.FileType.File else retrying(
-        uri, lambda: fs.get_file_info(pafs.FileSelector(path, recursive=False)))
-    named = [((S3_PREFIX + i.path) if is_s3(uri) else i.path, i) for i in infos]
+    named = _listing(uri, recursive=False)
     folders = sorted(u for u, i in named if i.type == pafs.FileType.Directory)
     return folders, sorted((FileEntry(u, i.size) for u, i in named if i.type == pafs.FileType.File),
                            key=lambda e: e.uri)

@@ -112,13 +112,17 @@ class ArchiveIndex:
         keys = sorted(self.series, key=lambda k: (k.startswith("\0"), k))
         return [{k: v for k, v in self.series[key].items() if k not in PRIVATE} for key in keys]
 
-    def _rows(self, shard: int | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
+    def _rows(self, shard: int | None = None, keys: set[str] | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
+        """The parts file's rows (of ``shard``, of series ``keys``), each meta parsed only once kept."""
         if not os.path.exists(self.path):
             return
+        kept = None if keys is None else pa.array(sorted(keys), pa.string())
         for batch in pq.ParquetFile(self.path).iter_batches(batch_size=256):
             table = pa.Table.from_batches([batch])
             if shard is not None:
                 table = table.filter(pc.equal(table["shard"], shard))
+            if kept is not None:
+                table = table.filter(pc.is_in(table["series"], kept))
             for key, text in zip(table["series"].to_pylist(), table["meta"].to_pylist(), strict=True):
                 yield key, json.loads(text)
 
@@ -127,9 +131,7 @@ class ArchiveIndex:
         and instance UIDs) in key order: those of ``wanted`` uids (default: all), in the order
         the archive was read. Holds only the series spread over chunks until they are whole."""
         waiting: dict[str, list[dict[str, Any]]] = {}
-        for key, meta in self._rows():
-            if wanted is not None and self.series[key]["series_instance_uid"] not in wanted:
-                continue
+        for key, meta in self._rows(keys=wanted):  # a series' key is its uid (a DICOMDIR has none)
             waiting.setdefault(key, []).append(meta)
             if len(waiting[key]) == self.parts[key]:
                 yield whole_series(waiting.pop(key))

@@ -26,7 +26,7 @@ class Kind(StrEnum):
 
     CROP = "crop"  # one crop's record; ``image`` is its float32 pixels
     ERROR = "error"  # an errors-table row of one patient (read, decode, crop)
-    SERIES = "series"  # one series' objects in one chunk: its record, sizes, SOP refs (index.series_part)
+    SERIES = "series"  # one series' objects in one chunk: its record, sizes, SOP refs (tasks.series_rows)
     HEADER_ERROR = "header_error"  # an errors-table row of one object whose header failed
     CANDIDATE = "candidate"  # a series a chunk cropped: its uid and object keys' fingerprint
     CHUNK_END = "chunk_end"  # closes a chunk's rows: {"chunk", "shard", "clean", "cached"} or a shard's end

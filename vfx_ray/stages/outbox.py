@@ -4,9 +4,9 @@ Data actor pool on the workers, after the scores are written.
 The driver pairs each scored row with its planned series, streamed from the archive index
 (:func:`patient_reports.reports`), and hands them to the pool a window at a time, so it holds
 one window's object lists, not the run's. Each actor builds with
-:func:`patient_reports.build` (its models loaded once, for key images) and sends with its own
-:class:`delivery.Sender`; a key image decodes only the slices of its ROI's context box
-(:func:`tasks.decode_box`), not the whole series: at most one request in flight per actor, so the target sees at most
+:func:`patient_reports.build` (its models loaded once; a key image decodes only the slices of
+its ROI's context box, :func:`tasks.decode_box`, not the whole series) and sends with its own
+:class:`delivery.Sender`: at most one request in flight per actor, so the target sees at most
 as many as there are actors (``max_actors``), and each actor gives up on a target that stopped
 answering. Idempotent as before: fixed UIDs, and the target is asked first.
 """
@@ -78,5 +78,3 @@ def push(job: ReportJob, reports: Iterable[patient_reports.Report], max_actors: 
                 total.add(pickle.loads(blob))
                 on_patients(n)
     return total
-
-

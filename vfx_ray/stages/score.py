@@ -334,7 +334,7 @@ class ScoreJob:
 
     def send_reports(self, table: pa.Table) -> delivery.Outcome:
         """An SR (and key image) per scored patient, after the scores are safely written, built
-        and sent on the workers (:mod:`reports`), one actor per CPU at most."""
+        and sent on the workers (:mod:`outbox`), one actor per CPU at most."""
         from vfx_ray.export import patient_reports
         from vfx_ray.stages import outbox
 
