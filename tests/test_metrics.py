@@ -198,6 +198,8 @@ def test_cluster_bootstrap_aucs_are_weighted_aucs_and_deterministic():
         w = counts[r][index]
         expected = roc_auc_score(y, p, sample_weight=w) if len(set(y[w > 0])) == 2 else np.nan
         assert got[r] == pytest.approx(expected, rel=1e-12, nan_ok=True)
+    blocks = metrics.resample_blocks(16, 50, seed=11, block=7)  # the same resamples, 7 at a time
+    assert np.array_equal(metrics.cluster_bootstrap_aucs(y, p, g, blocks), got, equal_nan=True)
     first = metrics.auc_cluster_bootstrap(y, p, g, n_resamples=300)
     assert metrics.auc_cluster_bootstrap(y, p, g, n_resamples=300) == first
     assert metrics.auc_cluster_bootstrap(y, p, g, n_resamples=300, seed=1) != first

@@ -21,6 +21,7 @@ than two cases of a class) are ``None`` so they serialise to JSON ``null``.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -155,40 +156,51 @@ def delong_paired(
     return out
 
 
-def _patient_pair_wins(y: np.ndarray, s: np.ndarray, group: np.ndarray, n_groups: int) -> np.ndarray:
-    """wins[a, b]: over pairs (malignant slice of patient a, benign slice of patient b), the count
-    won by the malignant slice, ties 1/2 - the AUC's numerator split by patient pair, so the AUC
-    of any resample of patients is a weighted sum of it."""
-    pos, pos_group = s[y == 1], group[y == 1]
-    wins = np.zeros((n_groups, n_groups))
-    for b in np.unique(group[y == 0]):
-        ref = np.sort(s[(y == 0) & (group == b)])
-        below, upto = np.searchsorted(ref, pos, "left"), np.searchsorted(ref, pos, "right")
-        wins[:, b] = np.bincount(pos_group, weights=below + 0.5 * (upto - below), minlength=n_groups)
-    return wins
+RESAMPLE_BLOCK = 64  # resamples computed at once: memory is this many weights per slice
+
+
+def resample_blocks(n_groups: int, n_resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED,
+                    block: int = RESAMPLE_BLOCK) -> Iterator[np.ndarray]:
+    """:func:`resample_counts` in blocks of rows (the same rows: one generator draws them in turn)."""
+    rng = np.random.default_rng(seed)
+    for start in range(0, n_resamples, block):
+        yield rng.multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=min(block, n_resamples - start))
 
 
 def resample_counts(n_groups: int, n_resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED) -> np.ndarray:
     """n_resamples × n_groups: how often each patient is drawn in each bootstrap resample
     (n_groups draws with replacement, equal chances); fixed seed, so reports are reproducible."""
-    rng = np.random.default_rng(seed)
-    return rng.multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=n_resamples)
+    return np.concatenate(list(resample_blocks(n_groups, n_resamples, seed)))
 
 
 def cluster_bootstrap_aucs(
-    y_true: np.ndarray, score: np.ndarray, groups: np.ndarray, counts: np.ndarray
+    y_true: np.ndarray, score: np.ndarray, groups: np.ndarray, counts: np.ndarray | Iterable[np.ndarray]
 ) -> np.ndarray:
-    """Per-slice AUC of each resample of patients (``counts``, rows of ``resample_counts`` over
-    the sorted unique ``groups``): a drawn patient brings all its slices, once per draw. NaN
-    where a resample lacks a class."""
+    """Per-slice AUC of each resample of patients (``counts``: rows of ``resample_counts`` over
+    the sorted unique ``groups``, or blocks of them): a drawn patient brings all its slices,
+    once per draw, so a resample's AUC is the AUC with those slice weights. Computed as a
+    weighted Mann-Whitney count over the slices sorted once, a block of resamples at a time:
+    memory grows with slices, not with patients squared. NaN where a resample lacks a class."""
     y, s = np.asarray(y_true).astype(int), np.asarray(score, dtype=float)
     _, group = np.unique(np.asarray(groups), return_inverse=True)
-    n_groups = counts.shape[1]
-    wins = _patient_pair_wins(y, s, group, n_groups)
-    n_pos = np.bincount(group, weights=(y == 1).astype(float), minlength=n_groups)
-    n_neg = np.bincount(group, weights=(y == 0).astype(float), minlength=n_groups)
-    num = np.einsum("ri,ij,rj->r", counts, wins, counts)
-    den = (counts @ n_pos) * (counts @ n_neg)
+    order = np.argsort(s, kind="stable")
+    s, y, group = s[order], y[order], group[order]
+    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])  # runs of tied scores
+    tie = np.cumsum(np.r_[True, s[1:] != s[:-1]]) - 1  # each slice's run
+    pos = y == 1
+    blocks = [counts] if isinstance(counts, np.ndarray) else counts
+    out = [_weighted_aucs(c[:, group].astype(float), pos, starts, tie) for c in blocks]
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def _weighted_aucs(w: np.ndarray, pos: np.ndarray, starts: np.ndarray, tie: np.ndarray) -> np.ndarray:
+    """AUC (ties 1/2) of each row of slice weights ``w`` (slices sorted by score)."""
+    neg_w = np.where(pos, 0.0, w)
+    per_run = np.add.reduceat(neg_w, starts, axis=1)  # benign weight at each distinct score
+    below = np.cumsum(per_run, axis=1) - per_run  # benign weight strictly below it
+    beaten = below[:, tie[pos]] + 0.5 * per_run[:, tie[pos]]
+    num = (w[:, pos] * beaten).sum(axis=1)
+    den = w[:, pos].sum(axis=1) * neg_w.sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(den > 0, num / den, np.nan)
 
@@ -212,7 +224,7 @@ def auc_cluster_bootstrap(
     out: dict[str, float | None] = {"auc_cluster_ci_low": None, "auc_cluster_ci_high": None}
     if min(len(np.unique(g[y == 1])), len(np.unique(g[y == 0]))) < 2:
         return out
-    aucs = cluster_bootstrap_aucs(y, score, g, resample_counts(len(np.unique(g)), n_resamples, seed))
+    aucs = cluster_bootstrap_aucs(y, score, g, resample_blocks(len(np.unique(g)), n_resamples, seed))
     low, high = np.nanquantile(aucs, [(1 - confidence) / 2, (1 + confidence) / 2])
     out.update(auc_cluster_ci_low=float(low), auc_cluster_ci_high=float(high))
     return out
