@@ -13,11 +13,12 @@ from phantoms import PATIENT, centred_geometry, series
 
 from vfx_ray import contracts, storage
 from vfx_ray.config import CropConfig
-from vfx_ray.imaging import dicom
+from vfx_ray.imaging import dicom, pseudonym
 from vfx_ray.imaging.annotations import PatientTask
 from vfx_ray.pipeline import datasets, passes, shards, tasks, wire
 from vfx_ray.pipeline.index import ArchiveIndex
 from vfx_ray.pipeline.wire import CROP_WIRE, SCORED_WIRE, Kind
+from vfx_ray.stages import crops as crops_stage
 
 CFG = CropConfig(crop_size=8)
 SHAPE = (CFG.channels, CFG.crop_size, CFG.crop_size)
@@ -128,6 +129,30 @@ def test_crop_rows_decode_to_the_contract_table_and_errors_stay_apart():
     assert (empty.num_rows, none, empty.schema) == (0, [], crops.schema)
 
 
+def test_a_task_writes_its_crops_as_a_part_and_the_join_keeps_the_planned_patients(tmp_path):
+    pseudo = pseudonym.Pseudonymizer("k" * 40)
+    parts = tasks.CropParts(str(tmp_path / "parts"), pseudo)
+    rows = [*wire.crops(task_dict("P1"), [crop_record("P1", i) for i in range(2)]),
+            wire.error(ValueError("bad slice"), "decode", task_dict("P2")),
+            *wire.crops(task_dict("P3"), [crop_record("P3", 0)])]
+    out = parts.put(rows, "chunk-a", CFG)
+    assert [r["kind"] for r in out] == ["error", "part"]  # the pixels stay on the worker
+    part = json.loads(out[1]["meta"])["uri"]
+    written = storage.read_table(part)
+    expected = pseudo.table(wire.to_crops(table(rows), CFG)[0])  # ids hidden before they reach the store
+    assert written.equals(expected) and "P1" not in written["patient_id"].to_pylist()
+    assert parts.put(out[:1], "chunk-b", CFG) == out[:1] and not (tmp_path / "parts" / "chunk-b.parquet").exists()
+    second = parts.put(wire.crops(task_dict("P4"), [crop_record("P4", 5)]), "patient-x", CFG, "P4")
+    assert [(r["patient_id"], r["kind"]) for r in second] == [("P4", "part")]
+    # the join: a first-pass part keeps the patients it vouched for (P3 took the second pass), in order
+    uris = [(part, True), (json.loads(second[0]["meta"])["uri"], False)]
+    got = crops_stage.write_crops(uris, [pseudo.patient("P1")], str(tmp_path / "crops.parquet"), {"a": "b"}, CFG)
+    crops = storage.read_table(str(tmp_path / "crops.parquet"))
+    assert (got.crops, got.patients) == (3, 2) and crops.schema.metadata == {b"a": b"b"}
+    assert crops["patient_id"].to_pylist() == [pseudo.patient(p) for p in ("P1", "P1", "P4")]
+    assert crops["slice_index"].to_pylist() == [0, 1, 5]
+
+
 def test_wire_images_views_equal_sized_crops_and_refuses_others():
     crops = np.random.default_rng(0).normal(0, 1, (12, *SHAPE)).astype(np.float32)
     arr = pa.array([c.tobytes() for c in crops], pa.binary())
@@ -143,7 +168,7 @@ def test_wire_images_views_equal_sized_crops_and_refuses_others():
 def test_kinds_are_the_strings_on_the_wire():
     assert wire.row("P1", Kind.CANDIDATE, {})["kind"] == "candidate"
     assert {str(k) for k in Kind} == {"crop", "error", "series", "header_error", "candidate", "chunk_end", "cached",
-                                      "reads"}
+                                      "reads", "part"}
 
 
 # ---------------------------------------------------------------- first pass and plan

@@ -10,6 +10,7 @@ from __future__ import annotations
 from vfx_ray import storage
 
 ERRORS = "errors.parquet"  # every job: patient/object, stage, reason
+PARTS = "_parts"  # a job's work in progress (crops' parts, score's committed patients and chunks)
 
 # synth
 ANNOTATIONS = "annotations.csv"
@@ -20,6 +21,7 @@ CROPS = "crops.parquet"
 SERIES_INDEX = "series_index.parquet"
 READS = "reads.parquet"  # per patient: the read plan, bytes read, bytes its crops needed
 MANIFEST = "manifest.json"
+CROP_PARTS = f"{PARTS}/crops"  # the tasks' crops until a worker joins them into crops.parquet
 
 # tune
 SEARCH = "search.json"

@@ -56,9 +56,10 @@ def shards(items: list[dict[str, Any]], job: ShardJob, num_cpus: float = 1) -> r
                                        num_cpus=num_cpus, memory=memory)
 
 
-def patients(items: list[dict[str, str]], cfg: CropConfig, num_cpus: float = 1) -> ray.data.Dataset:
+def patients(items: list[dict[str, str]], cfg: CropConfig, num_cpus: float = 1,
+             parts: tasks.CropParts | None = None) -> ray.data.Dataset:
     """Wire rows of the second pass, one task per patient (``passes.patient_items``), in order."""
     memory = decode_memory(SERIES_BYTES_PER_VOXEL * dicom.MAX_VOXELS)  # a whole series' objects
     return _ordered(items).map_batches(
-        tasks.patient_batch, fn_kwargs={"cfg": cfg}, batch_format="pyarrow", batch_size=1,
+        tasks.patient_batch, fn_kwargs={"cfg": cfg, "parts": parts}, batch_format="pyarrow", batch_size=1,
         num_cpus=num_cpus, memory=memory)

@@ -207,11 +207,13 @@ def patient_items(planned: list[ann_mod.PatientTask], cfg: CropConfig, sizes: li
 
 
 def second_pass(planned: list[ann_mod.PatientTask], cfg: CropConfig, stage: str, index: ArchiveIndex,
-                scoring: Callable[[Any], Any] | None = None, num_cpus: float = 1) -> Iterator[PatientRows]:
-    """The second pass on Ray Data: one task per patient, ``scoring`` mapping its dataset. The
-    driver holds these patients' object keys (from ``index``), which choose their read plans."""
+                scoring: Callable[[Any], Any] | None = None, num_cpus: float = 1,
+                parts: tasks.CropParts | None = None) -> Iterator[PatientRows]:
+    """The second pass on Ray Data: one task per patient, ``scoring`` mapping its dataset (or
+    its crops written to ``parts``). The driver holds these patients' object keys (from
+    ``index``), which choose their read plans."""
     if not planned:
         return iter(())
     planned, sizes = with_objects(planned, index)
-    ds = (scoring or (lambda d: d))(datasets.patients(patient_items(planned, cfg, sizes), cfg, num_cpus))
+    ds = (scoring or (lambda d: d))(datasets.patients(patient_items(planned, cfg, sizes), cfg, num_cpus, parts))
     return patient_stream(ds.iter_batches(batch_format="pyarrow", batch_size=None), planned, stage)

@@ -183,6 +183,7 @@ class ShardJob:
     # objects per chunk of the whole and the roi plan, read on the driver (tests make them small)
     limits: tuple[int, int] = dataclasses.field(default_factory=lambda: (tasks.CHUNK_OBJECTS,
                                                                          tasks.ROI_CHUNK_OBJECTS))
+    parts: tasks.CropParts | None = None  # the crops job: tasks write their crops (None: they travel in the rows)
 
 
 def chunk_rows(chunk: dict[str, Any], shard: int, job: ShardJob) -> list[dict[str, Any]]:
@@ -195,6 +196,7 @@ def chunk_rows(chunk: dict[str, Any], shard: int, job: ShardJob) -> list[dict[st
         rows = tasks.index_only(chunk["uris"], chunk["sizes"], job.cfg)
     else:
         rows = tasks.index_and_crop(chunk["uris"], chunk["sizes"], chunk["plan"], job.cfg, job.annotations)
+        rows = job.parts.put(rows, "chunk-" + name, job.cfg) if job.parts else rows
     clean = not any(r["kind"] in (Kind.HEADER_ERROR, Kind.ERROR) for r in rows)
     end = {"chunk": name, "shard": shard, "clean": clean, "cached": name in job.cached, "objects": len(chunk["uris"])}
     return [*rows, row("", Kind.CHUNK_END, end)]

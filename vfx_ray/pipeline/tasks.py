@@ -5,7 +5,8 @@ What a task does with its objects, as :mod:`wire` rows; nothing here raises for 
 - :func:`index_only`: a chunk's headers only, from ranged reads (score's re-runs);
 - :func:`index_and_crop`: a chunk indexed, and every annotated series it holds cropped (the
   first pass of both jobs; :mod:`shards` lists and cuts the chunks);
-- :func:`patient_batch`: one patient's planned series read and cropped (the second pass).
+- :func:`patient_batch`: one patient's planned series read and cropped (the second pass);
+- :class:`CropParts`: the crops job's tasks write their crops themselves, a Parquet part each.
 
 Both crop steps read by a plan (:func:`choose_plan`): "whole" reads each object once and
 decodes the crops from the same bytes; "roi" reads every header by a ranged GET, then only
@@ -27,7 +28,7 @@ from vfx_ray import storage
 from vfx_ray.config import CropConfig
 from vfx_ray.errors import VfxError, error_row
 from vfx_ray.imaging import annotations as ann_mod
-from vfx_ray.imaging import dicom, geometry
+from vfx_ray.imaging import dicom, geometry, pseudonym
 from vfx_ray.imaging.guards import parse
 from vfx_ray.imaging.roi import RoiBox
 from vfx_ray.pipeline import wire
@@ -242,10 +243,36 @@ def task_item(task: ann_mod.PatientTask, read_plan: str = "whole", sizes: list[i
     return {"task": json.dumps(item, default=str)}
 
 
-def patient_batch(batch: pa.Table, cfg: CropConfig) -> pa.Table:
+@dataclasses.dataclass(frozen=True)
+class CropParts:
+    """Where the crops job's tasks write their crops: a Parquet part (a contract crops table,
+    identifiers already pseudonymised when the job is) per first-pass chunk or second-pass
+    patient, under ``prefix``. A PART row tells the driver the part's name, so no crop passes
+    through the driver; a worker joins the parts into ``crops.parquet`` at the end."""
+
+    prefix: str
+    pseudo: pseudonym.Pseudonymizer | None = None
+
+    def put(self, rows: list[dict[str, Any]], name: str, cfg: CropConfig, pid: str = "") -> list[dict[str, Any]]:
+        """The rows with their CROP rows written to part ``name`` and replaced by its PART row."""
+        crops = [r for r in rows if r["kind"] == Kind.CROP]
+        if not crops:
+            return rows
+        table = wire.to_crops(pa.Table.from_pylist(crops, schema=CROP_WIRE), cfg)[0]
+        uri = storage.join(self.prefix, name + ".parquet")
+        storage.write_table(self.pseudo.table(table) if self.pseudo else table, uri)
+        return [*(r for r in rows if r["kind"] != Kind.CROP), row(pid, Kind.PART, {"uri": uri})]
+
+
+def patient_batch(batch: pa.Table, cfg: CropConfig, parts: CropParts | None = None) -> pa.Table:
     rows: list[dict[str, Any]] = []
     for item in batch["task"].to_pylist():
-        rows += crop_patient(json.loads(item), cfg)
+        task = json.loads(item)
+        got = crop_patient(task, cfg)
+        if parts:
+            name = "patient-" + wire.fingerprint([task["patient_id"], task["series_instance_uid"]])
+            got = parts.put(got, name, cfg, task["patient_id"])
+        rows += got
     return pa.Table.from_pylist(rows, schema=CROP_WIRE)
 
 

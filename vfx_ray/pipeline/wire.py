@@ -32,10 +32,11 @@ class Kind(StrEnum):
     CHUNK_END = "chunk_end"  # closes a chunk's rows: {"chunk", "shard", "clean", "cached"} or a shard's end
     CACHED = "cached"  # a chunk whose scored rows the output already holds: the driver reads them there
     READS = "reads"  # how one patient's series was read: plan, objects and bytes (see tasks.Reads)
+    PART = "part"  # crops a task wrote itself (the crops job): {"uri"} of its Parquet part (tasks.CropParts)
 
 
 INDEX_KINDS = (Kind.SERIES, Kind.HEADER_ERROR, Kind.CANDIDATE)  # what the driver plans on
-RESULT_KINDS = (Kind.CROP, Kind.ERROR)  # what a patient's result is made of
+RESULT_KINDS = (Kind.CROP, Kind.PART, Kind.ERROR)  # what a patient's result is made of
 
 CROP_WIRE = pa.schema(
     [("patient_id", pa.string()), ("kind", pa.string()), ("meta", pa.string()), ("image", pa.binary())]

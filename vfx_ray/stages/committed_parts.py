@@ -25,7 +25,7 @@ from vfx_ray.config import CropConfig
 from vfx_ray.contracts import scores_schema
 from vfx_ray.pipeline.wire import SCORED_WIRE
 
-PARTS = "_parts"
+PARTS = layout.PARTS
 CHUNK_DIR = "chunks"
 FEATURES_DIR = "features"
 WIRE_VERSION = 2  # the chunk rows' format: 2 indexes series (SERIES rows), 1 held every header

@@ -2,19 +2,22 @@
 
 Writes ``crops.parquet``, ``errors.parquet``, ``series_index.parquet``, ``reads.parquet`` and
 ``manifest.json`` (names in :mod:`layout`). The reading is :mod:`vfx_ray.pipeline`'s: a first pass reads each
-object once, indexes and crops; the patients it could not vouch for take a second pass.
+object once, indexes and crops; the patients it could not vouch for take a second pass. The
+tasks write their crops as Parquet parts under ``OUT/_parts/crops/`` and a worker joins them
+into ``crops.parquet`` (:func:`join_parts`): the driver handles part names, never pixels.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import itertools
 import json
 import os
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 import pandas as pd
@@ -28,7 +31,7 @@ from vfx_ray.config import CropConfig
 from vfx_ray.contracts import CropsSummary
 from vfx_ray.imaging import pseudonym
 from vfx_ray.pipeline import index as index_mod
-from vfx_ray.pipeline import passes, wire
+from vfx_ray.pipeline import passes, tasks, wire
 from vfx_ray.pipeline.shards import ShardJob
 
 
@@ -44,18 +47,25 @@ def run_crops(archive_uri: str, annotations_uri: str, out_uri: str, cfg: CropCon
     t0 = time.monotonic()
     annotations, errors = passes.read_annotations(annotations_uri)
     reads = ReadLog()
+    parts = tasks.CropParts(storage.join(out_uri, layout.CROP_PARTS), pseudo)
+    clear(parts.prefix)  # a killed run's parts
     with tempfile.TemporaryDirectory(prefix="vfx-crops-") as tmp:
-        spill = os.path.join(tmp, "first_pass.parquet")  # candidates on disk: memory stays flat
-        index = first_pass(archive_uri, annotations, cfg, spill, reads, progress)
+        spill = os.path.join(tmp, "first_pass.parquet")  # candidates' part names and errors on disk
+        index = first_pass(archive_uri, annotations, ShardJob(cfg, annotations, archive_uri, parts=parts), spill,
+                           reads, progress)
         plan = passes.plan(annotations, index, cfg, pseudo)
         write_series_index(index, plan, storage.join(out_uri, layout.SERIES_INDEX), pseudo)
         second = plan.second_pass()
-        stream = tqdm(passes.second_pass(second, cfg, "crop", index), total=len(second), desc="crops: patients",
-                      unit="patient", disable=not progress)
-        results = itertools.chain(read_once_results(spill, plan.read_once, cfg),
-                                  second_pass_results(stream, cfg, reads))
-        written = write_crops(results, storage.join(out_uri, layout.CROPS), cfg, archive_uri, pseudo)
-    errors += plan.errors + written.errors
+        stream = tqdm(passes.second_pass(second, cfg, "crop", index, parts=parts), total=len(second),
+                      desc="crops: patients", unit="patient", disable=not progress)
+        pieces = Pieces()
+        pieces.take_first(spill, plan.read_once)
+        pieces.take_second(stream, reads)
+    shown = pseudo.patient if pseudo else str
+    written = join_parts(pieces.uris, [shown(p) for p in plan.read_once], storage.join(out_uri, layout.CROPS),
+                         crops_metadata(cfg, archive_uri, pseudo), cfg)
+    clear(parts.prefix)
+    errors += plan.errors + pieces.errors
     errors = pseudo.rows(errors) if pseudo else errors
     storage.write_table(contracts.errors_table(errors), storage.join(out_uri, layout.ERRORS))
     storage.write_table(_hide(pseudo, reads.table(plan)), storage.join(out_uri, layout.READS))
@@ -63,7 +73,7 @@ def run_crops(archive_uri: str, annotations_uri: str, out_uri: str, cfg: CropCon
         "archive": archive_uri,
         "annotations": annotations_uri,
         "patients_planned": len(plan.tasks),
-        "patients_with_crops": len(written.patients),
+        "patients_with_crops": written.patients,
         "crops": written.crops,
         "errors": len(errors),
         "series": len(plan.series),
@@ -78,16 +88,25 @@ def run_crops(archive_uri: str, annotations_uri: str, out_uri: str, cfg: CropCon
     return summary
 
 
-def first_pass(archive_uri: str, annotations: pd.DataFrame, cfg: CropConfig, spill: str, reads: ReadLog,
+def clear(prefix: str) -> None:
+    """Delete the crops' parts (and a local ``_parts`` folder left empty)."""
+    if storage.exists(prefix):
+        storage.delete_tree(prefix)
+    if not storage.is_s3(prefix):
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.dirname(prefix))
+
+
+def first_pass(archive_uri: str, annotations: pd.DataFrame, job: ShardJob, spill: str, reads: ReadLog,
                progress: bool) -> index_mod.ArchiveIndex:
-    """The first pass: the archive index, candidates' rows spilled to ``spill``, reads logged."""
+    """The first pass: the archive index; candidates' PART and ERROR rows spilled to ``spill``; reads logged."""
     with pq.ParquetWriter(spill, wire.CROP_WIRE) as spill_writer:
         def keep(_end: dict | None, rows: pa.Table) -> pa.Table:
             spill_writer.write_table(wire.of_kind(rows, wire.RESULT_KINDS))
             reads.take(rows, first=True)
             return rows
 
-        run = passes.FirstPass(archive_uri, ShardJob(cfg, annotations, archive_uri), "crops: objects read", progress)
+        run = passes.FirstPass(archive_uri, job, "crops: objects read", progress)
         return passes.first_pass(run, os.path.dirname(spill), keep)
 
 
@@ -111,23 +130,28 @@ def _hide(pseudo: pseudonym.Pseudonymizer | None, table: pa.Table) -> pa.Table:
     return pseudo.table(table) if pseudo else table
 
 
-def read_once_results(spill: str, read_once: set[str], cfg: CropConfig) -> Iterator[tuple[pa.Table, list[dict]]]:
-    """The first pass's rows of the patients it vouched for, as (crops table, error rows)."""
-    keep = pa.array(sorted(read_once), pa.string())
-    for batch in pq.ParquetFile(spill).iter_batches(batch_size=512):
-        table = pa.Table.from_batches([batch])
-        yield wire.to_crops(table.filter(pc.is_in(table["patient_id"], keep)), cfg)
+@dataclasses.dataclass
+class Pieces:
+    """What ``crops.parquet`` is made of, in order: the first pass's parts (their rows of the
+    patients it vouched for), then the second pass's, one per patient; and the error rows."""
 
+    uris: list[tuple[str, bool]] = dataclasses.field(default_factory=list)  # (part, only read-once patients)
+    errors: list[dict] = dataclasses.field(default_factory=list)
 
-def second_pass_results(stream: Iterable[passes.PatientRows], cfg: CropConfig, reads: ReadLog
-                        ) -> Iterator[tuple[pa.Table, list[dict]]]:
-    for patient in stream:
-        if patient.rows is not None:
-            reads.take(patient.rows, first=False)
-        if patient.rows is None:  # its task was lost: a TaskLost error row
-            yield contracts.crops_table([], cfg.channels, cfg.crop_size), patient.errors
-        else:
-            yield wire.to_crops(patient.rows, cfg)[0], patient.errors
+    def take_first(self, spill: str, read_once: set[str]) -> None:
+        for batch in pq.ParquetFile(spill).iter_batches(batch_size=512):
+            table = pa.Table.from_batches([batch])
+            self.uris += [(m["uri"], True) for m in wire.metas(wire.of_kind(table, (wire.Kind.PART,)))]
+            errors = wire.of_kind(table, (wire.Kind.ERROR,))
+            self.errors += wire.metas(errors.filter(pc.is_in(errors["patient_id"], pa.array(sorted(read_once),
+                                                                                            pa.string()))))
+
+    def take_second(self, stream: Iterable[passes.PatientRows], reads: ReadLog) -> None:
+        for patient in stream:  # a lost task has no rows, and a TaskLost error row
+            if patient.rows is not None:
+                reads.take(patient.rows, first=False)
+                self.uris += [(m["uri"], False) for m in wire.metas(wire.of_kind(patient.rows, (wire.Kind.PART,)))]
+            self.errors += patient.errors
 
 
 @dataclasses.dataclass
@@ -168,25 +192,41 @@ READS_SCHEMA = pa.schema([("patient_id", pa.string()), ("series_instance_uid", p
                           ("bytes_needed", pa.int64())])
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Written:
     crops: int = 0
-    patients: set[str] = dataclasses.field(default_factory=set)
-    errors: list[dict] = dataclasses.field(default_factory=list)
+    patients: int = 0
 
 
-def write_crops(results: Iterable[tuple[pa.Table, list[dict]]], uri: str, cfg: CropConfig, archive_uri: str,
-                pseudo: pseudonym.Pseudonymizer | None) -> Written:
-    """Stream crops tables into one Parquet file (atomic), its settings in the file's metadata."""
-    metadata = {"vfx_ray.crop_config": json.dumps(dataclasses.asdict(cfg)), "vfx_ray.archive": archive_uri,
-                "vfx_ray.pseudonyms": json.dumps(pseudonym.metadata(pseudo))}
+def crops_metadata(cfg: CropConfig, archive_uri: str, pseudo: pseudonym.Pseudonymizer | None) -> dict[str, str]:
+    """What ``crops.parquet`` says of how it was made (train-cv checks the crop settings)."""
+    return {"vfx_ray.crop_config": json.dumps(dataclasses.asdict(cfg)), "vfx_ray.archive": archive_uri,
+            "vfx_ray.pseudonyms": json.dumps(pseudonym.metadata(pseudo))}
+
+
+def join_parts(uris: list[tuple[str, bool]], read_once: list[str], uri: str, metadata: dict[str, str],
+               cfg: CropConfig) -> Written:
+    """``crops.parquet`` joined from the tasks' parts by a Ray task: the crops pass through a
+    worker, never the driver."""
+    import ray
+
+    job = ray.remote(num_cpus=1)(write_crops).options(name="crops: join parts")
+    return ray.get(job.remote(uris, read_once, uri, metadata, cfg))
+
+
+def write_crops(uris: list[tuple[str, bool]], read_once: list[str], uri: str, metadata: dict[str, str],
+                cfg: CropConfig) -> Written:
+    """Stream the parts into one Parquet file (atomic), in order, a first-pass part's rows
+    kept for the ``read_once`` patients only; its settings in the file's metadata."""
     schema = contracts.crops_schema(cfg.channels, cfg.crop_size).with_metadata(metadata)
-    written = Written()
+    keep = pa.array(sorted(read_once), pa.string())
+    crops, patients = 0, set()
     with storage.atomic_output(uri) as sink, pq.ParquetWriter(sink, schema) as writer:
-        for table, errors in results:
-            written.errors += errors
+        for part, filtered in uris:
+            table = storage.read_table(part)
+            table = table.filter(pc.is_in(table["patient_id"], keep)) if filtered else table
             if table.num_rows:
-                writer.write_table(_hide(pseudo, table).replace_schema_metadata(metadata))
-                written.crops += table.num_rows
-                written.patients |= set(table["patient_id"].to_pylist())
-    return written
+                writer.write_table(table.cast(schema))
+                crops += table.num_rows
+                patients |= set(table["patient_id"].to_pylist())
+    return Written(crops, len(patients))
