@@ -110,7 +110,14 @@ def first_pass(run: FirstPass, folder: str, keep: Keep | None = None) -> Archive
         index_chunks(chunks, index, keep or (lambda _end, rows: rows), run.desc, run.progress)
     index.finish(parts, run.archive_uri, run.job.cfg)
     raise_if_store_down(index.errors)
+    release_arrow_memory()
     return index
+
+
+def release_arrow_memory() -> None:
+    """Give back what pyarrow's allocator kept of a step's tables: it holds freed memory in
+    proportion to the rows that passed (+52 MB after the series index of 40,000 objects)."""
+    pa.default_memory_pool().release_unused()
 
 
 # ---------------------------------------------------------------- plan

@@ -61,6 +61,7 @@ def run_crops(archive_uri: str, annotations_uri: str, out_uri: str, cfg: CropCon
         pieces = Pieces()
         pieces.take_first(spill, plan.read_once)
         pieces.take_second(stream, reads)
+        passes.release_arrow_memory()
     shown = pseudo.patient if pseudo else str
     written = join_parts(pieces.uris, [shown(p) for p in plan.read_once], storage.join(out_uri, layout.CROPS),
                          crops_metadata(cfg, archive_uri, pseudo), cfg)
@@ -124,6 +125,7 @@ def write_series_index(index: index_mod.ArchiveIndex, plan: passes.Plan, uri: st
                                            "selection": plan.selection.get(s["series_instance_uid"])} for s in rows],
                                          schema=schema)
             writer.write_table(_hide(pseudo, table))
+    passes.release_arrow_memory()
 
 
 def _hide(pseudo: pseudonym.Pseudonymizer | None, table: pa.Table) -> pa.Table:

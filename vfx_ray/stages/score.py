@@ -217,6 +217,7 @@ class ScoreJob:
                     sink.writer.flush()
                 raise
             sink.close()
+            passes.release_arrow_memory()
             head = {"patients_planned": len(plan.tasks), "scored_now": sink.scored,
                     "skipped_already_scored": len(done_ids)}
             reads = {"patients_read_once": len(plan.read_once & {t.patient_id for t in todo}),
