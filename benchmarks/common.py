@@ -7,6 +7,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import psutil
 
@@ -77,25 +78,43 @@ def tree_rss(proc: psutil.Process) -> int:
     return total
 
 
-def peak_rss(cmd: list[str]) -> tuple[int, int]:
+class Peaks(NamedTuple):
+    """Peak RSS in bytes: the driver process alone, its process tree, and the driver's RSS
+    split into private memory (RssAnon) and the shared memory it touched (RssShmem: the Ray
+    object store's pages), each its own peak."""
+
+    driver: int
+    tree: int
+    driver_private: int
+    driver_shared: int
+
+
+def rss_split(pid: int) -> tuple[int, int]:
+    """(RssAnon, RssShmem) of a process in bytes (Linux)."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return tuple(int(fields[k].split()[0]) * 1024 for k in ("RssAnon", "RssShmem"))
+
+
+def peak_rss(cmd: list[str]) -> Peaks:
     """Run a command to completion, sampling every 0.2 s the RSS of its own process and of its
-    process tree; returns both peaks (driver alone, tree)."""
+    process tree; returns their peaks."""
     import subprocess
 
     err = tempfile.TemporaryFile()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
-    ps, driver, tree = psutil.Process(proc.pid), 0, 0
+    ps, peaks = psutil.Process(proc.pid), [0, 0, 0, 0]
     while proc.poll() is None:
         try:
-            driver = max(driver, ps.memory_info().rss)
-        except psutil.Error:
+            private, shared = rss_split(proc.pid)
+            now = [ps.memory_info().rss, tree_rss(ps), private, shared]
+            peaks = [max(a, b) for a, b in zip(peaks, now, strict=True)]
+        except (psutil.Error, OSError, KeyError):
             pass
-        tree = max(tree, tree_rss(ps))
         time.sleep(0.2)
     if proc.returncode != 0:
         err.seek(0)
         raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{err.read().decode()[-3000:]}")
-    return driver, tree
+    return Peaks(*peaks)
 
 
 def peak_rss_of(cmd: list[str]) -> int:

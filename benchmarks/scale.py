@@ -98,14 +98,16 @@ def run(job: str, uri: str, model: str, objects: int) -> dict:
     if job == "score":
         cmd[-1:-1] = ["--model", model]
     t = time.perf_counter()
-    driver, tree = peak_rss(cmd)
+    peaks = peak_rss(cmd)
     seconds = time.perf_counter() - t
     result = {"job": job, "objects": objects, "seconds": round(seconds), "objects_per_s": round(objects / seconds),
               "rows": storage.read_table(f"{uri}/{job}/{'crops' if job == 'crops' else 'scores'}.parquet").num_rows,
               "errors": storage.read_table(f"{uri}/{job}/errors.parquet").num_rows,
-              "driver_peak_mb": round(driver / 2**20), "tree_peak_mb": round(tree / 2**20)}
+              "driver_peak_mb": round(peaks.driver / 2**20), "tree_peak_mb": round(peaks.tree / 2**20),
+              "driver_private_peak_mb": round(peaks.driver_private / 2**20),
+              "driver_object_store_pages_peak_mb": round(peaks.driver_shared / 2**20)}
     print(json.dumps(result), flush=True)
-    return result | {"driver": driver}
+    return result | {"driver": peaks.driver}
 
 
 def growth(job: str, small: dict, large: dict) -> None:

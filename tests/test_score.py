@@ -16,6 +16,7 @@ import duckdb
 import duckdb_ext
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 import torch
 
@@ -25,7 +26,7 @@ from vfx_ray.imaging import dicom, geometry
 from vfx_ray.imaging.annotations import read_annotations
 from vfx_ray.imaging.roi import RoiBox
 from vfx_ray.ml.model import build_model, load_model, predict_proba, save_model
-from vfx_ray.pipeline import tasks
+from vfx_ray.pipeline import tasks, wire
 from vfx_ray.stages import committed_parts, score
 
 CFG = CropConfig()
@@ -251,3 +252,27 @@ def test_fold_checkpoint_reproduces_its_out_of_fold_probabilities(synth_cohort, 
         f"{data}/dicom", f"{data}/annotations.csv", f"{root}/run", f"{root}/scores_ens", CFG, progress=False
     )
     assert ens["n_models"] == 2 and ens["model_id"] != summary["model_id"]
+
+
+def test_first_pass_results_wait_on_disk_and_come_back_per_patient(tmp_path):
+    def scored(pid: str, slices: list[int]) -> list[dict]:
+        meta = [{"patient_id": pid, "series_instance_uid": f"u{pid}", "slice_index": i} for i in slices]
+        return [{"patient_id": pid, "kind": "crop", "meta": json.dumps(m), "probability": m["slice_index"] / 10,
+                 "embedding": b""} for m in meta]
+
+    def table(rows: list[dict]) -> pa.Table:
+        return pa.Table.from_pylist(rows, schema=wire.SCORED_WIRE)
+
+    error = {"patient_id": "C", "kind": "error", "meta": json.dumps({"patient_id": "C", "stage": "crop"}),
+             "probability": None, "embedding": b""}
+    first = score.FirstPassResults(str(tmp_path / "spill.parquet"))
+    first.take(table(scored("A", [1, 2]) + scored("B", [3])))
+    first.take(table(scored("B", [4]) + [error] + scored("D", [5])))  # B's rows run on into the next chunk table
+    assert first.errors == {"C": [{"patient_id": "C", "stage": "crop"}]}
+    got = [(pid, [(s["slice_index"], s["probability"]) for s in slices]) for pid, slices in first.patients({"B", "A"})]
+    assert got == [("A", [(1, 0.1), (2, 0.2)]), ("B", [(3, 0.3), (4, 0.4)])]  # D was not asked for
+    apart = score.FirstPassResults(str(tmp_path / "apart.parquet"))
+    apart.take(table(scored("A", [1]) + scored("B", [2]) + scored("A", [3])))
+    with pytest.raises(RuntimeError, match="not together"):
+        list(apart.patients({"A", "B"}))
+    assert list(score.FirstPassResults(str(tmp_path / "none.parquet")).patients({"A"})) == []

@@ -123,9 +123,9 @@ def release_arrow_memory() -> None:
 # ---------------------------------------------------------------- plan
 @dataclasses.dataclass
 class Plan:
-    """The work of a job: the series index (summaries), the planned patients, the errors so far."""
+    """The work of a job: the planned patients, the errors so far."""
 
-    series: list[dict[str, Any]]
+    n_series: int  # in the archive (their summaries stay in the index)
     tasks: list[ann_mod.PatientTask]
     errors: list[dict[str, Any]]
     read_once: set[str]  # patients whose first-pass result is theirs
@@ -145,7 +145,7 @@ def plan(annotations: pd.DataFrame, index: ArchiveIndex, cfg: CropConfig,
     planned, errors = ann_mod.plan_tasks(annotations, series, rules=cfg.series_rules, notes=selection)
     if pseudo:
         pseudo.know_patients([t.patient_id for t in planned] + [s.get("patient_id") for s in series])
-    return Plan(series, planned, index.errors + errors, index.read_once(planned), selection)
+    return Plan(len(series), planned, index.errors + errors, index.read_once(planned), selection)
 
 
 def with_objects(planned: list[ann_mod.PatientTask], index: ArchiveIndex
@@ -167,7 +167,7 @@ class PatientRows:
     errors: list[dict[str, Any]]
 
 
-def _runs(batch: pa.Table) -> Iterator[tuple[str, pa.Table]]:
+def runs(batch: pa.Table) -> Iterator[tuple[str, pa.Table]]:
     """(patient id, rows) for each run of equal ids in a batch."""
     pids = batch["patient_id"].to_numpy(zero_copy_only=False)
     cuts = [0, *(np.flatnonzero(pids[1:] != pids[:-1]) + 1).tolist(), len(pids)]
@@ -196,7 +196,7 @@ def patient_stream(
         return PatientRows(task, rows, errors)
 
     for batch in batches:
-        for pid, rows in _runs(batch):
+        for pid, rows in runs(batch):
             if position[pid] < next_open:
                 raise RuntimeError(f"rows of patient {pid} arrived after the patients that follow it")
             pieces.setdefault(pid, []).append(rows)

@@ -77,7 +77,7 @@ def run_crops(archive_uri: str, annotations_uri: str, out_uri: str, cfg: CropCon
         "patients_with_crops": written.patients,
         "crops": written.crops,
         "errors": len(errors),
-        "series": len(plan.series),
+        "series": plan.n_series,
         "patients_read_once": len(plan.read_once),
         "patients_second_pass": len(second),
         "reads": reads.summary(plan),

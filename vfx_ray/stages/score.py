@@ -19,14 +19,17 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import os
 import tempfile
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from vfx_ray import contracts, layout, storage
@@ -147,18 +150,46 @@ def scored_slices(rows: pa.Table) -> list[SliceScore]:
 
 @dataclasses.dataclass
 class FirstPassResults:
-    """The first pass's scored slices and error rows per patient (kept for those it vouches for)."""
+    """The first pass's scored slices, spilled to a local Parquet file as they come (the
+    driver holds none until the plan asks), and its error rows per patient (few)."""
 
-    slices: dict[str, list[SliceScore]] = dataclasses.field(default_factory=dict)
+    spill: str
     errors: dict[str, list[ErrorRow]] = dataclasses.field(default_factory=dict)
     chunks: int = 0
     chunks_reused: int = 0
+    _writer: pq.ParquetWriter | None = None
 
     def take(self, rows: pa.Table) -> None:
-        for s in scored_slices(rows):
-            self.slices.setdefault(s["patient_id"], []).append(s)
+        crops = wire.of_kind(rows, (Kind.CROP,))
+        if crops.num_rows:
+            self._writer = self._writer or pq.ParquetWriter(self.spill, wire.SCORED_WIRE)
+            self._writer.write_table(crops.cast(wire.SCORED_WIRE))
         for e in wire.metas(wire.of_kind(rows, (Kind.ERROR,))):
             self.errors.setdefault(e["patient_id"], []).append(e)
+
+    def patients(self, wanted: set[str]) -> Iterator[tuple[str, list[SliceScore]]]:
+        """(patient, its scored slices) for those of ``wanted`` that have any, in the order
+        the archive was read: a patient the plan vouches for was cropped in one chunk, so its
+        rows lie together."""
+        if self._writer is not None:
+            self._writer.close()
+        if not os.path.exists(self.spill):
+            return
+        keep, done = pa.array(sorted(wanted), pa.string()), set()
+        current, slices = None, []
+        for batch in pq.ParquetFile(self.spill).iter_batches(batch_size=1024):
+            table = pa.Table.from_batches([batch])
+            for pid, rows in passes.runs(table.filter(pc.is_in(table["patient_id"], keep))):
+                if pid != current:
+                    if current is not None:
+                        yield current, slices
+                    if pid in done:
+                        raise RuntimeError(f"the first pass's rows of patient {pid} are not together")
+                    current, slices = pid, []
+                    done.add(pid)
+                slices += scored_slices(rows)
+        if current is not None:
+            yield current, slices
 
 
 class PatientSink:
@@ -269,7 +300,7 @@ class ScoreJob:
         """A fresh ``--out``: index, crop and score each chunk, committing finished chunks
         (resumable by chunk: a committed chunk is read back, not run). A re-run over committed
         patients: ranged header reads only. The index's parts go to ``folder``."""
-        first = FirstPassResults()
+        first = FirstPassResults(os.path.join(folder, "first_pass_scores.parquet"))
         if resumed:
             job = ShardJob(self.cfg, annotations, self.archive_uri, headers_only=True)
             return passes.first_pass(passes.FirstPass(self.archive_uri, job, "score: headers read",
@@ -300,10 +331,15 @@ class ScoreJob:
                    second: list[PatientTask], sink: PatientSink) -> list[dict[str, Any]]:
         """Every patient to do into ``sink``: first-pass results, then the second pass."""
         errors: list[dict[str, Any]] = []
-        for t in todo:
-            if t.patient_id in plan.read_once:
-                errors += first.errors.get(t.patient_id, [])
-                sink.add(t.patient_id, first.slices.get(t.patient_id, []))
+        read_once = [t.patient_id for t in todo if t.patient_id in plan.read_once]
+        for pid in read_once:
+            errors += first.errors.get(pid, [])
+        without = set(read_once)  # left: the patients with no scored slice (their error rows above)
+        for pid, slices in first.patients(without):
+            sink.add(pid, slices)
+            without.discard(pid)
+        for pid in (p for p in read_once if p in without):
+            sink.add(pid, [])
         for patient in passes.second_pass(second, self.cfg, "score", self.index, self.scoring, DECODE_CPUS):
             errors += patient.errors
             sink.add(patient.task.patient_id, scored_slices(patient.rows) if patient.rows is not None else [])
