@@ -151,6 +151,10 @@ def test_a_task_writes_its_crops_as_a_part_and_the_join_keeps_the_planned_patien
     assert (got.crops, got.patients) == (3, 2) and crops.schema.metadata == {b"a": b"b"}
     assert crops["patient_id"].to_pylist() == [pseudo.patient(p) for p in ("P1", "P1", "P4")]
     assert crops["slice_index"].to_pylist() == [0, 1, 5]
+    (tmp_path / "file").write_text("")  # a part that cannot be written: each patient's error row, no crop lost unseen
+    failed = tasks.CropParts(str(tmp_path / "file" / "parts")).put(rows, "chunk-c", CFG)
+    assert [(r["kind"], r["patient_id"]) for r in failed] == [("error", "P2"), ("error", "P1"), ("error", "P3")]
+    assert {json.loads(r["meta"])["stage"] for r in failed} == {"decode", "crop"}
 
 
 def test_wire_images_views_equal_sized_crops_and_refuses_others():

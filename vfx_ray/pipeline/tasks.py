@@ -260,8 +260,14 @@ class CropParts:
             return rows
         table = wire.to_crops(pa.Table.from_pylist(crops, schema=CROP_WIRE), cfg)[0]
         uri = storage.join(self.prefix, name + ".parquet")
-        storage.write_table(self.pseudo.table(table) if self.pseudo else table, uri)
-        return [*(r for r in rows if r["kind"] != Kind.CROP), row(pid, Kind.PART, {"uri": uri})]
+        rest = [r for r in rows if r["kind"] != Kind.CROP]
+        try:
+            storage.write_table(self.pseudo.table(table) if self.pseudo else table, uri)
+        except Exception as exc:  # noqa: BLE001 - each patient's error row (a store that is down fails the job)
+            ids = dict.fromkeys(zip(table["patient_id"].to_pylist(), table["series_instance_uid"].to_pylist(),
+                                    strict=True))
+            return [*rest, *(wire.error(exc, "crop", {"patient_id": p, "series_instance_uid": u}) for p, u in ids)]
+        return [*rest, row(pid, Kind.PART, {"uri": uri})]
 
 
 def patient_batch(batch: pa.Table, cfg: CropConfig, parts: CropParts | None = None) -> pa.Table:

@@ -103,7 +103,9 @@ def first_pass(archive_uri: str, annotations: pd.DataFrame, job: ShardJob, spill
     """The first pass: the archive index; candidates' PART and ERROR rows spilled to ``spill``; reads logged."""
     with pq.ParquetWriter(spill, wire.CROP_WIRE) as spill_writer:
         def keep(_end: dict | None, rows: pa.Table) -> pa.Table:
-            spill_writer.write_table(wire.of_kind(rows, wire.RESULT_KINDS))
+            results = wire.of_kind(rows, wire.RESULT_KINDS)
+            passes.raise_if_store_down(wire.metas(wire.of_kind(results, (wire.Kind.ERROR,))))  # a part not written
+            spill_writer.write_table(results)
             reads.take(rows, first=True)
             return rows
 
