@@ -143,12 +143,12 @@ class Pieces:
     errors: list[dict] = dataclasses.field(default_factory=list)
 
     def take_first(self, spill: str, read_once: set[str]) -> None:
+        keep = pa.array(sorted(read_once), pa.string())
         for batch in pq.ParquetFile(spill).iter_batches(batch_size=512):
             table = pa.Table.from_batches([batch])
             self.uris += [(m["uri"], True) for m in wire.metas(wire.of_kind(table, (wire.Kind.PART,)))]
             errors = wire.of_kind(table, (wire.Kind.ERROR,))
-            self.errors += wire.metas(errors.filter(pc.is_in(errors["patient_id"], pa.array(sorted(read_once),
-                                                                                            pa.string()))))
+            self.errors += wire.metas(errors.filter(pc.is_in(errors["patient_id"], keep)))
 
     def take_second(self, stream: Iterable[passes.PatientRows], reads: ReadLog) -> None:
         for patient in stream:  # a lost task has no rows, and a TaskLost error row

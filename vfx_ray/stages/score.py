@@ -335,7 +335,7 @@ class ScoreJob:
         for pid in read_once:
             errors += first.errors.get(pid, [])
         without = set(read_once)  # left: the patients with no scored slice (their error rows above)
-        for pid, slices in first.patients(without):
+        for pid, slices in first.patients(set(read_once)):
             sink.add(pid, slices)
             without.discard(pid)
         for pid in (p for p in read_once if p in without):
