@@ -185,8 +185,9 @@ def cluster_bootstrap_aucs(
     _, group = np.unique(np.asarray(groups), return_inverse=True)
     order = np.argsort(s, kind="stable")
     s, y, group = s[order], y[order], group[order]
-    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])  # runs of tied scores
-    tie = np.cumsum(np.r_[True, s[1:] != s[:-1]]) - 1  # each slice's run
+    new_score = np.r_[True, s[1:] != s[:-1]]
+    starts = np.flatnonzero(new_score)  # runs of tied scores
+    tie = np.cumsum(new_score) - 1  # each slice's run
     pos = y == 1
     blocks = [counts] if isinstance(counts, np.ndarray) else counts
     out = [_weighted_aucs(c[:, group].astype(float), pos, starts, tie) for c in blocks]

@@ -151,6 +151,11 @@ def maybe(enabled: bool, archive_uri: str | None = None) -> Pseudonymizer | None
     return Pseudonymizer.from_env(archive_uri) if enabled else None
 
 
+def hide(p: Pseudonymizer | None, table: pa.Table) -> pa.Table:
+    """A table as a job writes it: identifiers replaced when the job pseudonymises."""
+    return p.table(table) if p else table
+
+
 def metadata(p: Pseudonymizer | None) -> dict[str, Any]:
     """What manifests and Parquet metadata say of it: whether, and with which key (by id)."""
     return {"pseudonymized": p is not None, "pseudonym_key_id": p.key_id if p else None}

@@ -262,7 +262,7 @@ class CropParts:
         uri = storage.join(self.prefix, name + ".parquet")
         rest = [r for r in rows if r["kind"] != Kind.CROP]
         try:
-            storage.write_table(self.pseudo.table(table) if self.pseudo else table, uri)
+            storage.write_table(pseudonym.hide(self.pseudo, table), uri)
         except Exception as exc:  # noqa: BLE001 - each patient's error row (a store that is down fails the job)
             ids = dict.fromkeys(zip(table["patient_id"].to_pylist(), table["series_instance_uid"].to_pylist(),
                                     strict=True))

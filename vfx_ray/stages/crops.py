@@ -69,7 +69,7 @@ def run_crops(archive_uri: str, annotations_uri: str, out_uri: str, cfg: CropCon
     errors += plan.errors + pieces.errors
     errors = pseudo.rows(errors) if pseudo else errors
     storage.write_table(contracts.errors_table(errors), storage.join(out_uri, layout.ERRORS))
-    storage.write_table(_hide(pseudo, reads.table(plan)), storage.join(out_uri, layout.READS))
+    storage.write_table(pseudonym.hide(pseudo, reads.table(plan)), storage.join(out_uri, layout.READS))
     summary: CropsSummary = {
         "archive": archive_uri,
         "annotations": annotations_uri,
@@ -126,12 +126,8 @@ def write_series_index(index: index_mod.ArchiveIndex, plan: passes.Plan, uri: st
             table = pa.Table.from_pylist([{**s, "selected": s["series_instance_uid"] in chosen,
                                            "selection": plan.selection.get(s["series_instance_uid"])} for s in rows],
                                          schema=schema)
-            writer.write_table(_hide(pseudo, table))
+            writer.write_table(pseudonym.hide(pseudo, table))
     passes.release_arrow_memory()
-
-
-def _hide(pseudo: pseudonym.Pseudonymizer | None, table: pa.Table) -> pa.Table:
-    return pseudo.table(table) if pseudo else table
 
 
 @dataclasses.dataclass
