@@ -8,11 +8,13 @@ import json
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from phantoms import PATIENT, centred_geometry, series
 
 from vfx_ray import contracts, storage
 from vfx_ray.config import CropConfig
+from vfx_ray.imaging import annotations as ann_mod
 from vfx_ray.imaging import dicom, pseudonym
 from vfx_ray.imaging.annotations import PatientTask
 from vfx_ray.pipeline import datasets, passes, shards, tasks, wire
@@ -176,11 +178,11 @@ def test_kinds_are_the_strings_on_the_wire():
 
 
 # ---------------------------------------------------------------- first pass and plan
-def series_row(*keys: str, pid: str = "P1") -> dict:
+def series_row(*keys: str, pid: str | None = "P1", uid: str | None = None) -> dict:
     """A SERIES row as a task sends it, from a real record of these objects' headers."""
     files = series(np.zeros((len(keys), 16, 16), np.float32), centred_geometry((1, 0, 0), (0, 1, 0),
                                                                                 (len(keys), 16, 16)))
-    hs = [{**dicom.read_header(data, key), "patient_id": pid, "series_instance_uid": f"uid-{pid}"}
+    hs = [{**dicom.read_header(data, key), "patient_id": pid, "series_instance_uid": uid or f"uid-{pid}"}
           for key, (_, data) in zip(keys, files, strict=True)]
     return tasks.series_rows(hs)[0]
 
@@ -223,7 +225,7 @@ def test_a_series_spread_over_chunks_merges_to_the_record_of_all_its_objects(tmp
     uid = whole["series_instance_uid"]
     summary = index.summaries()[0]
     assert summary == {k: v for k, v in whole.items() if k != "object_keys"}
-    assert index.series[uid]["keys_hash"] == wire.keys_hash(whole["object_keys"])
+    assert index.summary(uid, private=True)["keys_hash"] == wire.keys_hash(whole["object_keys"])
     got = list(index.series_objects())
     assert [{k: v for k, v in g.items() if k not in ("object_sizes", "sops")} for g in got] == [whole]
     assert got[0]["object_sizes"] == [h["size"] for h in sorted(hs, key=lambda h: h["object_key"])]
@@ -263,6 +265,34 @@ def test_a_lost_shard_reports_each_object_its_finished_chunks_did_not_index(tmp_
     index.shards_done.add(0)
     index.finish(the_shards, str(root), CFG)  # a finished shard: nothing more
     assert len(index.errors) == 2
+
+
+def test_the_index_looks_series_up_as_a_list_of_its_summaries_does(tmp_path):
+    index = ArchiveIndex(str(tmp_path))
+    index.absorb(table([series_row("k2", "k1"), series_row("k3", pid="P1", uid="uid-P1b"), series_row("k4", pid="P2"),
+                        series_row("k5", pid=None), series_row("z1", pid="P3")]), shard=0)
+    index.absorb(table([series_row("a1", pid="P4", uid="uid-P3")]), shard=1)  # one uid, two patients
+    listed = ann_mod.ListCatalog(index.summaries())
+    for pid in ("P1", "P2", "P3", "P4", "None", "P9"):
+        assert index.of_patient(pid) == listed.of_patient(pid), pid
+    for uid in ("uid-P1", "uid-P1b", "uid-P2", "uid-None", "uid-P3", "nowhere"):
+        assert index.lookup(uid) == listed.lookup(uid), uid
+    assert [s["series_instance_uid"] for s in index.of_patient("P1")] == ["uid-P1", "uid-P1b"]
+    assert index.of_patient("P3") == [] and index.of_patient("P4")[0]["instance_count"] == 2  # the first key's
+    assert not {"object_keys", "keys_hash"} & set(index.lookup("uid-P1"))  # the record, not the bookkeeping
+
+
+def test_the_series_index_is_written_in_row_groups_of_the_batch_whatever_the_build(tmp_path):
+    index = ArchiveIndex(str(tmp_path / "index"))
+    index.absorb(table([series_row(f"k{i}", pid=f"P{i}") for i in range(5)]), shard=0)
+    index.close()
+    plan = passes.Plan(5, [PatientTask("P1", "uid-P1", [], None)], [], set(), {"uid-P1": "selected"})
+    crops_stage.write_series_index(index, plan, str(tmp_path / "a.parquet"), None, batch=4, build=2)
+    crops_stage.write_series_index(index, plan, str(tmp_path / "b.parquet"), None)
+    a, b = pq.ParquetFile(tmp_path / "a.parquet"), pq.ParquetFile(tmp_path / "b.parquet")
+    assert [a.metadata.row_group(i).num_rows for i in range(a.num_row_groups)] == [4, 1]
+    assert a.read().equals(b.read()) and b.num_row_groups == 1
+    assert a.read().column("selected").to_pylist() == [False, True, False, False, False]
 
 
 def test_plan_joins_annotations_to_the_whole_index(tmp_path):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import pandas as pd
 
@@ -103,7 +103,7 @@ BOOKKEEPING_COLUMNS = {*ROI_COLUMNS, "patient_id", "series_instance_uid", "label
 
 def plan_tasks(
     annotations: pd.DataFrame,
-    series_index: list[dict[str, Any]],
+    series_index: list[dict[str, Any]] | SeriesCatalog,
     classes: tuple[str, str] = DEFAULT_CLASSES,
     require_roi: bool = True,
     rules: tuple[SeriesRule, ...] = DEFAULT_SERIES_RULES,
@@ -147,21 +147,43 @@ def plan_tasks(
     return tasks, errors
 
 
-class SeriesFinder:
-    """The series an annotation row means: the one it names, or the one the series rules
-    choose among the patient's series."""
+class SeriesCatalog(Protocol):
+    """Where the planning looks series up: a list of records (:class:`ListCatalog`) or, in
+    the jobs, the archive index, which keeps its summaries compact and decodes one on demand."""
 
-    def __init__(self, series_index: list[dict[str, Any]], rules: tuple[SeriesRule, ...],
-                 notes: dict[str, str] | None = None) -> None:
+    def lookup(self, uid: str) -> dict[str, Any] | None: ...
+
+    def of_patient(self, pid: str) -> list[dict[str, Any]]: ...
+
+
+class ListCatalog:
+    """A list of series records, looked up by uid and by patient (in the list's order)."""
+
+    def __init__(self, series_index: list[dict[str, Any]]) -> None:
         self.by_uid = {s["series_instance_uid"]: s for s in series_index}
         self.by_patient: dict[str, list[dict]] = {}
         for s in series_index:
             self.by_patient.setdefault(str(s.get("patient_id")), []).append(s)
+
+    def lookup(self, uid: str) -> dict[str, Any] | None:
+        return self.by_uid.get(uid)
+
+    def of_patient(self, pid: str) -> list[dict[str, Any]]:
+        return self.by_patient.get(pid, [])
+
+
+class SeriesFinder:
+    """The series an annotation row means: the one it names, or the one the series rules
+    choose among the patient's series."""
+
+    def __init__(self, series_index: list[dict[str, Any]] | SeriesCatalog, rules: tuple[SeriesRule, ...],
+                 notes: dict[str, str] | None = None) -> None:
+        self.catalog = ListCatalog(series_index) if isinstance(series_index, list) else series_index
         self.rules, self.notes = rules, notes if notes is not None else {}
 
     def find(self, pid: str, uid: str | None, roi: RoiBox | None) -> dict[str, Any]:
         if uid is not None:
-            series = self.by_uid.get(uid)
+            series = self.catalog.lookup(uid)
             if series is None:
                 raise VfxError("annotations", f"series {uid} is not in the archive", error_type="SeriesNotFound")
             if str(series.get("patient_id")) != pid:
@@ -169,7 +191,7 @@ class SeriesFinder:
                 raise VfxError("annotations", message, error_type="PatientMismatch")
             self.notes[uid] = series_select.NAMED
             return series
-        candidates = self.by_patient.get(pid, [])
+        candidates = self.catalog.of_patient(pid)
         if not candidates:
             raise VfxError("annotations", f"no CT series of patient {pid} in the archive", error_type="SeriesNotFound")
         chosen = series_select.select(candidates, self.rules, roi, pid)

@@ -140,12 +140,11 @@ def plan(annotations: pd.DataFrame, index: ArchiveIndex, cfg: CropConfig,
     """Join the annotations to the whole archive's series (the series rules choose where no
     series is named); the pseudonymiser learns every id. The tasks carry no object keys yet
     (:func:`with_objects` adds them where they are needed)."""
-    series = index.summaries()
     selection: dict[str, str] = {}
-    planned, errors = ann_mod.plan_tasks(annotations, series, rules=cfg.series_rules, notes=selection)
+    planned, errors = ann_mod.plan_tasks(annotations, index, rules=cfg.series_rules, notes=selection)
     if pseudo:
-        pseudo.know_patients([t.patient_id for t in planned] + [s.get("patient_id") for s in series])
-    return Plan(len(series), planned, index.errors + errors, index.read_once(planned), selection)
+        pseudo.know_patients([t.patient_id for t in planned] + [p for p, keys in index.patients.items() if keys])
+    return Plan(len(index.series), planned, index.errors + errors, index.read_once(planned), selection)
 
 
 def with_objects(planned: list[ann_mod.PatientTask], index: ArchiveIndex

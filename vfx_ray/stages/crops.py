@@ -114,19 +114,29 @@ def first_pass(archive_uri: str, annotations: pd.DataFrame, job: ShardJob, spill
 
 
 def write_series_index(index: index_mod.ArchiveIndex, plan: passes.Plan, uri: str,
-                       pseudo: pseudonym.Pseudonymizer | None, batch: int = 512) -> None:
+                       pseudo: pseudonym.Pseudonymizer | None, batch: int = 512, build: int = 64) -> None:
     """The series index streamed from the index's parts: each series marked ``selected`` (the
     crops come from it) and with ``selection``: ``selected``, named in the annotations, why
-    the series rules passed it over, or empty for a series of a patient not annotated."""
+    the series rules passed it over, or empty for a series of a patient not annotated.
+    Row groups of ``batch`` series, built ``build`` at a time: a series' objects as Python
+    objects take ~30 KB, which at 512 at once left the driver 40 MB larger after the step."""
     chosen = {t.series_instance_uid for t in plan.tasks}
     schema = contracts.SERIES_INDEX_SCHEMA
+
+    def table(rows: list[dict]) -> pa.Table:
+        return pa.Table.from_pylist([{**s, "selected": s["series_instance_uid"] in chosen,
+                                      "selection": plan.selection.get(s["series_instance_uid"])} for s in rows],
+                                    schema=schema)
+
     with storage.atomic_output(uri) as sink, pq.ParquetWriter(sink, schema) as writer:
-        series = iter(index.series_objects())
-        while rows := list(itertools.islice(series, batch)):
-            table = pa.Table.from_pylist([{**s, "selected": s["series_instance_uid"] in chosen,
-                                           "selection": plan.selection.get(s["series_instance_uid"])} for s in rows],
-                                         schema=schema)
-            writer.write_table(pseudonym.hide(pseudo, table))
+        series, group = iter(index.series_objects()), []
+        while rows := list(itertools.islice(series, build)):
+            group.append(table(rows))
+            if len(group) * build >= batch:
+                writer.write_table(pseudonym.hide(pseudo, pa.concat_tables(group)))
+                group = []
+        if group:
+            writer.write_table(pseudonym.hide(pseudo, pa.concat_tables(group)))
     passes.release_arrow_memory()
 
 
