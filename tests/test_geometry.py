@@ -111,6 +111,17 @@ def test_crops_match_the_contract(volume):
         assert (r["box_z_min_mm"], r["box_z_max_mm"]) == (4.0, 16.0)
 
 
+def test_one_slice_alone_is_the_same_row_as_among_all(volume):
+    _, v = volume
+    roi = roi_around(CUBE_CENTRE, 6, 6, 6)
+    for normalize in (True, False):
+        rows = crop_samples(v, roi, CFG, normalize=normalize)
+        for r in rows:
+            (alone,) = crop_samples(v, roi, CFG, normalize=normalize, only=r["slice_index"])
+            assert np.array_equal(alone["image"], r["image"]) and {**alone, "image": 0} == {**r, "image": 0}
+    assert crop_samples(v, roi, CFG, only=4) == []  # not one of the ROI's slices
+
+
 def test_cube_roi_fills_the_crop(volume):
     _, v = volume
     [row] = crop_samples(v, roi_around(CUBE_CENTRE, 1, 6, 6), CFG, normalize=False)

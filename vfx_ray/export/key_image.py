@@ -39,7 +39,7 @@ from torch import nn
 from vfx_ray.config import CropConfig
 from vfx_ray.export import sr
 from vfx_ray.imaging.dicom import Volume
-from vfx_ray.imaging.geometry import crop_samples, slice_x
+from vfx_ray.imaging.geometry import crop_samples, select_slices, slice_x
 from vfx_ray.imaging.roi import RoiBox
 from vfx_ray.ml.gradcam import gradcam
 from vfx_ray.ml.model import load_model
@@ -76,12 +76,13 @@ def image_rect(size: int = 512) -> tuple[int, int, int]:
     return top, (size - side) // 2, side
 
 
-def _row(rows: list[dict[str, Any]], slice_index: int) -> dict[str, Any]:
-    """The crop row of the slice the caller chose (the one with the highest probability)."""
-    for row in rows:
-        if row["slice_index"] == slice_index:
-            return row
-    raise ValueError(f"slice {slice_index} is not one of the ROI's slices {[r['slice_index'] for r in rows]}")
+def _row(volume: Volume, roi: RoiBox, slice_index: int, cfg: CropConfig, normalize: bool = True) -> dict[str, Any]:
+    """The crop row of the slice the caller chose (the one with the highest probability),
+    sampled alone: the ROI's other slices are not drawn."""
+    rows = crop_samples(volume, roi, cfg, normalize=normalize, only=slice_index)
+    if not rows:
+        raise ValueError(f"slice {slice_index} is not one of the ROI's slices {select_slices(roi, cfg).tolist()}")
+    return rows[0]
 
 
 def _models(models: Sequence[nn.Module | str]) -> list[nn.Module]:
@@ -103,8 +104,8 @@ def context_slab(volume: Volume, roi: RoiBox, slice_index: int, cfg: CropConfig)
     wide = context_roi(roi)
     side = wide.y_max - wide.y_min
     size = min(max(3 * cfg.crop_size, math.ceil(side / cfg.inplane_spacing_mm)), MAX_CONTEXT_PIXELS)
-    rows = crop_samples(volume, wide, dataclasses.replace(cfg, crop_size=size, channels=1), normalize=False)
-    return _row(rows, slice_index)["image"][0], wide
+    row = _row(volume, wide, slice_index, dataclasses.replace(cfg, crop_size=size, channels=1), normalize=False)
+    return row["image"][0], wide
 
 
 def _draw(fig: Figure, slab: np.ndarray, wide: RoiBox, heat: np.ndarray, square: Sequence[float],
@@ -162,7 +163,7 @@ def render(volume: Volume, roi: RoiBox, slice_index: int, cfg: CropConfig | None
     """
     cfg = cfg or CropConfig()
     loaded = _models(models)
-    crop = _row(crop_samples(volume, roi, cfg), slice_index)
+    crop = _row(volume, roi, slice_index, cfg)
     slab, wide = context_slab(volume, roi, slice_index, cfg)
     square = (crop["box_y_min_mm"], crop["box_y_max_mm"], crop["box_z_min_mm"], crop["box_z_max_mm"])
     fig = Figure(figsize=(size / 100, size / 100), dpi=100, facecolor="black")

@@ -175,12 +175,13 @@ def zscore(image: np.ndarray) -> np.ndarray:
 
 
 def crop_samples(volume: Volume, roi: RoiBox, cfg: CropConfig | None = None, *,
-                 normalize: bool = True) -> list[dict[str, Any]]:
+                 normalize: bool = True, only: int | None = None) -> list[dict[str, Any]]:
     """The paper's samples: per sagittal slice in the ROI, (slice - t, slice, slice + t) channels.
 
     Each channel is a ``cfg.sagittal_thickness_mm`` slab on the ROI's smallest square box,
     resampled linearly to ``crop_size`` x ``crop_size``; ``normalize`` z-scores each sample.
     Rows match :func:`vfx_ray.contracts.crops_schema` (the caller adds label and vertebra).
+    ``only``: just that slice's row (none if it is not one of the ROI's), the same values.
     """
     cfg = cfg or CropConfig()
     if cfg.channels % 2 != 1:
@@ -188,6 +189,10 @@ def crop_samples(volume: Volume, roi: RoiBox, cfg: CropConfig | None = None, *,
     _check_inside(volume, roi)
     t, n, half = cfg.sagittal_thickness_mm, cfg.crop_size, cfg.channels // 2
     ks = select_slices(roi, cfg)
+    if only is not None:
+        ks = ks[ks == only]
+        if not len(ks):
+            return []
     y0, y1, z0, z1 = roi.square()
     pixel = (y1 - y0) / n
     y_mm = y0 + pixel * (np.arange(n) + 0.5)

@@ -68,11 +68,12 @@ def push(job: ReportJob, reports: Iterable[patient_reports.Report], max_actors: 
 
     total, it = delivery.Outcome(), iter(reports)
     while window := list(itertools.islice(it, WINDOW)):
-        ds = ray.data.from_items([{"report": pickle.dumps(r)} for r in window],
-                                 override_num_blocks=max(1, -(-len(window) // BATCH)))
+        blocks = max(1, -(-len(window) // BATCH))
+        actors = max(1, min(max_actors, blocks))  # all started at once: each loads its models first
+        ds = ray.data.from_items([{"report": pickle.dumps(r)} for r in window], override_num_blocks=blocks)
         ds = ds.map_batches(ReportBuilder, fn_constructor_kwargs={"job": job}, batch_size=BATCH,
                             batch_format="pyarrow", num_cpus=1,
-                            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, max_actors)))
+                            compute=ray.data.ActorPoolStrategy(min_size=actors, max_size=actors))
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             for blob, n in zip(batch["outcome"].to_pylist(), batch["reports"].to_pylist(), strict=True):
                 total.add(pickle.loads(blob))
