@@ -3,6 +3,7 @@ planning and the ordered patient stream (the Ray side is exercised by test_inges
 
 from __future__ import annotations
 
+import functools
 import json
 
 import numpy as np
@@ -208,10 +209,12 @@ def test_series_rows_carry_the_record_sizes_and_sop_references_in_key_order():
           for key, size, (_, data) in zip(["k2", "k1", "k3"], [20, 10, 30], files, strict=True)]
     (row,) = tasks.series_rows(hs)
     meta = json.loads(row["meta"])
-    assert meta["record"] == dicom.group_series(hs)[0] and meta["record"]["object_keys"] == ["k1", "k2", "k3"]
-    assert meta["sizes"] == [10, 20, 30] and meta["keys"] == wire.keys_hash(["k3", "k1", "k2"])
+    assert meta["record"] == {**dicom.group_series(hs)[0], "object_keys": ["k1"]}  # the first key only
+    objects = wire.unpack_objects(meta["objects"])
+    assert objects["object_keys"] == ["k1", "k2", "k3"]
+    assert objects["sizes"] == [10, 20, 30] and meta["keys"] == wire.keys_hash(["k3", "k1", "k2"])
     by_key = {h["object_key"]: h for h in hs}
-    assert meta["sops"] == [[by_key[k]["sop_class_uid"], by_key[k]["sop_instance_uid"]] for k in ("k1", "k2", "k3")]
+    assert objects["sops"] == [[by_key[k]["sop_class_uid"], by_key[k]["sop_instance_uid"]] for k in ("k1", "k2", "k3")]
 
 
 def test_a_series_spread_over_chunks_merges_to_the_record_of_all_its_objects(tmp_path):
@@ -286,9 +289,10 @@ def test_the_series_index_is_written_in_row_groups_of_the_batch_whatever_the_bui
     index = ArchiveIndex(str(tmp_path / "index"))
     index.absorb(table([series_row(f"k{i}", pid=f"P{i}") for i in range(5)]), shard=0)
     index.close()
-    plan = passes.Plan(5, [PatientTask("P1", "uid-P1", [], None)], [], set(), {"uid-P1": "selected"})
-    crops_stage.write_series_index(index, plan, str(tmp_path / "a.parquet"), None, batch=4, build=2)
-    crops_stage.write_series_index(index, plan, str(tmp_path / "b.parquet"), None)
+    chosen, selection = {"uid-P1"}, {"uid-P1": "selected"}
+    write = functools.partial(crops_stage.write_series_index, index.parts(), chosen, selection)
+    write(str(tmp_path / "a.parquet"), None, batch=4, build=2)
+    write(str(tmp_path / "b.parquet"), None)
     a, b = pq.ParquetFile(tmp_path / "a.parquet"), pq.ParquetFile(tmp_path / "b.parquet")
     assert [a.metadata.row_group(i).num_rows for i in range(a.num_row_groups)] == [4, 1]
     assert a.read().equals(b.read()) and b.num_row_groups == 1

@@ -1,14 +1,14 @@
 """The archive index on the driver: one summary per series, its objects on local disk.
 
 Workers index headers chunk by chunk and send one SERIES row per (chunk, series): the series'
-record for its objects in that chunk, with their keys, sizes and SOP references
-(:func:`tasks.series_rows`). The driver keeps one summary per series, merged across chunks
-(:func:`dicom.merge_series`; no object keys: their set as a mergeable hash), as compact JSON
-(about 1 KB; the same summary as Python objects took 4.3 KB), decoded where the plan looks
-one up. It appends each row as it comes to a local Parquet file: what needs a series'
-objects (the series index file, the second pass, the reports) streams them back from there
-(:meth:`ArchiveIndex.series_objects`). So what the driver holds grows with the number of
-series, not of objects.
+record for its objects in that chunk, with their keys, sizes and SOP references packed
+(:func:`tasks.series_rows`: a sixth of their JSON). The driver keeps one summary per series,
+merged across chunks (:func:`dicom.merge_series`; no object keys: their set as a mergeable
+hash), as compact JSON (about 1 KB; the same summary as Python objects took 4.3 KB), decoded
+where the plan looks one up. It appends each row as it comes, objects still packed, to a
+local Parquet file: what needs a series' objects (the series index file, the second pass,
+the reports) streams them back from there (:class:`SeriesParts`). So what the driver holds
+grows with the number of series, not of objects.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ class ArchiveIndex:
     def _take(self, meta: dict[str, Any]) -> str:
         record = meta["record"]
         key = series_key(record)
-        summary = {**record, "object_keys": record["object_keys"][:1], "keys_hash": meta["keys"]}
+        summary = {**record, "keys_hash": meta["keys"]}  # the record holds its first object key
         old = self.summary(key, private=True)
         if old is None:
             self.patients.setdefault(record.get("patient_id"), []).append(key)
@@ -137,29 +137,13 @@ class ArchiveIndex:
         keys = [*self.patients.get(pid, ()), *(self.patients.get(None, ()) if pid == "None" else ())]
         return [self.summary(k) for k in sorted(keys, key=archive_order)]
 
-    def _rows(self, shard: int | None = None, keys: set[str] | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
-        """The parts file's rows (of ``shard``, of series ``keys``), each meta parsed only once kept."""
-        if not os.path.exists(self.path):
-            return
-        kept = None if keys is None else pa.array(sorted(keys), pa.string())
-        for batch in pq.ParquetFile(self.path).iter_batches(batch_size=256):
-            table = pa.Table.from_batches([batch])
-            if shard is not None:
-                table = table.filter(pc.equal(table["shard"], shard))
-            if kept is not None:
-                table = table.filter(pc.is_in(table["series"], kept))
-            for key, text in zip(table["series"].to_pylist(), table["meta"].to_pylist(), strict=True):
-                yield key, json.loads(text)
+    def parts(self) -> SeriesParts:
+        """The parts file as a handle a task on this node can read (after :meth:`close`)."""
+        return SeriesParts(self.path, dict(self.spread))
 
     def series_objects(self, wanted: set[str] | None = None) -> Iterator[dict[str, Any]]:
-        """Series records with every object key, and ``object_sizes`` and ``sops`` (SOP class
-        and instance UIDs) in key order: those of ``wanted`` uids (default: all), in the order
-        the archive was read. Holds only the series spread over chunks until they are whole."""
-        waiting: dict[str, list[dict[str, Any]]] = {}
-        for key, meta in self._rows(keys=wanted):  # a series' key is its uid (a DICOMDIR has none)
-            waiting.setdefault(key, []).append(meta)
-            if len(waiting[key]) == self.spread.get(key, 1):
-                yield whole_series(waiting.pop(key))
+        """:meth:`SeriesParts.objects` of this index's parts."""
+        return self.parts().objects(wanted)
 
     def read_once(self, planned: list[ann_mod.PatientTask]) -> set[str]:
         """Patients whose first-pass crops came from exactly their planned series, complete."""
@@ -179,11 +163,47 @@ class ArchiveIndex:
         for shard in all_shards:
             if shard["shard"] in self.shards_done:
                 continue
-            seen = {k for _, meta in self._rows(shard["shard"]) for k in meta["record"]["object_keys"]}
+            seen = {k for _, meta in part_rows(self.path, shard["shard"])
+                    for k in wire.unpack_objects(meta["objects"])["object_keys"]}
             seen |= {e.get("object_key") for e in self.errors}  # keys are unique across shards
             entries, _ = shards.list_shard(shard, root, cfg)
             self.errors += [lost("header", "reading this object", object_key=e.uri)
                             for e in entries if e.uri not in seen]
+
+
+@dataclasses.dataclass(frozen=True)
+class SeriesParts:
+    """The index's parts file (a local path) and the row count of each series spread over
+    chunks: all a process on the driver's node needs to stream the series' objects."""
+
+    path: str
+    spread: dict[str, int]
+
+    def objects(self, wanted: set[str] | None = None) -> Iterator[dict[str, Any]]:
+        """Series records with every object key, and ``object_sizes`` and ``sops`` (SOP class
+        and instance UIDs) in key order: those of ``wanted`` uids (default: all), in the order
+        the archive was read. Holds only the series spread over chunks until they are whole."""
+        waiting: dict[str, list[dict[str, Any]]] = {}
+        for key, meta in part_rows(self.path, keys=wanted):  # a series' key is its uid (a DICOMDIR has none)
+            waiting.setdefault(key, []).append(meta)
+            if len(waiting[key]) == self.spread.get(key, 1):
+                yield whole_series(waiting.pop(key))
+
+
+def part_rows(path: str, shard: int | None = None, keys: set[str] | None = None
+              ) -> Iterator[tuple[str, dict[str, Any]]]:
+    """A parts file's rows (of ``shard``, of series ``keys``), each meta parsed only once kept."""
+    if not os.path.exists(path):
+        return
+    kept = None if keys is None else pa.array(sorted(keys), pa.string())
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=256):
+        table = pa.Table.from_batches([batch])
+        if shard is not None:
+            table = table.filter(pc.equal(table["shard"], shard))
+        if kept is not None:
+            table = table.filter(pc.is_in(table["series"], kept))
+        for key, text in zip(table["series"].to_pylist(), table["meta"].to_pylist(), strict=True):
+            yield key, json.loads(text)
 
 
 def archive_order(key: str) -> tuple[bool, str]:
@@ -193,10 +213,12 @@ def archive_order(key: str) -> tuple[bool, str]:
 
 def whole_series(parts: list[dict[str, Any]]) -> dict[str, Any]:
     """One series' record from its SERIES rows' metas, with its objects' sizes and SOP refs."""
-    record = parts[0]["record"]
-    for p in parts[1:]:
-        record = dicom.merge_series(record, p["record"])
-    by_key = {k: (size, sop) for p in parts
-              for k, size, sop in zip(p["record"]["object_keys"], p["sizes"], p["sops"], strict=True)}
+    objects = [wire.unpack_objects(p["objects"]) for p in parts]
+    records = [{**p["record"], "object_keys": o["object_keys"]} for p, o in zip(parts, objects, strict=True)]
+    record = records[0]
+    for r in records[1:]:
+        record = dicom.merge_series(record, r)
+    by_key = {k: (size, sop) for o in objects
+              for k, size, sop in zip(o["object_keys"], o["sizes"], o["sops"], strict=True)}
     return {**record, "object_sizes": [by_key[k][0] for k in record["object_keys"]],
             "sops": [by_key[k][1] for k in record["object_keys"]]}

@@ -87,14 +87,18 @@ def read_one_header(uri: str, size: int, prefix: bytes | BaseException, cfg: Cro
 
 def series_rows(headers: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One SERIES row per series of these headers: its record (:func:`dicom.series_record` of
-    these objects), their sizes and SOP class and instance UIDs in key order, and their keys'
-    mergeable hash. A series spread over chunks comes as one row per chunk (the driver merges)."""
+    these objects) with only its first object key, its keys' mergeable hash, and every key
+    with its object's size and SOP class and instance UIDs, in key order, packed
+    (:func:`wire.pack_objects`). A series spread over chunks comes as one row per chunk (the
+    driver merges)."""
     by_key = {h["object_key"]: h for h in headers}
     rows = []
     for record in dicom.group_series(headers):
-        hs = [by_key[k] for k in record["object_keys"]]
-        meta = {"record": record, "sizes": [h["size"] for h in hs], "keys": keys_hash(record["object_keys"]),
-                "sops": [[h["sop_class_uid"], h["sop_instance_uid"]] for h in hs]}
+        keys = record["object_keys"]
+        hs = [by_key[k] for k in keys]
+        packed = wire.pack_objects(keys, [h["size"] for h in hs], [[h["sop_class_uid"], h["sop_instance_uid"]]
+                                                                     for h in hs])
+        meta = {"record": {**record, "object_keys": keys[:1]}, "keys": keys_hash(keys), "objects": packed}
         rows.append(row("", Kind.SERIES, meta))
     return rows
 

@@ -7,8 +7,10 @@ never has to unify schemas, and a consumer dispatches on :class:`Kind`. No Ray h
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
+import zlib
 from enum import StrEnum
 from typing import Any
 
@@ -26,7 +28,7 @@ class Kind(StrEnum):
 
     CROP = "crop"  # one crop's record; ``image`` is its float32 pixels
     ERROR = "error"  # an errors-table row of one patient (read, decode, crop)
-    SERIES = "series"  # one series' objects in one chunk: its record, sizes, SOP refs (tasks.series_rows)
+    SERIES = "series"  # one series' objects in one chunk: its record, its objects packed (tasks.series_rows)
     HEADER_ERROR = "header_error"  # an errors-table row of one object whose header failed
     CANDIDATE = "candidate"  # a series a chunk cropped: its uid and object keys' fingerprint
     CHUNK_END = "chunk_end"  # closes a chunk's rows: {"chunk", "shard", "clean", "cached"} or a shard's end
@@ -96,6 +98,19 @@ def keys_hash(keys: list[str]) -> str:
 def merge_hashes(a: str, b: str) -> str:
     """The :func:`keys_hash` of the union of two disjoint key sets."""
     return f"{int(a, 16) ^ int(b, 16):0{2 * KEYS_HASH_BYTES}x}"
+
+
+def pack_objects(keys: list[str], sizes: list[int], sops: list[list[str]]) -> str:
+    """A series' object keys, sizes and SOP references as one compressed string (a sixth of
+    their JSON: keys and UIDs repeat their prefixes). A SERIES row carries them so, and the
+    driver stores them unread: only what needs a series' objects unpacks them."""
+    text = json.dumps({"object_keys": keys, "sizes": sizes, "sops": sops}, separators=(",", ":"))
+    return base64.b64encode(zlib.compress(text.encode(), 6)).decode()
+
+
+def unpack_objects(packed: str) -> dict[str, list]:
+    """:func:`pack_objects`' lists: ``object_keys``, ``sizes``, ``sops``."""
+    return json.loads(zlib.decompress(base64.b64decode(packed)))
 
 
 def of_kind(table: pa.Table, kinds: tuple[Kind, ...]) -> pa.Table:

@@ -28,7 +28,7 @@ from vfx_ray.pipeline.wire import SCORED_WIRE
 PARTS = layout.PARTS
 CHUNK_DIR = "chunks"
 FEATURES_DIR = "features"
-WIRE_VERSION = 2  # the chunk rows' format: 2 indexes series (SERIES rows), 1 held every header
+WIRE_VERSION = 3  # the chunk rows' format: 3 packs a series' objects, 2 listed them, 1 held every header
 
 
 # ---------------------------------------------------------------- committed patients

@@ -39,6 +39,8 @@ def run_crops(archive_uri: str, annotations_uri: str, out_uri: str, cfg: CropCon
               progress: bool = True, pseudonymize: bool = False) -> CropsSummary:
     """The crops job (see the module's docstring). ``pseudonymize``: identifiers in every
     output replaced by keyed hashes (:mod:`pseudonym`). Returns the manifest."""
+    import ray
+
     from vfx_ray.runtime.session import ensure_ray
 
     cfg = cfg or CropConfig()
@@ -54,13 +56,14 @@ def run_crops(archive_uri: str, annotations_uri: str, out_uri: str, cfg: CropCon
         index = first_pass(archive_uri, annotations, ShardJob(cfg, annotations, archive_uri, parts=parts), spill,
                            reads, progress)
         plan = passes.plan(annotations, index, cfg, pseudo)
-        write_series_index(index, plan, storage.join(out_uri, layout.SERIES_INDEX), pseudo)
+        series_index = start_series_index(index, plan, storage.join(out_uri, layout.SERIES_INDEX), pseudo)
         second = plan.second_pass()
         stream = tqdm(passes.second_pass(second, cfg, "crop", index, parts=parts), total=len(second),
                       desc="crops: patients", unit="patient", disable=not progress)
         pieces = Pieces()
         pieces.take_first(spill, plan.read_once)
         pieces.take_second(stream, reads)
+        ray.get(series_index)  # before the parts file goes with the folder
         passes.release_arrow_memory()
     shown = pseudo.patient if pseudo else str
     written = join_parts(pieces.uris, [shown(p) for p in plan.read_once], storage.join(out_uri, layout.CROPS),
@@ -113,23 +116,36 @@ def first_pass(archive_uri: str, annotations: pd.DataFrame, job: ShardJob, spill
         return passes.first_pass(run, os.path.dirname(spill), keep)
 
 
-def write_series_index(index: index_mod.ArchiveIndex, plan: passes.Plan, uri: str,
+def start_series_index(index: index_mod.ArchiveIndex, plan: passes.Plan, uri: str,
+                       pseudo: pseudonym.Pseudonymizer | None) -> Any:
+    """:func:`write_series_index` as a Ray task on the driver's node (the index's parts are
+    a local file there; no CPU asked: a cluster's head has none to give), while the second
+    pass runs. Streaming every series' objects through the driver left it 23-57 MB larger
+    after the step, growing with the series (docs/benchmarks.md "scale"). Returns its ref."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    job = ray.remote(num_cpus=0)(write_series_index).options(name="crops: series index", scheduling_strategy=here)
+    return job.remote(index.parts(), {t.series_instance_uid for t in plan.tasks}, plan.selection, uri, pseudo)
+
+
+def write_series_index(parts: index_mod.SeriesParts, chosen: set[str], selection: dict[str, str], uri: str,
                        pseudo: pseudonym.Pseudonymizer | None, batch: int = 512, build: int = 64) -> None:
-    """The series index streamed from the index's parts: each series marked ``selected`` (the
-    crops come from it) and with ``selection``: ``selected``, named in the annotations, why
-    the series rules passed it over, or empty for a series of a patient not annotated.
-    Row groups of ``batch`` series, built ``build`` at a time: a series' objects as Python
-    objects take ~30 KB, which at 512 at once left the driver 40 MB larger after the step."""
-    chosen = {t.series_instance_uid for t in plan.tasks}
+    """The series index streamed from the index's parts: each series marked ``selected`` (in
+    ``chosen``: the crops come from it) and with ``selection``: ``selected``, named in the
+    annotations, why the series rules passed it over, or empty for a series of a patient not
+    annotated. Row groups of ``batch`` series, built ``build`` at a time (a series' objects
+    as Python objects take ~30 KB)."""
     schema = contracts.SERIES_INDEX_SCHEMA
 
     def table(rows: list[dict]) -> pa.Table:
         return pa.Table.from_pylist([{**s, "selected": s["series_instance_uid"] in chosen,
-                                      "selection": plan.selection.get(s["series_instance_uid"])} for s in rows],
+                                      "selection": selection.get(s["series_instance_uid"])} for s in rows],
                                     schema=schema)
 
     with storage.atomic_output(uri) as sink, pq.ParquetWriter(sink, schema) as writer:
-        series, group = iter(index.series_objects()), []
+        series, group = iter(parts.objects()), []
         while rows := list(itertools.islice(series, build)):
             group.append(table(rows))
             if len(group) * build >= batch:
