@@ -61,3 +61,35 @@ def test_scoring_actor_scores_crop_rows_only(tmp_path, crops):
     np.testing.assert_allclose(prob[[1, 2, 4]], eager_mean(models, crops[:3]), atol=1e-5, rtol=0)
     assert out["probability"].null_count == 2 and out["embedding"].null_count == 2
     assert len(out["embedding"][1].as_py()) == 512 * 4  # resnet18's pooled features, float32
+
+
+def test_the_scorer_s_class_activation_maps_are_the_grad_cams_of_its_forward_pass(crops):
+    from vfx_ray.ml.gradcam import gradcam, heat_from_cams
+
+    models = nets(2)
+    ensemble = Ensemble(models, "cpu")
+    probs, cams = ensemble.probabilities_and_cams(crops[:6])
+    assert np.array_equal(probs, ensemble.probabilities(crops[:6]))  # the scores bit for bit
+    assert cams.shape == (6, 2, 1, 1) and cams.dtype == np.float32  # resnet18's layer4 at 32x32: 1x1
+    big = np.random.default_rng(1).normal(0, 1, (3, 3, 64, 64)).astype(np.float32)
+    _, cams = ensemble.probabilities_and_cams(big)  # 2x2 maps: where the evidence lies matters
+    for crop, maps in zip(big, cams, strict=True):
+        expected = np.mean([gradcam(m, crop[None])[0] for m in models], axis=0)
+        assert expected.std() > 0.05  # a map with places, not a constant
+        np.testing.assert_allclose(heat_from_cams(maps, 64), expected, atol=1e-5, rtol=0)
+
+
+def test_the_scoring_actor_keeps_the_maps_only_when_asked(tmp_path, crops):
+    files = []
+    for i, m in enumerate(nets(2)):
+        files.append(str(tmp_path / f"m{i}.pt"))
+        vmodel.save_model(m, files[-1], "resnet18")
+    batch = pa.table({"patient_id": ["P"] * 3, "kind": ["headers", "crop", "crop"], "meta": ["{}"] * 3,
+                      "image": pa.array([b"", crops[0].tobytes(), crops[1].tobytes()], pa.binary())})
+    cfg = CropConfig(crop_size=SIZE)
+    with_maps = SliceScorer(files, cfg, features=False, use_gpu=False, cams=True)(batch)
+    without = SliceScorer(files, cfg, features=False, use_gpu=False)(batch)
+    assert with_maps["probability"].equals(without["probability"])
+    assert without["cam"].null_count == 3 and with_maps["cam"].null_count == 1
+    _, cams = Ensemble(nets(2), "cpu").probabilities_and_cams(crops[:2])
+    assert with_maps["cam"][2].as_py() == cams[1].tobytes()

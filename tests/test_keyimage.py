@@ -245,3 +245,13 @@ def test_the_context_box_s_slices_alone_draw_the_same_picture(tmp_path, models):
     assert 0 < part.hu.shape[0] < whole.hu.shape[0] // 2, (part.hu.shape, whole.hu.shape)
     np.testing.assert_array_equal(key_image.render(part, ROI, SLICE, CFG, models, P),
                                   key_image.render(whole, ROI, SLICE, CFG, models, P))
+
+
+def test_the_scorer_s_maps_draw_the_picture_the_models_draw(volume, models, image):
+    from vfx_ray.ml.ensemble import Ensemble
+
+    crop = crop_samples(volume, ROI, CFG, only=SLICE)[0]["image"]
+    _, cams = Ensemble(models, "cpu").probabilities_and_cams(crop[None])
+    drawn = key_image.render(volume, ROI, SLICE, CFG, [], P, cams=cams[0])
+    diff = np.abs(drawn.astype(int) - image.astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.001  # float rounding at most, in a few pixels

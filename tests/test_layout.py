@@ -53,4 +53,4 @@ def test_the_typed_rows_name_the_columns_of_their_schemas():
     assert keys(contracts.ErrorRow) == contracts.ERRORS_SCHEMA.names
     assert keys(contracts.ScoreRow) == contracts.scores_schema().names
     assert keys(contracts.CropRecord) == [n for n in contracts.crops_schema().names if n != "image"]
-    assert keys(contracts.SliceScore) == keys(contracts.CropRecord) + ["probability", "embedding"]
+    assert keys(contracts.SliceScore) == keys(contracts.CropRecord) + ["probability", "embedding", "cam"]

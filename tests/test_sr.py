@@ -25,7 +25,7 @@ from vfx_ray.config import CropConfig
 from vfx_ray.export import delivery, sr
 from vfx_ray.ml.model import build_model, save_model
 from vfx_ray.services import object_store
-from vfx_ray.stages import score
+from vfx_ray.stages import committed_parts, score
 
 CFG = CropConfig()
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -168,6 +168,8 @@ def test_score_sends_one_sr_per_patient_to_orthanc_and_a_rerun_sends_none(cohort
     scores = storage.read_table(os.path.join(out, "scores.parquet")).to_pandas().set_index("patient_id")
     assert summary["sr_objects_sent"] == 2 * summary["sr_patients"] == 2 * len(scores) == 12, summary
     assert summary["sr_errors"] == 0
+    cams = committed_parts.committed_cams(out, scores["model_id"].iloc[0])  # what the key images drew
+    assert set(cams) == set(scores.index) and {len(c) for c in cams.values()} == {4 * 2 * 2}  # 1 model, 2x2
     reports = {k: v for k, v in orthanc_srs(pacs_server).items() if k not in before}
     images = {k: pydicom.dcmread(io.BytesIO(v)) for k, v in orthanc_srs(pacs_server, "OT").items()
               if k not in images_before}

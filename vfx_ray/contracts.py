@@ -102,6 +102,11 @@ def scores_schema() -> pa.Schema:
     )
 
 
+# Beside a score's row in its committed part (not in scores.parquet): the scorer's class
+# activation maps of the patient's top slice (float32, models x h x w), which its key image draws.
+KEY_CAM = "key_slice_cam"
+
+
 class ErrorRow(TypedDict):
     """One row of ``errors.parquet`` (:data:`ERRORS_SCHEMA`): who, where, and why."""
 
@@ -130,11 +135,12 @@ class CropRecord(TypedDict):
 
 
 class SliceScore(CropRecord):
-    """A scored crop: its record, the probability of malignancy and, with ``--features``, its
-    embedding (float32 bytes)."""
+    """A scored crop: its record, the probability of malignancy, with ``--features`` its
+    embedding and with key images its class activation maps (float32 bytes each)."""
 
     probability: float
     embedding: bytes | None
+    cam: bytes | None
 
 
 class ScoreRow(TypedDict):

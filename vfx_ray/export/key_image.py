@@ -41,7 +41,7 @@ from vfx_ray.export import sr
 from vfx_ray.imaging.dicom import Volume
 from vfx_ray.imaging.geometry import crop_samples, select_slices, slice_x
 from vfx_ray.imaging.roi import RoiBox
-from vfx_ray.ml.gradcam import gradcam
+from vfx_ray.ml.gradcam import gradcam, heat_from_cams
 from vfx_ray.ml.model import load_model
 
 BONE_WINDOW = (1500.0, 300.0)  # width, level (HU): cortex and trabecular bone both readable
@@ -154,23 +154,29 @@ def _text(fig: Figure, lines: Sequence[str]) -> None:
 
 def render(volume: Volume, roi: RoiBox, slice_index: int, cfg: CropConfig | None,
            models: Sequence[nn.Module | str], probability: float, threshold: float = 0.5,
-           size: int = 512) -> np.ndarray:
+           size: int = 512, cams: np.ndarray | None = None) -> np.ndarray:
     """(size, size, 3) uint8 RGB key image of one sagittal slice of the ROI.
 
     ``models``: loaded modules (the fold ensemble, loaded once by the caller) or ``model.pt``
-    URIs; their Grad-CAMs on the ROI's own crop of the slice are averaged. ``probability`` and
+    URIs; their Grad-CAMs on the ROI's own crop of the slice are averaged. Or ``cams``: the
+    scorer's maps of that crop (models, h, w; :func:`gradcam.cam_maps`), drawn as the same
+    mean Grad-CAM without running a model (``models`` then unused). ``probability`` and
     ``threshold`` are the patient's, as scored; the caller picks the slice (highest probability).
     """
     cfg = cfg or CropConfig()
-    loaded = _models(models)
     crop = _row(volume, roi, slice_index, cfg)
+    if cams is None:
+        loaded = _models(models)
+        heat, n_models = heatmap(loaded, crop["image"]), len(loaded)
+    else:
+        heat, n_models = heat_from_cams(cams, cfg.crop_size), len(cams)
     slab, wide = context_slab(volume, roi, slice_index, cfg)
     square = (crop["box_y_min_mm"], crop["box_y_max_mm"], crop["box_z_min_mm"], crop["box_z_max_mm"])
     fig = Figure(figsize=(size / 100, size / 100), dpi=100, facecolor="black")
     canvas = FigureCanvasAgg(fig)
-    _draw(fig, slab, wide, heatmap(loaded, crop["image"]), square, roi)
+    _draw(fig, slab, wide, heat, square, roi)
     x_mm = float(slice_x(slice_index, cfg.sagittal_thickness_mm))
-    _text(fig, caption(probability, threshold, slice_index, x_mm, cfg.sagittal_thickness_mm, len(loaded)))
+    _text(fig, caption(probability, threshold, slice_index, x_mm, cfg.sagittal_thickness_mm, n_models))
     canvas.draw()
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 

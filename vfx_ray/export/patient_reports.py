@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 from pydicom import Dataset
 
 from vfx_ray import storage
 from vfx_ray.config import CropConfig
+from vfx_ray.contracts import KEY_CAM
 from vfx_ray.export import sr
 from vfx_ray.imaging import dicom
 from vfx_ray.imaging.annotations import PatientTask
@@ -125,7 +128,8 @@ def work(table: pa.Table, tasks: list[PatientTask], series: Iterable[dict[str, A
 
 def key_image_maker(model_files: list[str], cfg: CropConfig, decode: Decode | None = None) -> KeyImage:
     """A function that draws a patient's key image: the slice of the highest probability, the
-    models' mean Grad-CAM (loaded once, on first use). ``decode`` reads only the slices of the
+    models' mean Grad-CAM: the scorer's maps where the row has them (``KEY_CAM``), else the
+    models run again (loaded once, on first use). ``decode`` reads only the slices of the
     ROI's context box (``pipeline.tasks.decode_box``, given where sizes are known); without it,
     or without sizes, the whole series is read and decoded once more."""
     from vfx_ray.export import key_image as drawing
@@ -134,7 +138,8 @@ def key_image_maker(model_files: list[str], cfg: CropConfig, decode: Decode | No
     loaded: list[Any] = []
 
     def make(task: PatientTask, row: dict, source: sr.SourceSeries, sizes: list[int] | None = None) -> Dataset:
-        if not loaded:
+        cams = key_cams(row)
+        if cams is None and not loaded:
             loaded.extend(load_model(f)[0] for f in model_files)
         roi = RoiBox(*task.roi, patient_id=task.patient_id)
         if decode is not None and sizes is not None:
@@ -143,10 +148,21 @@ def key_image_maker(model_files: list[str], cfg: CropConfig, decode: Decode | No
             volume = whole_series(task.object_keys, cfg)
         probs = row["slice_probabilities"]
         top = row["slice_indices"][max(range(len(probs)), key=probs.__getitem__)]
-        rgb = drawing.render(volume, roi, top, cfg, loaded, row["probability"], row["threshold"])
+        rgb = drawing.render(volume, roi, top, cfg, loaded, row["probability"], row["threshold"], cams=cams)
         return drawing.secondary_capture(rgb, source, row["patient_id"], row["model_id"])
 
     return make
+
+
+def key_cams(row: dict[str, Any]) -> np.ndarray | None:
+    """(models, h, w) float32 class activation maps of a row's top slice, or None (a row
+    scored without key images, or by a run before they were kept)."""
+    packed = row.get(KEY_CAM)
+    if not packed:
+        return None
+    maps = np.frombuffer(packed, np.float32)
+    side = math.isqrt(len(maps) // row["n_models"])
+    return maps.reshape(row["n_models"], side, side)
 
 
 def whole_series(keys: list[str], cfg: CropConfig) -> Volume:

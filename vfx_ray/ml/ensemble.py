@@ -73,6 +73,27 @@ class Ensemble:
         return torch.sigmoid(self.logits(self.to_device(images))).mean(0).double().cpu().numpy()
 
     @torch.inference_mode()
+    def probabilities_and_cams(self, images: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`probabilities`, and each crop's class activation maps (N, models, h, w)
+        float32 (:func:`gradcam.cam_maps`) from the same forward pass: what a key image
+        draws. The models run one after another here (``layer4`` is hooked), whatever the mode."""
+        from vfx_ray.ml.gradcam import cam_maps
+
+        x = self.to_device(images)
+        logits, cams = [], []
+        for m in self.models:
+            store: list[torch.Tensor] = []
+            handle = m.layer4.register_forward_hook(lambda _m, _i, out, store=store: store.append(out))
+            try:
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                    logits.append(m(x).float().flatten())
+            finally:
+                handle.remove()
+            cams.append(cam_maps(m, store[0].float()))
+        probs = torch.sigmoid(torch.stack(logits)).mean(0).double().cpu().numpy()
+        return probs, torch.stack(cams, dim=1).cpu().numpy().astype(np.float32)
+
+    @torch.inference_mode()
     def embed(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
         """The first model's pooled features (the input of its final fc layer), float32."""
         body = nn.Sequential(*list(self.models[0].children())[:-1])

@@ -6,6 +6,12 @@ malignant logit with respect to it, the weighted sum's positive part is upsample
 crop's size and scaled to [0, 1]. The logit, not the probability: the sigmoid's derivative
 is one positive factor per crop, which the scaling removes anyway. Pure torch (no Ray, no
 DICOM libraries), so a report or a notebook computes it on the CPU.
+
+For this ResNet (global average pooling, then one linear logit) the gradient of the logit
+with respect to ``layer4``'s map is the fc weight over the map's area, the same at every
+position: Grad-CAM is the class activation map of Zhou et al. 2016. So the scorer keeps each
+crop's weighted sum (:func:`cam_maps`, 2×2 a model, from the forward pass it runs anyway)
+and a key image draws it (:func:`heat_from_cams`) without running a model again.
 """
 
 from __future__ import annotations
@@ -31,6 +37,22 @@ def _cam(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     (grads,) = torch.autograd.grad(logits.sum(), acts)
     weights = grads.mean(dim=(2, 3), keepdim=True)
     return F.relu((weights * acts).sum(dim=1))
+
+
+def cam_maps(model: nn.Module, acts: torch.Tensor) -> torch.Tensor:
+    """(N, h, w) Grad-CAM's weighted channel sum before its ReLU, from ``layer4``'s
+    activations (N, K, h, w): sum over k of fc.weight[k] / (h*w) * A_k (the gradient of the
+    logit through the average pool). No backward pass."""
+    weight = unwrap(model).fc.weight.reshape(-1).to(acts.dtype)
+    return torch.einsum("nkhw,k->nhw", acts, weight) / (acts.shape[2] * acts.shape[3])
+
+
+def heat_from_cams(cams: np.ndarray, size: int) -> np.ndarray:
+    """(size, size) float32 in [0, 1]: the mean over models of each (h, w) map of ``cams``
+    (M, h, w; :func:`cam_maps`) as :func:`gradcam` finishes its map (ReLU, upsampled, scaled)."""
+    maps = F.relu(torch.as_tensor(np.asarray(cams, np.float32)))
+    up = F.interpolate(maps[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+    return _unit(up).mean(0).numpy().astype(np.float32)
 
 
 def _unit(maps: torch.Tensor) -> torch.Tensor:

@@ -43,7 +43,8 @@ RESULT_KINDS = (Kind.CROP, Kind.PART, Kind.ERROR)  # what a patient's result is 
 CROP_WIRE = pa.schema(
     [("patient_id", pa.string()), ("kind", pa.string()), ("meta", pa.string()), ("image", pa.binary())]
 )
-# The scoring actor's output: the crop pixels replaced by a probability (and an embedding).
+# The scoring actor's output: the crop pixels replaced by a probability (and an embedding,
+# and for key images the models' class activation maps: float32 bytes, models x h x w).
 SCORED_WIRE = pa.schema(
     [
         ("patient_id", pa.string()),
@@ -51,6 +52,7 @@ SCORED_WIRE = pa.schema(
         ("meta", pa.string()),
         ("probability", pa.float64()),
         ("embedding", pa.binary()),
+        ("cam", pa.binary()),
     ]
 )
 

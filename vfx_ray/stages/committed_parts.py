@@ -22,12 +22,15 @@ import pyarrow.compute as pc
 
 from vfx_ray import layout, storage
 from vfx_ray.config import CropConfig
-from vfx_ray.contracts import scores_schema
+from vfx_ray.contracts import KEY_CAM, scores_schema
 from vfx_ray.pipeline.wire import SCORED_WIRE
 
 PARTS = layout.PARTS
 CHUNK_DIR = "chunks"
 FEATURES_DIR = "features"
+# A committed part's rows: the scores, and the scorer's maps of the top slice for the key
+# images (not in scores.parquet: the reports read them here, :func:`committed_cams`).
+PART_SCHEMA = scores_schema().append(pa.field(KEY_CAM, pa.binary()))
 WIRE_VERSION = 3  # the chunk rows' format: 3 packs a series' objects, 2 listed them, 1 held every header
 
 
@@ -38,10 +41,7 @@ def committed(out_uri: str, model_id: str) -> pa.Table | None:
     final = storage.join(out_uri, layout.SCORES)
     if storage.exists(final):
         tables.append(storage.read_table(final))
-    parts = storage.join(out_uri, PARTS)
-    if storage.exists(parts):
-        found = storage.list_files(parts, suffix=".parquet")  # score parts, not features or chunks
-        tables += [storage.read_table(e.uri) for e in found if "/" not in e.uri.rsplit(f"/{PARTS}/", 1)[1]]
+    tables += [storage.read_table(uri) for uri in score_parts(out_uri)]
     tables = [t.select(scores_schema().names).cast(scores_schema()) for t in tables if t.num_rows]
     if not tables:
         return None
@@ -49,6 +49,26 @@ def committed(out_uri: str, model_id: str) -> pa.Table | None:
     table = table.filter(pc.equal(table["model_id"], model_id))
     _, first = np.unique(np.array(table["patient_id"].to_pylist(), dtype=object), return_index=True)
     return table.take(sorted(first))
+
+
+def score_parts(out_uri: str) -> list[str]:
+    """The committed score parts under ``OUT/_parts/`` (not features or chunks)."""
+    parts = storage.join(out_uri, PARTS)
+    found = storage.list_files(parts, suffix=".parquet") if storage.exists(parts) else []
+    return [e.uri for e in found if "/" not in e.uri.rsplit(f"/{PARTS}/", 1)[1]]
+
+
+def committed_cams(out_uri: str, model_id: str) -> dict[str, bytes]:
+    """Patient -> the scorer's maps of its top slice, from the committed parts of this model
+    (parts of a run without key images, or from before they were kept, have none)."""
+    cams: dict[str, bytes] = {}
+    for uri in score_parts(out_uri):
+        table = storage.read_table(uri)
+        if KEY_CAM not in table.column_names:
+            continue
+        table = table.filter(pc.and_(pc.equal(table["model_id"], model_id), pc.is_valid(table[KEY_CAM])))
+        cams.update(zip(table["patient_id"].to_pylist(), table[KEY_CAM].to_pylist(), strict=True))
+    return cams
 
 
 class PartWriter:
@@ -78,7 +98,7 @@ class PartWriter:
                 pa.concat_tables(self.features), storage.join(self.dir, FEATURES_DIR, name + ".parquet")
             )
         storage.write_table(
-            pa.Table.from_pylist(self.rows, schema=scores_schema()), storage.join(self.dir, name + ".parquet")
+            pa.Table.from_pylist(self.rows, schema=PART_SCHEMA), storage.join(self.dir, name + ".parquet")
         )
         self.rows, self.features, self.n, self.last = [], [], self.n + 1, time.monotonic()
 

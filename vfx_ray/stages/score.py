@@ -144,8 +144,16 @@ def patient_row(pid: str, slices: list[SliceScore], model: dict, threshold: floa
 def scored_slices(rows: pa.Table) -> list[SliceScore]:
     """A patient's scored CROP rows as slice records with their probability (and embedding)."""
     crops = wire.of_kind(rows, (Kind.CROP,))
-    return [{**meta, "probability": p, "embedding": e} for meta, p, e in
-            zip(wire.metas(crops), crops["probability"].to_pylist(), crops["embedding"].to_pylist(), strict=True)]
+    return [{**meta, "probability": p, "embedding": e, "cam": c} for meta, p, e, c in
+            zip(wire.metas(crops), crops["probability"].to_pylist(), crops["embedding"].to_pylist(),
+                crops["cam"].to_pylist(), strict=True)]
+
+
+def key_slice_cam(slices: list[SliceScore]) -> bytes | None:
+    """The scorer's maps of the slice a key image draws: the first of the highest probability
+    in slice order (as ``patient_reports.key_image_maker`` picks it from the scores row)."""
+    ordered = sorted(slices, key=lambda s: s["slice_index"])
+    return max(ordered, key=lambda s: float(s["probability"])).get("cam")
 
 
 @dataclasses.dataclass
@@ -207,7 +215,7 @@ class PatientSink:
             feats = committed_parts.features_table(pid, slices) if o.features else None
             if pseudo:
                 row, feats = pseudo.row(row), feats if feats is None else pseudo.table(feats)
-            self.writer.add(row, feats)
+            self.writer.add({**row, contracts.KEY_CAM: key_slice_cam(slices)}, feats)
             self.scored += 1
         self.bar.update(1)
 
@@ -291,6 +299,7 @@ class ScoreJob:
             "cfg": self.cfg,
             "features": self.options.features,
             "use_gpu": self.gpus > 0,
+            "cams": bool(self.options.sr_out and self.options.key_images),  # the key images' maps
         }
         return ds.map_batches(SliceScorer, fn_constructor_kwargs=kwargs, batch_size=self.batch_size,
                               batch_format="pyarrow", compute=pool, **resources)
@@ -377,6 +386,9 @@ class ScoreJob:
 
         o = self.options
         tasks = self.plan.tasks
+        cams = committed_parts.committed_cams(self.out_uri, self.models.model_id) if o.key_images else {}
+        table = table.append_column(contracts.KEY_CAM, pa.array(
+            [cams.get(p) for p in table["patient_id"].to_pylist()], pa.binary()))
         series = self.index.series_objects({t.series_instance_uid for t in tasks})
         job = outbox.ReportJob(o.sr_out, self.models.files, self.cfg, self.pseudo, o.key_images)
         bar = tqdm(total=table.num_rows, desc="score: reports", unit="patient", disable=not o.progress)
