@@ -185,7 +185,7 @@ def test_cluster_bootstrap_of_copied_slices_is_the_patient_bootstrap_and_wider_t
     assert ci["auc_cluster_ci_low"] < naive["auc_ci_low"] and naive["auc_ci_high"] < 1.0
 
 
-def test_cluster_bootstrap_aucs_are_weighted_aucs_and_deterministic():
+def test_cluster_bootstrap_aucs_are_weighted_aucs_and_deterministic(monkeypatch):
     rng = np.random.default_rng(5)
     slices = cohort(16).loc[lambda d: d.index.repeat(1 + d.index % 3)].reset_index(drop=True)
     slices["probability"] = np.round(slices["probability"] + rng.normal(0, 0.1, len(slices)), 1)  # ties
@@ -203,6 +203,9 @@ def test_cluster_bootstrap_aucs_are_weighted_aucs_and_deterministic():
     first = metrics.auc_cluster_bootstrap(y, p, g, n_resamples=300)
     assert metrics.auc_cluster_bootstrap(y, p, g, n_resamples=300) == first
     assert metrics.auc_cluster_bootstrap(y, p, g, n_resamples=300, seed=1) != first
+    monkeypatch.setattr(metrics, "BOOTSTRAP_BLOCK_BYTES", 1)  # a resample at a time: the same interval
+    assert metrics.auc_cluster_bootstrap(y, p, g, n_resamples=300) == first
+    monkeypatch.undo()
     per_slice = metrics.level_metrics(slices)["per_slice"]
     assert per_slice["auc_cluster_ci_low"] == metrics.auc_cluster_bootstrap(y, p, g)["auc_cluster_ci_low"]
 

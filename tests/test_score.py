@@ -276,3 +276,13 @@ def test_first_pass_results_wait_on_disk_and_come_back_per_patient(tmp_path):
     with pytest.raises(RuntimeError, match="not together"):
         list(apart.patients({"A", "B"}))
     assert list(score.FirstPassResults(str(tmp_path / "none.parquet")).patients({"A"})) == []
+
+
+def test_label_metrics_take_each_slice_of_each_patient_with_its_label():
+    table = pa.table({"patient_id": ["A", "B", "C", "D"], "label": ["benign", "malignant", "benign", "malignant"],
+                      "slice_probabilities": [[0.1, 0.7], [0.6], [0.2, 0.3, 0.9], [0.8, 0.4]]})
+    slices = pd.DataFrame({"patient_id": list("AABCCCDD"), "label": [0, 0, 1, 0, 0, 0, 1, 1],
+                           "probability": [0.1, 0.7, 0.6, 0.2, 0.3, 0.9, 0.8, 0.4]})
+    got = score.label_metrics(table, 0.5, ("benign", "malignant"))
+    assert got == {"threshold": 0.5, **score.metrics.level_metrics(slices, 0.5)}
+    assert got["per_slice"]["n"] == 8 and got["per_patient"]["n"] == 4 and got["per_slice"]["tp"] == 2

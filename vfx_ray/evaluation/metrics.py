@@ -157,6 +157,7 @@ def delong_paired(
 
 
 RESAMPLE_BLOCK = 64  # resamples computed at once: memory is this many weights per slice
+BOOTSTRAP_BLOCK_BYTES = 16 << 20  # ... at most about this much for one block's arrays (fewer resamples on many slices)
 
 
 def resample_blocks(n_groups: int, n_resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED,
@@ -225,7 +226,8 @@ def auc_cluster_bootstrap(
     out: dict[str, float | None] = {"auc_cluster_ci_low": None, "auc_cluster_ci_high": None}
     if min(len(np.unique(g[y == 1])), len(np.unique(g[y == 0]))) < 2:
         return out
-    aucs = cluster_bootstrap_aucs(y, score, g, resample_blocks(len(np.unique(g)), n_resamples, seed))
+    block = max(1, min(RESAMPLE_BLOCK, BOOTSTRAP_BLOCK_BYTES // (6 * 8 * len(y))))  # ~6 float arrays of a block
+    aucs = cluster_bootstrap_aucs(y, score, g, resample_blocks(len(np.unique(g)), n_resamples, seed, block))
     low, high = np.nanquantile(aucs, [(1 - confidence) / 2, (1 + confidence) / 2])
     out.update(auc_cluster_ci_low=float(low), auc_cluster_ci_high=float(high))
     return out
