@@ -9,7 +9,9 @@ alone** and of its **process tree** (driver, Ray's daemons and workers) is sampl
 
 Prints one JSON line per (job, size), then per job the driver's bytes per added object, the
 ratio of its peaks (largest / smallest) and the driver memory projected to 13 M objects (a
-10,000-study clinical archive) from that slope.
+10,000-study clinical archive) from that slope; and the slope of its private memory plus the
+object store pages it touched, which leaves out the mapped libraries' pages (they vary by a
+hundred MB from run to run).
 
     .venv/bin/python benchmarks/scale.py --objects 20000,200000
     .venv/bin/python benchmarks/scale.py --objects 20000,200000 --patients 426   # more series, same patients
@@ -107,14 +109,18 @@ def run(job: str, uri: str, model: str, objects: int) -> dict:
               "driver_private_peak_mb": round(peaks.driver_private / 2**20),
               "driver_object_store_pages_peak_mb": round(peaks.driver_shared / 2**20)}
     print(json.dumps(result), flush=True)
-    return result | {"driver": peaks.driver}
+    return result | {"driver": peaks.driver, "owned": peaks.driver_private + peaks.driver_shared}
 
 
 def growth(job: str, small: dict, large: dict) -> None:
     """The driver's growth from the smallest to the largest archive, and its projection to 13 M objects."""
     slope = (large["driver"] - small["driver"]) / (large["objects"] - small["objects"])
     projected = large["driver"] + slope * (ARCHIVE_13M - large["objects"])
+    # the peak RSS also counts mapped libraries' pages, which vary by a hundred MB between runs:
+    # the slope of private memory + object store pages (each its own peak) is the steadier reading
+    owned = (large["owned"] - small["owned"]) / (large["objects"] - small["objects"])
     print(json.dumps({"job": job, "driver_bytes_per_added_object": round(slope),
+                      "driver_private_and_store_pages_bytes_per_added_object": round(owned),
                       "driver_peak_ratio_largest_vs_smallest": round(large["driver"] / small["driver"], 2),
                       "driver_gb_projected_13M_objects": round(projected / 2**30, 1)}), flush=True)
 

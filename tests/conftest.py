@@ -11,9 +11,16 @@ import contextlib
 import os
 from collections.abc import Iterator
 
+import hypothesis  # noqa: F401 - imported now, not in the session's summary while Ray's threads run (below)
 import pytest
 
 from vfx_ray.services import object_store, orthanc
+
+# hypothesis' pytest plugin imports hypothesis in the terminal summary when no test did; under
+# pytest's assertion rewriting that compiles modules at the end of the session, and on CPython
+# 3.11.7 a compile concurrent with another thread's can fail with "SystemError: AST constructor
+# recursion depth mismatch" (python/cpython#106905), which turned a green run of a few Ray test
+# files red after its last test. Importing it here, before any Ray thread, avoids that.
 
 AWS_VARS = (
     "AWS_ENDPOINT_URL",
