@@ -20,7 +20,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from vfx_ray import storage
+from vfx_ray import contracts, storage
 from vfx_ray.config import CropConfig
 from vfx_ray.imaging import dicom, geometry
 from vfx_ray.imaging.annotations import read_annotations
@@ -286,3 +286,10 @@ def test_label_metrics_take_each_slice_of_each_patient_with_its_label():
     got = score.label_metrics(table, 0.5, ("benign", "malignant"))
     assert got == {"threshold": 0.5, **score.metrics.level_metrics(slices, 0.5)}
     assert got["per_slice"]["n"] == 8 and got["per_patient"]["n"] == 4 and got["per_slice"]["tp"] == 2
+
+
+def test_the_key_slice_s_maps_are_those_of_the_slice_the_key_image_shows():
+    slices = [{"slice_index": i, "probability": p, "cam": bytes([i]), "series_instance_uid": "S"}
+              for i, p in [(7, 0.9), (3, 0.2), (5, 0.9)]]  # a tie: the first in slice order, 5
+    row = score.patient_row("P", slices, {"model_id": "m", "n_models": 1}, 0.5, ("benign", "malignant"))
+    assert row["slice_indices"][contracts.key_slice(row)] == 5 and score.key_slice_cam(slices, row) == bytes([5])

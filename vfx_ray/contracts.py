@@ -161,6 +161,13 @@ class ScoreRow(TypedDict):
     scored_at: datetime
 
 
+def key_slice(row: Mapping[str, Any]) -> int:
+    """The position, in a scores row's slice lists, of the slice its key image shows: the
+    first of the highest probability (the slice the max rule scores the patient by)."""
+    probs = row["slice_probabilities"]
+    return max(range(len(probs)), key=probs.__getitem__)
+
+
 class CropsSummary(TypedDict):
     """What the crops stage returns and writes as ``manifest.json``."""
 

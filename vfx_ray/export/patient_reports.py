@@ -24,7 +24,7 @@ from pydicom import Dataset
 
 from vfx_ray import storage
 from vfx_ray.config import CropConfig
-from vfx_ray.contracts import KEY_CAM
+from vfx_ray.contracts import KEY_CAM, key_slice
 from vfx_ray.export import sr
 from vfx_ray.imaging import dicom
 from vfx_ray.imaging.annotations import PatientTask
@@ -146,8 +146,7 @@ def key_image_maker(model_files: list[str], cfg: CropConfig, decode: Decode | No
             volume = decode(task.object_keys, sizes, drawing.context_roi(roi), cfg)
         else:
             volume = whole_series(task.object_keys, cfg)
-        probs = row["slice_probabilities"]
-        top = row["slice_indices"][max(range(len(probs)), key=probs.__getitem__)]
+        top = row["slice_indices"][key_slice(row)]
         rgb = drawing.render(volume, roi, top, cfg, loaded, row["probability"], row["threshold"], cams=cams)
         return drawing.secondary_capture(rgb, source, row["patient_id"], row["model_id"])
 

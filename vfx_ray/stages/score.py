@@ -150,11 +150,10 @@ def scored_slices(rows: pa.Table) -> list[SliceScore]:
                 crops["cam"].to_pylist(), strict=True)]
 
 
-def key_slice_cam(slices: list[SliceScore]) -> bytes | None:
-    """The scorer's maps of the slice a key image draws: the first of the highest probability
-    in slice order (as ``patient_reports.key_image_maker`` picks it from the scores row)."""
-    ordered = sorted(slices, key=lambda s: s["slice_index"])
-    return max(ordered, key=lambda s: float(s["probability"])).get("cam")
+def key_slice_cam(slices: list[SliceScore], row: ScoreRow) -> bytes | None:
+    """The scorer's maps of the slice the patient's key image shows (:func:`contracts.key_slice`
+    of its scores row, whose lists are the slices in slice order)."""
+    return sorted(slices, key=lambda s: s["slice_index"])[contracts.key_slice(row)].get("cam")
 
 
 @dataclasses.dataclass
@@ -213,10 +212,11 @@ class PatientSink:
         o, pseudo = self.job.options, self.job.pseudo
         if slices:
             row = patient_row(pid, slices, self.model, o.threshold, o.classes)
+            cam = key_slice_cam(slices, row)
             feats = committed_parts.features_table(pid, slices) if o.features else None
             if pseudo:
                 row, feats = pseudo.row(row), feats if feats is None else pseudo.table(feats)
-            self.writer.add({**row, contracts.KEY_CAM: key_slice_cam(slices)}, feats)
+            self.writer.add({**row, contracts.KEY_CAM: cam}, feats)
             self.scored += 1
         self.bar.update(1)
 
